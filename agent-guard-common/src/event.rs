@@ -1,0 +1,147 @@
+//! Records the programs send to the daemon through the `EVENTS` ring buffer,
+//! plus the verdict and reason codes shared by both sides.
+
+/// Kind tag, the first byte of every record.
+pub mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const SENDMSG: u8 = 2;
+    pub const EXEC: u8 = 3;
+    pub const FORK: u8 = 4;
+    pub const EXIT: u8 = 5;
+    pub const SOCKET: u8 = 6;
+    /// Number of kinds + 1, the size of the per-kind counter arrays.
+    pub const COUNT: u32 = 7;
+
+    pub fn name(kind: u8) -> &'static str {
+        match kind {
+            CONNECT => "connect",
+            SENDMSG => "sendmsg",
+            EXEC => "exec",
+            FORK => "fork",
+            EXIT => "exit",
+            SOCKET => "socket",
+            _ => "unknown",
+        }
+    }
+}
+
+pub mod verdict {
+    pub const ALLOW: u8 = 0;
+    pub const DENY: u8 = 1;
+    pub const WOULD_DENY: u8 = 2;
+    /// Records that carry no decision (exec, fork, exit).
+    pub const NONE: u8 = 3;
+    pub const COUNT: u32 = 4;
+
+    pub fn name(v: u8) -> &'static str {
+        match v {
+            ALLOW => "allow",
+            DENY => "deny",
+            WOULD_DENY => "would_deny",
+            _ => "none",
+        }
+    }
+}
+
+pub mod reason {
+    pub const NONE: u8 = 0;
+    pub const GRANTED: u8 = 1;
+    pub const NO_CAPABILITY: u8 = 2;
+    pub const EXPIRED: u8 = 3;
+    pub const EXHAUSTED: u8 = 4;
+    pub const SUSPENDED: u8 = 5;
+    pub const UNKNOWN_SUBJECT: u8 = 6;
+    pub const RAW_SOCKET: u8 = 7;
+    pub const UNSUPPORTED_FAMILY: u8 = 8;
+
+    pub fn name(r: u8) -> &'static str {
+        match r {
+            GRANTED => "granted",
+            NO_CAPABILITY => "no_capability",
+            EXPIRED => "expired",
+            EXHAUSTED => "uses_exhausted",
+            SUSPENDED => "suspended",
+            UNKNOWN_SUBJECT => "unknown_subject",
+            RAW_SOCKET => "raw_socket",
+            UNSUPPORTED_FAMILY => "unsupported_family",
+            _ => "none",
+        }
+    }
+}
+
+/// Address family values as in `bpf_sock_addr::user_family`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// One record in the ring buffer. Fixed size for every kind: decisions use
+/// the address fields, exec/fork/exit reuse `aux` (parent or old pid) and
+/// `path` only for exec.
+///
+/// Field order keeps 8-byte fields aligned so there is no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` when the call was judged (monotonic).
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub kind: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub family: u16,
+    /// Destination port in host order.
+    pub port: u16,
+    pub subject: u32,
+    /// Process (tgid) and thread id of the caller.
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// fork: child pid; exec: old pid; socket: socket type.
+    pub aux: u32,
+    pub tool_id: u32,
+    pub grant_id: u32,
+    pub _pad: u32,
+    /// Destination, IPv6 or v4-mapped.
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+/// Bytes of an exec record's file name copied by the kernel.
+pub const EXEC_PATH_LEN: usize = 128;
+
+/// An exec record: the common [`Event`] followed by the executed file name.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEvent {
+    pub event: Event,
+    pub path: [u8; EXEC_PATH_LEN],
+}
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            cgroup_id: 0,
+            kind: 0,
+            verdict: verdict::NONE,
+            reason: reason::NONE,
+            proto: 0,
+            family: 0,
+            port: 0,
+            subject: 0,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            aux: 0,
+            tool_id: 0,
+            grant_id: 0,
+            _pad: 0,
+            addr: [0; 16],
+            comm: [0; 16],
+        }
+    }
+}
+
+/// `DECISIONS` per-CPU array index: `verdict * reason::COUNT-ish` kept simple:
+/// one slot per verdict.
+pub const DECISION_SLOTS: u32 = verdict::COUNT;

@@ -1,0 +1,58 @@
+//! Types shared by the eBPF programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]` and plain old data: the kernel writes it
+//! into maps and the ring buffer, userspace reads the same bytes. Organised by
+//! concept (`subject`, `grant`, `event`), as kunai does. With feature `user`
+//! the types also implement `aya::Pod` so the daemon can use them as map keys
+//! and values.
+#![no_std]
+
+pub mod event;
+pub mod grant;
+pub mod subject;
+
+/// Names of the maps, shared so the loader and the programs cannot disagree.
+pub mod maps {
+    pub const PROCS: &str = "PROCS";
+    pub const CGROUPS: &str = "CGROUPS";
+    pub const SUBJECTS: &str = "SUBJECTS";
+    pub const GRANTS: &str = "GRANTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const DECISIONS: &str = "DECISIONS";
+}
+
+/// Capacities of the maps; the daemon reports them as
+/// `agent_guard_map_capacity{map}`.
+pub mod capacity {
+    pub const PROCS: u32 = 65_536;
+    pub const CGROUPS: u32 = 4_096;
+    pub const SUBJECTS: u32 = 16_384;
+    pub const GRANTS: u32 = 262_144;
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Global configuration written by the daemon into `CONFIG[0]`.
+///
+/// Owner: daemon writes, programs read on every tagged call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Policy generation currently in force; grant keys carry it so a reload
+    /// can install the next generation beside the current one and flip.
+    pub generation: u32,
+    /// Force a consumer wakeup when this many bytes wait in the ring buffer.
+    pub wakeup_bytes: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data with no padding holes
+    // that the kernel would reject (padding is explicit and zeroed).
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::subject::Subject {}
+    unsafe impl aya::Pod for super::grant::GrantKey {}
+    unsafe impl aya::Pod for super::grant::GrantValue {}
+}

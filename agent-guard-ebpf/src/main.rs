@@ -1,0 +1,26 @@
+//! agent-guard kernel side: cgroup socket hooks that fence tagged processes
+//! and sched tracepoints that keep their identity across fork/exec/exit.
+//!
+//! Every program is small: look up, compare, count, emit. Parsing, name
+//! resolution and enrichment happen in the daemon.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod decide;
+mod emit;
+mod maps;
+mod process;
+mod sendmsg;
+mod sock_create;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier refuses programs with reachable panics.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,74 @@
+//! Maps and load-time globals. Each map documents key, value, capacity and
+//! owner (who writes, who reads).
+
+use agent_guard_common::{
+    Config, capacity,
+    event::{kind, verdict},
+    grant::{GrantKey, GrantValue},
+    subject::Subject,
+};
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+
+/// tgid -> subject id. Written by the daemon (launch) and the fork
+/// tracepoint (inheritance); removed by the exit tracepoint. Read per call.
+#[map]
+pub static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::PROCS, 0);
+
+/// cgroup id -> subject id. Written by the daemon when it creates an agent
+/// cgroup. Read per call when `PROCS` misses.
+#[map]
+pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(capacity::CGROUPS, 0);
+
+/// subject id -> tenant, agent, mode, flags. Written by the daemon.
+#[map]
+pub static SUBJECTS: HashMap<u32, Subject> = HashMap::with_max_entries(capacity::SUBJECTS, 0);
+
+/// (subject, generation, proto, port, address prefix) -> grant. Written by
+/// the daemon from policy and grants; read per tagged call.
+#[map]
+pub static GRANTS: LpmTrie<GrantKey, GrantValue> = LpmTrie::with_max_entries(capacity::GRANTS, 0);
+
+/// Index 0: [`Config`]. Written by the daemon.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// One ring buffer for every record. Written by the programs, drained by the
+/// daemon.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Per-CPU count of records that could not be reserved, by kind. The daemon
+/// turns deltas into `gap` audit records.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
+
+/// Per-CPU count of decisions by verdict (allow, deny, would_deny), so the
+/// daemon can check attempts = audited + lost.
+#[map]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(verdict::COUNT, 0);
+
+// Tracepoint field offsets differ between kernels; the daemon reads them
+// from tracefs `format` files and sets these at load time. The defaults are
+// the 6.18 layout.
+#[unsafe(no_mangle)]
+pub static FORK_CHILD_PID_OFF: Global<u32> = Global::new(20);
+#[unsafe(no_mangle)]
+pub static EXEC_FILENAME_OFF: Global<u32> = Global::new(8);
+#[unsafe(no_mangle)]
+pub static EXEC_OLD_PID_OFF: Global<u32> = Global::new(16);
+/// `u32::MAX` when the kernel's exit tracepoint has no `group_dead` field.
+#[unsafe(no_mangle)]
+pub static EXIT_GROUP_DEAD_OFF: Global<u32> = Global::new(32);
+
+/// Increments slot `index` of a per-CPU counter array.
+#[inline(always)]
+pub fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = counters.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,62 @@
+//! `cgroup/sock_create`: tagged processes may not open raw IPv4/IPv6
+//! sockets (they would bypass connect/sendmsg). The hook never sees
+//! AF_PACKET; the launcher drops CAP_NET_RAW for that.
+
+use agent_guard_common::{
+    event::{Event, kind, reason, verdict},
+    subject::MODE_MONITOR,
+};
+use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
+
+use crate::{
+    decide::{ALLOW, DENY, current_subject},
+    emit,
+    maps::{DECISIONS, SUBJECTS, bump},
+};
+
+const SOCK_RAW: u32 = 3;
+/// Obsolete SOCK_PACKET on an inet socket, also a raw path.
+const SOCK_PACKET: u32 = 10;
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock; volatile keeps each load at
+    // a constant offset from the context register, as the verifier wants.
+    let (family, sock_type, protocol) = unsafe {
+        let sk = ctx.sock;
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).family)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).type_)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
+        )
+    };
+    if sock_type != SOCK_RAW && sock_type != SOCK_PACKET {
+        return ALLOW;
+    }
+    let Some(subject_id) = current_subject() else {
+        return ALLOW;
+    };
+    let monitor = unsafe { SUBJECTS.get(&subject_id) }.is_some_and(|s| s.mode == MODE_MONITOR);
+    let (v, ret) = if monitor {
+        (verdict::WOULD_DENY, ALLOW)
+    } else {
+        (verdict::DENY, DENY)
+    };
+    bump(&DECISIONS, v as u32);
+    if let Some(mut entry) = emit::reserve::<Event>(kind::SOCKET) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: reservation is sizeof(Event); fully written.
+        unsafe {
+            ev.write(Event::zeroed());
+            let ev = &mut *ev;
+            emit::fill_caller(ev, kind::SOCKET, subject_id);
+            ev.verdict = v;
+            ev.reason = reason::RAW_SOCKET;
+            ev.family = family as u16;
+            ev.proto = protocol as u8;
+            ev.aux = sock_type;
+        }
+        entry.submit(emit::submit_flags());
+    }
+    ret
+}

@@ -1,0 +1,61 @@
+//! Command line: one module per subcommand.
+
+mod daemon;
+mod policy;
+mod run;
+mod status;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::control::DEFAULT_SOCKET;
+
+/// Exit status for errors of agent-guard itself.
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "agent-guard",
+    version,
+    about = "Kernel-enforced egress fence and audit trail for AI agent processes",
+    long_about = "agent-guard tags agent processes with a workload identity (tenant, agent) and lets the \
+kernel refuse every connect()/sendto() that the agent's capability set does not cover. \
+Every call becomes one record in a per-tenant, hash-chained audit trail.",
+    after_help = "Examples:\n  agent-guard daemon --policy /etc/agent-guard/policy.toml\n  agent-guard run --tenant acme --agent researcher -- python3 agent.py\n  agent-guard status\n  agent-guard policy check policy.toml"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load and attach the eBPF programs, serve the control
+    /// socket, write the audit trail and metrics.
+    Daemon(daemon::Args),
+    /// Start a command as a tagged agent process (tenant, agent).
+    Run(run::Args),
+    /// Show what the running daemon enforces.
+    Status(status::Args),
+    /// Check or apply a policy file.
+    #[command(subcommand)]
+    Policy(policy::Command),
+}
+
+/// `--socket`, shared by the client subcommands.
+#[derive(clap::Args, Clone)]
+pub struct SocketArg {
+    /// Control socket of the daemon.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, env = "AGENT_GUARD_SOCKET")]
+    pub socket: PathBuf,
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Daemon(args) => daemon::main(args),
+        Command::Run(args) => run::main(args),
+        Command::Status(args) => status::main(args),
+        Command::Policy(cmd) => policy::main(cmd),
+    }
+}

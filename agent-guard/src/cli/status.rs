@@ -1,0 +1,78 @@
+use std::process::ExitCode;
+
+use super::SocketArg;
+use crate::control::{Request, client};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  agent-guard status\n  agent-guard status --json | jq .agents")]
+pub struct Args {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print the full status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let s = client::call(&args.socket.socket, &Request::Status)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &s["daemon"];
+    println!(
+        "daemon:      running, pid {}, version {}, up {}s",
+        d["pid"],
+        str_of(&d["version"]),
+        d["uptime_seconds"]
+    );
+    println!("socket:      {}", str_of(&d["socket"]));
+    println!("metrics:     http://{}/metrics", str_of(&d["metrics_addr"]));
+    println!("cgroups:     {}", str_of(&d["cgroup_root"]));
+    let programs: Vec<&str> = s["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    println!(
+        "programs:    {} attached ({})",
+        programs.len(),
+        programs.join(", ")
+    );
+    let p = &s["policy"];
+    println!(
+        "policy:      generation {} from {} (sha256 {:.12})",
+        p["generation"],
+        str_of(&p["origin"]),
+        str_of(&p["sha256"])
+    );
+    println!("tracked:     {} processes", s["tracked_processes"]);
+    let lost: u64 = s["events_lost"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.as_u64())
+        .sum();
+    println!("events lost: {lost}");
+    let dec = &s["decisions"];
+    println!(
+        "decisions:   {} allow, {} deny, {} would_deny",
+        dec["allow"], dec["deny"], dec["would_deny"]
+    );
+    println!("agents:");
+    for a in s["agents"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<32} mode={:<8} hardening={:<7} processes={}",
+            str_of(&a["subject"]),
+            str_of(&a["mode"]),
+            str_of(&a["hardening"]),
+            a["tracked_processes"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn str_of(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or("-")
+}

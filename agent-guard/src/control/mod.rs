@@ -1,0 +1,64 @@
+//! The control socket: newline-delimited JSON over a Unix stream socket.
+//!
+//! One request line, one response line. The daemon identifies the peer with
+//! SO_PEERCRED; a tagged process may only `register` itself under its own
+//! identity, nothing else.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/agent-guard/agent-guard.sock";
+
+/// Largest request line the daemon reads; longer requests are refused.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Tag the calling process (the peer) as (tenant, agent) before it execs.
+    Register { tenant: String, agent: String },
+    /// Daemon state for `agent-guard status`.
+    Status,
+    /// Replace the policy with `text` (validated first; old policy kept on error).
+    PolicyApply { text: String, origin: String },
+}
+
+/// Reply to a [`Request`]: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            data,
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// What `register` answers: how the launcher must harden itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub subject: String,
+    pub subject_id: u32,
+    pub hardening: crate::policy::Hardening,
+    pub mode: crate::policy::Mode,
+    pub cgroup: String,
+}

@@ -1,0 +1,141 @@
+//! The daemon end of the control socket.
+
+use std::{path::Path, sync::Arc};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+
+use super::{MAX_REQUEST_BYTES, Request, Response};
+use crate::{daemon::state::State, policy::Policy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another agent-guard daemon is already listening on {0}; use another --socket")]
+    InUse(String),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket (removing a stale file left by a dead daemon, never a
+/// live one), readable and writable by root only.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ServerError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, &state).await {
+                            tracing::debug!("control connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("control accept: {e}"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let n = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1))
+        .read_line(&mut line)
+        .await?;
+    let response = if n > MAX_REQUEST_BYTES {
+        Response::err(format!("request larger than {MAX_REQUEST_BYTES} bytes"))
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::err(format!("bad request: {e}")),
+            Ok(req) => match peer.pid().and_then(|p| u32::try_from(p).ok()) {
+                None => Response::err("cannot identify the calling process (no SO_PEERCRED pid)"),
+                Some(pid) => dispatch(state, pid, peer.uid(), req),
+            },
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
+    // A tagged process may only register itself under its own identity;
+    // every other verb could widen its rights or read other tenants' state.
+    if let Some(ident) = state.process_identity(pid) {
+        if !matches!(req, Request::Register { .. }) {
+            tracing::warn!(pid, subject = %ident.chain, "tagged process tried a control request");
+            return Response::err(format!(
+                "refused: the caller is a tagged process ({}); tagged processes may only use `agent-guard run`",
+                ident.chain
+            ));
+        }
+    }
+    if uid != 0 {
+        return Response::err("refused: the control socket is for root only");
+    }
+    match req {
+        Request::Register { tenant, agent } => match state.register(pid, &tenant, &agent) {
+            Ok(reg) => {
+                tracing::info!(pid, subject = %reg.subject, "registered process");
+                Response::ok(serde_json::to_value(reg).unwrap_or_default())
+            }
+            Err(e) => Response::err(e),
+        },
+        Request::Status => Response::ok(state.status()),
+        Request::PolicyApply { text, origin } => match Policy::from_str(&text, &origin) {
+            Err(e) => {
+                state
+                    .metrics
+                    .policy_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                Response::err(format!(
+                    "policy refused, the current policy stays in force:\n{e}"
+                ))
+            }
+            Ok(policy) => match state.apply_policy(policy, &text) {
+                Ok(generation) => Response::ok(serde_json::json!({ "generation": generation })),
+                Err(e) => {
+                    state
+                        .metrics
+                        .policy_reloads
+                        .with_label_values(&["error"])
+                        .inc();
+                    Response::err(format!(
+                        "policy refused, the current policy stays in force:\n{e:#}"
+                    ))
+                }
+            },
+        },
+    }
+}

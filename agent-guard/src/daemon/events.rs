@@ -1,0 +1,353 @@
+//! The event pipeline: ring buffer -> enrichment -> audit writer + metrics.
+//!
+//! One task owns the ring buffer and the audit writer, so records of a
+//! tenant are written in the order the kernel produced them and `seq` has
+//! no holes. Other parts of the daemon send records through a channel.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_guard_common::event::{AF_INET, EXEC_PATH_LEN, Event, ExecEvent, kind, reason, verdict};
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::Interest,
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+
+use super::state::{PipelineMsg, State, ppid_of};
+use crate::audit::{AuditRecord, AuditWriter, NODE_LOG};
+
+/// How often the daemon drains the ring buffer without a kernel wakeup.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// How often lost-event counters become gap records and stale pids are swept.
+const HOUSEKEEPING_EVERY: u32 = 50;
+/// Processes remembered for enrichment (exe, ppid) from exec/fork events.
+const PROC_CACHE: usize = 65_536;
+
+/// What the kernel told us about a process, so records need no racy /proc
+/// reads.
+#[derive(Default, Clone)]
+struct ProcInfo {
+    ppid: Option<u32>,
+    exe: Option<String>,
+}
+
+#[derive(Default)]
+struct ProcCache {
+    map: HashMap<u32, ProcInfo>,
+    order: VecDeque<u32>,
+}
+
+impl ProcCache {
+    fn entry(&mut self, pid: u32) -> &mut ProcInfo {
+        if !self.map.contains_key(&pid) {
+            if self.order.len() >= PROC_CACHE {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+            self.order.push_back(pid);
+        }
+        self.map.entry(pid).or_default()
+    }
+    fn get(&self, pid: u32) -> Option<&ProcInfo> {
+        self.map.get(&pid)
+    }
+}
+
+fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn address(ev: &Event) -> IpAddr {
+    let v6 = Ipv6Addr::from(ev.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if ev.family == AF_INET || v6.to_ipv4_mapped().is_some() => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        0 => "ip".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Converts kernel monotonic ns into wall-clock RFC 3339 with nanoseconds.
+fn wall_clock(mono_ns: u64) -> String {
+    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or(mono_ns as i128);
+    let now_wall = time::OffsetDateTime::now_utc();
+    let at = if mono_ns == 0 {
+        now_wall
+    } else {
+        now_wall - time::Duration::nanoseconds((now_mono - mono_ns as i128) as i64)
+    };
+    format_ts(at)
+}
+
+pub fn format_ts(at: time::OffsetDateTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_default()
+}
+
+pub struct Pipeline {
+    state: Arc<State>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    rx: mpsc::UnboundedReceiver<PipelineMsg>,
+    writer: AuditWriter,
+    procs: ProcCache,
+    lost_seen: [u64; kind::COUNT as usize],
+}
+
+impl Pipeline {
+    pub fn new(
+        state: Arc<State>,
+        ring: RingBuf<MapData>,
+        rx: mpsc::UnboundedReceiver<PipelineMsg>,
+        writer: AuditWriter,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            state,
+            // SAFETY: the ring buffer owns its map fd, which stays open
+            // until the AsyncFd (and the RingBuf inside it) is dropped.
+            ring: unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?,
+            rx,
+            writer,
+            procs: ProcCache::default(),
+            lost_seen: [0; kind::COUNT as usize],
+        })
+    }
+
+    /// Runs until `shutdown` flips, then drains what is left and returns.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                ready = self.ring.readable_mut() => {
+                    match ready {
+                        Ok(mut guard) => {
+                            guard.clear_ready();
+                        }
+                        Err(e) => tracing::error!("ring buffer poll: {e}"),
+                    }
+                    self.drain_ring();
+                }
+                _ = tick.tick() => {
+                    self.drain_ring();
+                    ticks += 1;
+                    if ticks % HOUSEKEEPING_EVERY == 0 {
+                        self.account_lost();
+                        let swept = self.state.sweep_stale();
+                        if swept > 0 {
+                            tracing::debug!(swept, "removed entries of exited processes");
+                        }
+                    }
+                }
+                Some(msg) = self.rx.recv() => self.message(msg),
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.writer.flush() {
+                tracing::error!("audit flush: {e}");
+            }
+        }
+        self.drain_ring();
+        self.account_lost();
+        while let Ok(msg) = self.rx.try_recv() {
+            self.message(msg);
+        }
+        if let Err(e) = self.writer.sync() {
+            tracing::error!("audit sync at shutdown: {e}");
+        }
+    }
+
+    fn message(&mut self, msg: PipelineMsg) {
+        match msg {
+            PipelineMsg::Audit(log, rec) => self.write(&log, rec),
+            PipelineMsg::Launched { pid, ppid } => self.procs.entry(pid).ppid = ppid,
+        }
+    }
+
+    fn drain_ring(&mut self) {
+        // Messages sent before these kernel records (a launch registered
+        // before its exec) are applied first.
+        while let Ok(msg) = self.rx.try_recv() {
+            self.message(msg);
+        }
+        let mut batch = Vec::new();
+        {
+            let ring = self.ring.get_mut();
+            while let Some(item) = ring.next() {
+                batch.push(item.to_vec());
+            }
+        }
+        for bytes in batch {
+            self.handle(&bytes);
+        }
+    }
+
+    fn handle(&mut self, bytes: &[u8]) {
+        if bytes.len() < size_of::<Event>() {
+            tracing::warn!(len = bytes.len(), "short record from the kernel");
+            return;
+        }
+        // SAFETY: length checked; Event is plain data, read unaligned.
+        let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind_name = kind::name(ev.kind);
+        self.state
+            .metrics
+            .events
+            .with_label_values(&[kind_name])
+            .inc();
+
+        match ev.kind {
+            kind::FORK => {
+                let child = self.procs.entry(ev.aux);
+                child.ppid = Some(ev.pid);
+                let parent_exe = self.procs.get(ev.pid).and_then(|p| p.exe.clone());
+                if let Some(exe) = parent_exe {
+                    self.procs.entry(ev.aux).exe = Some(exe);
+                }
+            }
+            kind::EXEC if bytes.len() >= size_of::<ExecEvent>() => {
+                // SAFETY: length checked; ExecEvent is plain data.
+                let exec: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                let path = c_str(&exec.path[..EXEC_PATH_LEN]);
+                self.procs.entry(ev.pid).exe = Some(path);
+            }
+            _ => {}
+        }
+
+        let Some(ident) = self.state.identity(ev.subject) else {
+            tracing::warn!(
+                subject = ev.subject,
+                kind = kind_name,
+                "record for an unknown subject"
+            );
+            return;
+        };
+        let mut rec = AuditRecord::new(kind_name);
+        rec.ts = wall_clock(ev.ts_ns);
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.pid = Some(ev.pid);
+        if ev.tid != ev.pid {
+            rec.tid = Some(ev.tid);
+        }
+        let info = self.procs.get(ev.pid).cloned().unwrap_or_default();
+        rec.ppid = info.ppid.or_else(|| ppid_of(ev.pid));
+        rec.uid = Some(ev.uid);
+        rec.comm = Some(c_str(&ev.comm));
+        rec.exe = info.exe;
+        rec.cgroup = Some(ev.cgroup_id);
+        match ev.kind {
+            kind::CONNECT | kind::SENDMSG => {
+                rec.dst = Some(address(&ev).to_string());
+                rec.port = Some(ev.port);
+                rec.proto = Some(proto_name(ev.proto));
+                self.decision(&mut rec, &ev, &ident.tenant, &ident.agent);
+            }
+            kind::SOCKET => {
+                rec.proto = Some(proto_name(ev.proto));
+                rec.detail = Some(format!("socket type {} family {}", ev.aux, ev.family));
+                self.decision(&mut rec, &ev, &ident.tenant, &ident.agent);
+            }
+            kind::FORK => rec.child = Some(ev.aux),
+            _ => {}
+        }
+        let tenant = ident.tenant.clone();
+        self.write(&tenant, rec);
+    }
+
+    fn decision(&self, rec: &mut AuditRecord, ev: &Event, tenant: &str, agent: &str) {
+        let v = verdict::name(ev.verdict);
+        let r = reason::name(ev.reason);
+        let tool = if ev.tool_id != 0 {
+            self.state.tool_name(ev.tool_id)
+        } else {
+            None
+        };
+        rec.verdict = Some(v.to_string());
+        rec.reason = Some(r.to_string());
+        if ev.grant_id != 0 {
+            rec.grant = Some(ev.grant_id.to_string());
+        }
+        self.state
+            .metrics
+            .decisions
+            .with_label_values(&[tenant, agent, tool.as_deref().unwrap_or("none"), v, r])
+            .inc();
+        rec.tool = tool;
+    }
+
+    fn write(&mut self, log: &str, mut rec: AuditRecord) {
+        if rec.ts.is_empty() {
+            rec.ts = format_ts(time::OffsetDateTime::now_utc());
+        }
+        match self.writer.append(log, rec) {
+            Ok(_) => self
+                .state
+                .metrics
+                .audit_records
+                .with_label_values(&[log])
+                .inc(),
+            Err(e) => {
+                self.state
+                    .metrics
+                    .audit_write_errors
+                    .with_label_values(&[log])
+                    .inc();
+                tracing::error!("audit write to {log}: {e}");
+            }
+        }
+    }
+
+    /// Turns growth of the kernel's lost counters into `gap` records in
+    /// every tenant's log (the kernel cannot say whose events were lost).
+    fn account_lost(&mut self) {
+        let lost = self.state.kernel().lost();
+        let mut gap = BTreeMap::new();
+        for k in 1..kind::COUNT as usize {
+            let delta = lost[k].saturating_sub(self.lost_seen[k]);
+            if delta > 0 {
+                let name = kind::name(k as u8);
+                self.state
+                    .metrics
+                    .events_lost
+                    .with_label_values(&[name])
+                    .inc_by(delta);
+                gap.insert(name.to_string(), delta);
+            }
+        }
+        self.lost_seen = lost;
+        if gap.is_empty() {
+            return;
+        }
+        tracing::warn!(?gap, "the kernel dropped events: ring buffer full");
+        let mut logs: Vec<String> = self.state.tenants();
+        logs.push(NODE_LOG.to_string());
+        for log in logs {
+            let mut rec = AuditRecord::new("gap");
+            rec.lost = Some(gap.clone());
+            rec.detail = Some("ring buffer full: the kernel could not deliver these events".into());
+            self.write(&log, rec);
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! `agent-guard daemon`: load, attach, serve, write the audit trail, and
+//! clean up on SIGTERM/SIGINT.
+
+pub mod events;
+pub mod state;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+
+use crate::{
+    audit::{AuditRecord, AuditWriter, NODE_LOG},
+    control,
+    kernel::{Kernel, fs as kfs},
+    metrics::Metrics,
+    policy::{DEFAULT_POLICY, DEFAULT_POLICY_ORIGIN, Policy},
+};
+
+/// Default policy path; when absent the embedded default policy is used.
+pub const DEFAULT_POLICY_PATH: &str = "/etc/agent-guard/policy.toml";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub policy: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub audit_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub cgroup_root: Option<PathBuf>,
+}
+
+fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
+    if !p.is_absolute() {
+        bail!("{flag} must be an absolute path, got {}", p.display());
+    }
+    Ok(())
+}
+
+/// Reads the policy to start with: `--policy`, else the default path if it
+/// exists, else the embedded default policy.
+fn initial_policy(opt: Option<&PathBuf>) -> anyhow::Result<(Policy, String)> {
+    let path = match opt {
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(DEFAULT_POLICY_PATH)).filter(|p| p.exists()),
+    };
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("reading policy {}", p.display()))?;
+            let policy = Policy::from_str(&text, &p.display().to_string())?;
+            Ok((policy, text))
+        }
+        None => {
+            tracing::info!(
+                "no policy file at {DEFAULT_POLICY_PATH}; using the embedded default policy (monitor mode)"
+            );
+            Ok((
+                Policy::from_str(DEFAULT_POLICY, DEFAULT_POLICY_ORIGIN)?,
+                DEFAULT_POLICY.to_string(),
+            ))
+        }
+    }
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    for (flag, p) in [
+        ("--socket", &opts.socket),
+        ("--pin-dir", &opts.pin_dir),
+        ("--audit-dir", &opts.audit_dir),
+    ] {
+        require_absolute(flag, p)?;
+    }
+    if let Some(p) = &opts.cgroup_root {
+        require_absolute("--cgroup-root", p)?;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("agent-guard daemon must run as root (it loads eBPF programs and manages cgroups)");
+    }
+    // Refuse bad policy before touching the kernel.
+    let (policy, policy_text) = initial_policy(opts.policy.as_ref())?;
+
+    let cgroup_mount = kfs::cgroup2_mount()?;
+    let cgroup_root = opts
+        .cgroup_root
+        .clone()
+        .unwrap_or_else(|| cgroup_mount.join("agent-guard"));
+    let created_root = !cgroup_root.exists();
+    kfs::ensure_cgroup_dir(&cgroup_mount, &cgroup_root)?;
+    let mounted_bpffs = kfs::ensure_bpffs(&opts.pin_dir)?;
+    let listener = control::server::bind(&opts.socket)?;
+
+    let result = serve(
+        opts.clone(),
+        policy,
+        policy_text,
+        cgroup_mount,
+        cgroup_root.clone(),
+        listener,
+    )
+    .await;
+
+    // Clean up what this daemon created, even when serving failed.
+    let _ = std::fs::remove_file(&opts.socket);
+    if mounted_bpffs {
+        kfs::unmount(&opts.pin_dir);
+        let _ = std::fs::remove_dir(&opts.pin_dir);
+    }
+    if created_root {
+        let _ = std::fs::remove_dir(&cgroup_root);
+    }
+    result
+}
+
+async fn serve(
+    opts: Options,
+    policy: Policy,
+    policy_text: String,
+    cgroup_mount: PathBuf,
+    cgroup_root: PathBuf,
+    listener: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
+    let (kernel, maps, ring) = Kernel::load(&cgroup_mount).context("loading the eBPF programs")?;
+    tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");
+
+    let (audit_tx, audit_rx) = mpsc::unbounded_channel();
+    let metrics = Metrics::new().context("creating metrics")?;
+    let state = Arc::new(state::State::new(
+        maps,
+        cgroup_mount,
+        cgroup_root,
+        audit_tx,
+        metrics,
+        kernel.attached.clone(),
+        opts.socket.clone(),
+    ));
+    let writer = AuditWriter::new(&opts.audit_dir)?;
+    // Servers stop first; the pipeline last, so it writes the final records.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
+    let pipeline =
+        events::Pipeline::new(state.clone(), ring, audit_rx, writer).context("ring buffer")?;
+    let pipeline = tokio::spawn(pipeline.run(pipeline_stop_rx));
+
+    let mut start = AuditRecord::new("daemon");
+    start.detail = Some(format!(
+        "started pid {} version {}",
+        std::process::id(),
+        env!("CARGO_PKG_VERSION")
+    ));
+    state.audit(NODE_LOG, start);
+
+    let outcome = async {
+        state.apply_policy(policy, &policy_text).context("applying the policy")?;
+        let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, state.clone(), shutdown_rx.clone())
+            .await
+            .with_context(|| format!("binding metrics address {}", opts.metrics_addr))?;
+        *state.metrics_addr.write().unwrap_or_else(|p| p.into_inner()) = Some(bound);
+        let metrics_task = tokio::spawn(metrics_fut);
+        let control_task = tokio::spawn(control::server::serve(listener, state.clone(), shutdown_rx.clone()));
+        tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
+
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = shutdown_tx.send(true);
+        let _ = control_task.await;
+        let _ = metrics_task.await;
+        anyhow::Ok(())
+    }
+    .await;
+
+    let mut stop = AuditRecord::new("daemon");
+    stop.detail = Some(match &outcome {
+        Ok(()) => "stopped".to_string(),
+        Err(e) => format!("stopped on error: {e:#}"),
+    });
+    state.audit(NODE_LOG, stop);
+    let _ = shutdown_tx.send(true);
+    let _ = pipeline_stop_tx.send(true);
+    let _ = pipeline.await;
+
+    // Detach programs before removing cgroups: tagged processes still alive
+    // keep their cgroup (rmdir fails with EBUSY), which we report.
+    drop(kernel);
+    let created = std::mem::take(
+        &mut *state
+            .created_cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    for dir in created.iter().rev() {
+        if let Err(e) = std::fs::remove_dir(dir) {
+            tracing::warn!("leaving cgroup {}: {e}", dir.display());
+        }
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    outcome
+}

@@ -1,0 +1,167 @@
+//! Typed access to the kernel maps. No raw byte juggling outside this file.
+
+use agent_guard_common::{
+    Config,
+    event::{kind, verdict},
+    grant::{FIXED_PREFIX_BITS, GrantKey, GrantValue},
+    maps as names,
+    subject::Subject,
+};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+};
+
+use super::KernelError;
+
+/// Takes map `name` out of the object as the typed map `T`.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+/// A capability rule as the kernel sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantRule {
+    pub subject: u32,
+    pub generation: u8,
+    pub proto: u8,
+    pub port: u16,
+    /// IPv6 bytes, IPv4 v4-mapped.
+    pub addr: [u8; 16],
+    /// Prefix length over the 128-bit address.
+    pub prefix_len: u8,
+}
+
+impl GrantRule {
+    fn key(&self) -> Key<GrantKey> {
+        Key::new(
+            FIXED_PREFIX_BITS + u32::from(self.prefix_len),
+            GrantKey::new(
+                self.subject,
+                self.generation,
+                self.proto,
+                self.port,
+                self.addr,
+            ),
+        )
+    }
+}
+
+/// Handles to every map the daemon writes or reads.
+pub struct KernelMaps {
+    procs: HashMap<MapData, u32, u32>,
+    cgroups: HashMap<MapData, u64, u32>,
+    subjects: HashMap<MapData, u32, Subject>,
+    grants: LpmTrie<MapData, GrantKey, GrantValue>,
+    config: Array<MapData, Config>,
+    lost: PerCpuArray<MapData, u64>,
+    decisions: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        Ok(Self {
+            procs: take(ebpf, names::PROCS)?,
+            cgroups: take(ebpf, names::CGROUPS)?,
+            subjects: take(ebpf, names::SUBJECTS)?,
+            grants: take(ebpf, names::GRANTS)?,
+            config: take(ebpf, names::CONFIG)?,
+            lost: take(ebpf, names::LOST)?,
+            decisions: take(ebpf, names::DECISIONS)?,
+        })
+    }
+
+    pub fn tag_process(&mut self, tgid: u32, subject: u32) -> Result<(), KernelError> {
+        self.procs
+            .insert(tgid, subject, 0)
+            .map_err(map_err(names::PROCS))
+    }
+
+    pub fn process_subject(&self, tgid: u32) -> Option<u32> {
+        self.procs.get(&tgid, 0).ok()
+    }
+
+    /// All (tgid, subject) pairs; used for gauges and the stale sweep.
+    pub fn processes(&self) -> Vec<(u32, u32)> {
+        self.procs.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn untag_process(&mut self, tgid: u32) {
+        // Already gone is fine: the exit tracepoint may have removed it.
+        let _ = self.procs.remove(&tgid);
+    }
+
+    pub fn tag_cgroup(&mut self, cgroup_id: u64, subject: u32) -> Result<(), KernelError> {
+        self.cgroups
+            .insert(cgroup_id, subject, 0)
+            .map_err(map_err(names::CGROUPS))
+    }
+
+    pub fn cgroup_subject(&self, cgroup_id: u64) -> Option<u32> {
+        self.cgroups.get(&cgroup_id, 0).ok()
+    }
+
+    pub fn set_subject(&mut self, id: u32, subject: Subject) -> Result<(), KernelError> {
+        self.subjects
+            .insert(id, subject, 0)
+            .map_err(map_err(names::SUBJECTS))
+    }
+
+    pub fn remove_subject(&mut self, id: u32) -> Result<(), KernelError> {
+        self.subjects.remove(&id).map_err(map_err(names::SUBJECTS))
+    }
+
+    pub fn insert_grant(&mut self, rule: &GrantRule, value: GrantValue) -> Result<(), KernelError> {
+        self.grants
+            .insert(&rule.key(), value, 0)
+            .map_err(map_err(names::GRANTS))
+    }
+
+    pub fn remove_grant(&mut self, rule: &GrantRule) {
+        let _ = self.grants.remove(&rule.key());
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), KernelError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(names::CONFIG))
+    }
+
+    /// Records lost per kind, summed over CPUs.
+    pub fn lost(&self) -> [u64; kind::COUNT as usize] {
+        sum_per_cpu(&self.lost)
+    }
+
+    /// Decisions per verdict, summed over CPUs.
+    pub fn decisions(&self) -> [u64; verdict::COUNT as usize] {
+        sum_per_cpu(&self.decisions)
+    }
+
+    /// Entry counts for `agent_guard_map_entries{map}`.
+    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+        [
+            (names::PROCS, self.procs.keys().count()),
+            (names::CGROUPS, self.cgroups.keys().count()),
+            (names::SUBJECTS, self.subjects.keys().count()),
+            (names::GRANTS, self.grants.keys().count()),
+        ]
+    }
+}
+
+fn sum_per_cpu<const N: usize>(array: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    let mut out = [0u64; N];
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Ok(values) = array.get(&(i as u32), 0) {
+            *slot = values.iter().sum();
+        }
+    }
+    out
+}

@@ -1,0 +1,150 @@
+//! Loading, attaching and owning the eBPF programs and maps.
+//!
+//! One [`Kernel`] per daemon instance. Programs sit at the cgroup2 root so
+//! every process on the node is covered, whichever cgroup its sockets were
+//! created in. Dropping the [`Kernel`] detaches everything it attached.
+
+pub mod fs;
+pub mod maps;
+pub mod tracefs;
+
+use std::{fs::File, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint},
+};
+use thiserror::Error;
+
+pub use maps::KernelMaps;
+
+/// The eBPF object, embedded at build time (see build.rs).
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-guard-ebpf.o"));
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("this binary was built without its eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("opening cgroup2 root {path}: {source}")]
+    CgroupRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fs(#[from] fs::FsError),
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+}
+
+/// The cgroup socket programs: (name in the object, what it guards).
+pub const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The sched tracepoints that keep identity across fork, exec and exit.
+pub const TRACEPOINTS: &[&str] = &[
+    "sched_process_fork",
+    "sched_process_exec",
+    "sched_process_exit",
+];
+
+/// The event ring buffer, as the daemon reads it.
+pub type Ring = aya::maps::RingBuf<aya::maps::MapData>;
+
+/// Loaded and attached programs plus the daemon's handles to the maps.
+pub struct Kernel {
+    /// Owns the programs and their links; dropping it detaches them.
+    _ebpf: Ebpf,
+    pub attached: Vec<String>,
+}
+
+impl Kernel {
+    /// Loads the embedded object with this kernel's tracepoint offsets,
+    /// attaches every program, and hands out the maps and the ring buffer.
+    pub fn load(cgroup2_root: &std::path::Path) -> Result<(Self, KernelMaps, Ring), KernelError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(KernelError::NoObject);
+        }
+        let offsets = tracefs::Offsets::read()?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("FORK_CHILD_PID_OFF", &offsets.fork_child_pid, true)
+            .override_global("EXEC_FILENAME_OFF", &offsets.exec_filename, true)
+            .override_global("EXEC_OLD_PID_OFF", &offsets.exec_old_pid, true)
+            .override_global("EXIT_GROUP_DEAD_OFF", &offsets.exit_group_dead, true);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let root = File::open(cgroup2_root).map_err(|source| KernelError::CgroupRoot {
+            path: cgroup2_root.to_path_buf(),
+            source,
+        })?;
+        let mut attached = Vec::new();
+        for &name in CGROUP_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            // aya uses bpf_link_create here, which wants flags = 0: Single.
+            // A link attachment is multi-attach anyway, so we coexist with
+            // other BPF users of the root cgroup.
+            prog.attach(&root, CgroupAttachMode::Single)
+                .map_err(|source| KernelError::Program { name, source })?;
+            attached.push(format!("cgroup/{name}"));
+        }
+        {
+            let name = "sock_create";
+            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.attach(&root, CgroupAttachMode::Single)
+                .map_err(|source| KernelError::Program { name, source })?;
+            attached.push(format!("cgroup/{name}"));
+        }
+        for &name in TRACEPOINTS {
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.attach("sched", name)
+                .map_err(|source| KernelError::Program { name, source })?;
+            attached.push(format!("tracepoint/sched/{name}"));
+        }
+
+        let ring = maps::take(&mut ebpf, agent_guard_common::maps::EVENTS)?;
+        let maps = KernelMaps::take(&mut ebpf)?;
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                attached,
+            },
+            maps,
+            ring,
+        ))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?;
+    prog.try_into()
+        .map_err(|source| KernelError::Program { name, source })
+}

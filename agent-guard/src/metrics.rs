@@ -1,0 +1,162 @@
+//! Prometheus metrics and the `/metrics` endpoint.
+//!
+//! Label values come from policy names and fixed code tables only, never
+//! from pids or addresses, so cardinality stays bounded; destinations that
+//! match no tool are counted under `tool="none"`.
+
+use std::net::SocketAddr;
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub decisions: IntCounterVec,
+    pub events: IntCounterVec,
+    pub events_lost: IntCounterVec,
+    pub tracked_processes: IntGaugeVec,
+    pub active_grants: IntGaugeVec,
+    pub map_entries: IntGaugeVec,
+    pub map_capacity: IntGaugeVec,
+    pub policy_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+    pub audit_records: IntCounterVec,
+    pub audit_write_errors: IntCounterVec,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let m = Self {
+            decisions: counter(
+                &r,
+                "agent_guard_decisions_total",
+                "Connect/sendmsg/socket decisions on tagged processes.",
+                &["tenant", "agent", "tool", "verdict", "reason"],
+            )?,
+            events: counter(
+                &r,
+                "agent_guard_events_total",
+                "Events received from the kernel, by kind.",
+                &["kind"],
+            )?,
+            events_lost: counter(
+                &r,
+                "agent_guard_events_lost_total",
+                "Events the kernel could not deliver (ring buffer full), by kind.",
+                &["kind"],
+            )?,
+            tracked_processes: gauge(
+                &r,
+                "agent_guard_tracked_processes",
+                "Tagged processes, by tenant.",
+                &["tenant"],
+            )?,
+            active_grants: gauge(
+                &r,
+                "agent_guard_active_grants",
+                "Active just-in-time grants, by tenant.",
+                &["tenant"],
+            )?,
+            map_entries: gauge(
+                &r,
+                "agent_guard_map_entries",
+                "Entries in each kernel map.",
+                &["map"],
+            )?,
+            map_capacity: gauge(
+                &r,
+                "agent_guard_map_capacity",
+                "Capacity of each kernel map.",
+                &["map"],
+            )?,
+            policy_reloads: counter(
+                &r,
+                "agent_guard_policy_reloads_total",
+                "Policy loads, by result (ok, error).",
+                &["result"],
+            )?,
+            build_info: gauge(
+                &r,
+                "agent_guard_build_info",
+                "Always 1; the version label says which build runs.",
+                &["version"],
+            )?,
+            audit_records: counter(
+                &r,
+                "agent_guard_audit_records_total",
+                "Audit records written, by log.",
+                &["log"],
+            )?,
+            audit_write_errors: counter(
+                &r,
+                "agent_guard_audit_write_errors_total",
+                "Audit records that could not be written, by log.",
+                &["log"],
+            )?,
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+async fn metrics_handler(
+    State(state): State<std::sync::Arc<crate::daemon::state::State>>,
+) -> impl IntoResponse {
+    state.refresh_gauges();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+/// Binds `addr` and returns the bound address and the server future.
+pub async fn serve(
+    addr: SocketAddr,
+    state: std::sync::Arc<crate::daemon::state::State>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    let fut = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await
+    };
+    Ok((bound, fut))
+}

@@ -1,0 +1,187 @@
+//! Lowering of a validated [`Policy`] to the flat tables the kernel-map writer
+//! loads.
+
+use std::collections::HashSet;
+
+use super::{
+    DEFAULT_MAX_DELEGATION_DEPTH, Endpoint, Hardening, Location, Mode, Policy, PolicyError,
+};
+
+/// Policy flattened to numeric ids. Ids are 1-based positions in declaration
+/// order (0 means "none" in the maps), so they are stable as long as the file
+/// only appends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    /// `tenants[i]` has tenant id `i + 1`.
+    pub tenants: Vec<String>,
+    /// `tools[i]` has tool id `i + 1`.
+    pub tools: Vec<String>,
+    /// In declaration order; `CompiledRule::agent_index` indexes this.
+    pub agents: Vec<CompiledAgent>,
+    pub rules: Vec<CompiledRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledAgent {
+    pub tenant_id: u32,
+    pub tenant: String,
+    pub name: String,
+    /// Already resolved against `default_mode`.
+    pub mode: Mode,
+    pub hardening: Hardening,
+    /// Defaults to [`DEFAULT_MAX_DELEGATION_DEPTH`].
+    pub max_delegation_depth: u8,
+    /// Tool ids in the order listed, without repeats.
+    pub tool_ids: Vec<u32>,
+}
+
+/// One allowed (agent, destination) pair. Addresses are always in 128-bit form
+/// so the kernel needs a single LPM trie: IPv4 is v4-mapped (`::ffff:a.b.c.d`)
+/// and its prefix length is shifted by 96.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledRule {
+    pub agent_index: usize,
+    pub tool_id: u32,
+    /// IP protocol number: 6 tcp, 17 udp.
+    pub proto: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+    pub prefix_len: u8,
+}
+
+impl CompiledPolicy {
+    pub fn tenant_id(&self, name: &str) -> Option<u32> {
+        position_id(&self.tenants, name)
+    }
+
+    pub fn tool_id(&self, name: &str) -> Option<u32> {
+        position_id(&self.tools, name)
+    }
+
+    /// Name for a tool id (for audit and metrics), `None` for 0 or unknown.
+    pub fn tool_name(&self, id: u32) -> Option<&str> {
+        let idx = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.tools.get(idx).map(String::as_str)
+    }
+
+    pub fn agent_index(&self, tenant: &str, name: &str) -> Option<usize> {
+        self.agents
+            .iter()
+            .position(|a| a.tenant == tenant && a.name == name)
+    }
+}
+
+fn position_id(names: &[String], name: &str) -> Option<u32> {
+    let idx = names.iter().position(|n| n == name)?;
+    u32::try_from(idx + 1).ok()
+}
+
+impl Policy {
+    /// Compiles to map entries. Refuses `host` and `unix` endpoints (not yet
+    /// enforceable) anywhere in the file, even in tools no agent uses, so a
+    /// policy that loads today keeps its meaning when support lands.
+    ///
+    /// Rules are de-duplicated per agent: when the same tool is listed twice,
+    /// or two tools share an identical endpoint (same proto, port, network),
+    /// only the first rule is kept, so the first listed tool wins attribution.
+    pub fn compile(&self) -> Result<CompiledPolicy, PolicyError> {
+        for tool in &self.tools {
+            for (i, ep) in tool.endpoints.iter().enumerate() {
+                let loc = tool
+                    .endpoint_locations
+                    .get(i)
+                    .copied()
+                    .unwrap_or(Location { line: 1, col: 1 });
+                match ep {
+                    Endpoint::Cidr { .. } => {}
+                    Endpoint::Host { name, .. } => {
+                        return Err(PolicyError::at(
+                            &self.origin,
+                            loc,
+                            format!(
+                                "tool {:?}: host endpoints ({name:?}) are not yet supported; use cidr",
+                                tool.name
+                            ),
+                        ));
+                    }
+                    Endpoint::Unix { path } => {
+                        return Err(PolicyError::at(
+                            &self.origin,
+                            loc,
+                            format!(
+                                "tool {:?}: unix endpoints ({:?}) are not yet supported",
+                                tool.name,
+                                path.display().to_string()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+
+        let tenants: Vec<String> = self.tenants.iter().map(|t| t.name.clone()).collect();
+        let tools: Vec<String> = self.tools.iter().map(|t| t.name.clone()).collect();
+        let mut agents = Vec::with_capacity(self.agents.len());
+        let mut rules = Vec::new();
+        let mut seen_rules: HashSet<(usize, u8, u16, [u8; 16], u8)> = HashSet::new();
+
+        for (agent_index, agent) in self.agents.iter().enumerate() {
+            // Validation guarantees both lookups succeed; 0 ("none") would
+            // only ever grant nothing.
+            let tenant_id = position_id(&tenants, &agent.tenant).unwrap_or(0);
+            let mut tool_ids = Vec::with_capacity(agent.tools.len());
+            for name in &agent.tools {
+                let Some(id) = position_id(&tools, name) else {
+                    continue;
+                };
+                if tool_ids.contains(&id) {
+                    continue;
+                }
+                tool_ids.push(id);
+                let Some(tool) = self.tool(name) else {
+                    continue;
+                };
+                for ep in &tool.endpoints {
+                    let Endpoint::Cidr { net, port, proto } = ep else {
+                        continue;
+                    };
+                    let (addr, prefix_len) = match net {
+                        ipnet::IpNet::V4(n) => {
+                            (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len())
+                        }
+                        ipnet::IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
+                    };
+                    let proto = proto.as_ipproto();
+                    if seen_rules.insert((agent_index, proto, *port, addr, prefix_len)) {
+                        rules.push(CompiledRule {
+                            agent_index,
+                            tool_id: id,
+                            proto,
+                            port: *port,
+                            addr,
+                            prefix_len,
+                        });
+                    }
+                }
+            }
+            agents.push(CompiledAgent {
+                tenant_id,
+                tenant: agent.tenant.clone(),
+                name: agent.name.clone(),
+                mode: agent.effective_mode(self),
+                hardening: agent.hardening,
+                max_delegation_depth: agent
+                    .max_delegation_depth
+                    .unwrap_or(DEFAULT_MAX_DELEGATION_DEPTH),
+                tool_ids,
+            });
+        }
+
+        Ok(CompiledPolicy {
+            tenants,
+            tools,
+            agents,
+            rules,
+        })
+    }
+}
