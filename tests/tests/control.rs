@@ -1,0 +1,336 @@
+//! Real-kernel tests of the control plane: policy validation, launcher
+//! failures, status, metrics, and cleanup.
+
+use std::process::Command;
+
+use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe};
+
+fn policy(port: u16) -> String {
+    format!(
+        r#"
+default_mode = "enforce"
+
+[[tenant]]
+name = "acme"
+
+[[tool]]
+name = "search"
+endpoints = [{{ cidr = "127.0.0.1/32", port = {port} }}]
+
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = ["search"]
+"#
+    )
+}
+
+const BAD_POLICY: &str = r#"default_mode = "enforce"
+
+[[tenant]]
+name = "acme"
+
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = ["serch"]
+"#;
+
+#[test]
+fn policy_check_names_file_line_and_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, BAD_POLICY).expect("write");
+    let out = Command::new(agent_guard_bin())
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.toml:9:"), "names file and line: {err}");
+    assert!(err.contains("serch"), "names the bad value: {err}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, policy(18081)).expect("write");
+    let out = Command::new(agent_guard_bin())
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn daemon_refuses_to_start_with_a_bad_policy() {
+    if !kernel_test("daemon_refuses_to_start_with_a_bad_policy") {
+        return;
+    }
+    let Err(e) = Daemon::try_start(BAD_POLICY) else {
+        panic!("daemon started with a bad policy");
+    };
+    assert!(e.contains("policy.toml:9:"), "{e}");
+}
+
+#[test]
+fn bad_policy_apply_is_refused_and_the_old_policy_stays_in_force() {
+    if !kernel_test("bad_policy_apply_is_refused_and_the_old_policy_stays_in_force") {
+        return;
+    }
+    let allowed = Listener::tcp_dual();
+    let d = Daemon::start(&policy(allowed.port));
+    let bad = d.dir.path().join("bad.toml");
+    std::fs::write(&bad, BAD_POLICY).expect("write");
+    let out = d.cli(&["policy", "apply", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:9:"));
+    assert_eq!(d.status()["policy"]["generation"], 1);
+    let port = allowed.port.to_string();
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+
+    // A good policy that drops the tool takes effect for new and running
+    // processes alike (same subject, next generation).
+    let narrowed = policy(allowed.port).replace(r#"tools = ["search"]"#, "tools = []");
+    let good = d.dir.path().join("narrow.toml");
+    std::fs::write(&good, narrowed).expect("write");
+    let out = d.cli(&["policy", "apply", good.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.status()["policy"]["generation"], 2);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    let node = {
+        let text =
+            std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .collect::<Vec<_>>()
+    };
+    let policies: Vec<_> = node.iter().filter(|r| r["kind"] == "policy").collect();
+    assert_eq!(policies.len(), 2, "{}", dump(&node));
+    assert!(
+        policies
+            .iter()
+            .all(|r| r["policy_hash"].as_str().is_some_and(|h| h.len() == 64))
+    );
+}
+
+#[test]
+fn run_against_a_stopped_daemon_fails_and_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("started");
+    let out = Command::new(agent_guard_bin())
+        .args([
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--socket",
+        ])
+        .arg(dir.path().join("no-daemon.sock"))
+        .args(["--", "/bin/touch"])
+        .arg(&marker)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the agent-guard daemon"), "{err}");
+    assert!(err.contains("nothing was started"), "{err}");
+    assert!(!marker.exists(), "the command must not run");
+}
+
+#[test]
+fn run_with_an_unknown_tenant_or_agent_fails_and_starts_nothing() {
+    if !kernel_test("run_with_an_unknown_tenant_or_agent_fails_and_starts_nothing") {
+        return;
+    }
+    let d = Daemon::start(&policy(1));
+    let marker = d.dir.path().join("started");
+    let m = marker.to_str().expect("utf-8");
+    for (tenant, agent, expect) in [
+        ("globex", "researcher", "unknown tenant \"globex\""),
+        ("acme", "writer", "tenant \"acme\" has no agent \"writer\""),
+    ] {
+        let out = d.run(tenant, agent, &["/bin/touch", m]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(err.contains(expect), "{err}");
+        assert!(err.contains("acme/researcher"), "lists known agents: {err}");
+        assert!(!marker.exists());
+    }
+}
+
+#[test]
+fn status_reports_programs_policy_agents_and_tracked_processes() {
+    if !kernel_test("status_reports_programs_policy_agents_and_tracked_processes") {
+        return;
+    }
+    let d = Daemon::start(&policy(1));
+    // A long-running tagged process shows up as tracked.
+    let mut child = Command::new(agent_guard_bin())
+        .args([
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .args(["--", "/bin/sleep", "30"])
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let s = d.status();
+        if s["tracked_processes"].as_u64() >= Some(1) || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status["tracked_processes"], 1, "{status:#}");
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    for p in [
+        "cgroup/connect4",
+        "cgroup/connect6",
+        "cgroup/sendmsg4",
+        "cgroup/sendmsg6",
+        "cgroup/sock_create",
+    ] {
+        assert!(programs.contains(&p), "{p} attached: {programs:?}");
+    }
+    assert_eq!(status["policy"]["generation"], 1);
+    let agent = &status["agents"][0];
+    assert_eq!(agent["subject"], "acme/researcher");
+    assert_eq!(agent["mode"], "enforce");
+    assert_eq!(agent["hardening"], "strict");
+    let human = d.cli(&["status"]);
+    assert!(human.status.success());
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("acme/researcher") && text.contains("hardening=strict"),
+        "{text}"
+    );
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text_with_bounded_labels() {
+    if !kernel_test("metrics_are_valid_prometheus_text_with_bounded_labels") {
+        return;
+    }
+    let allowed = Listener::tcp_dual();
+    let other = Listener::tcp_dual();
+    let d = Daemon::start(&policy(allowed.port));
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["tcp", "127.0.0.1", &allowed.port.to_string()]
+        ),
+        probe::OK
+    );
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["tcp", "127.0.0.1", &other.port.to_string()]
+        ),
+        probe::EPERM
+    );
+    d.wait_audit("acme", "two connects", |r| {
+        r.iter().filter(|x| x["kind"] == "connect").count() >= 2
+    });
+    let body = d.metrics();
+    for needle in [
+        r#"agent_guard_decisions_total{agent="researcher",reason="granted",tenant="acme",tool="search",verdict="allow"} 1"#,
+        r#"agent_guard_decisions_total{agent="researcher",reason="no_capability",tenant="acme",tool="none",verdict="deny"} 1"#,
+        r#"agent_guard_events_total{kind="connect"} 2"#,
+        r#"agent_guard_map_capacity{map="GRANTS"}"#,
+        r#"agent_guard_policy_reloads_total{result="ok"} 1"#,
+        r#"agent_guard_build_info{version=""#,
+        r#"agent_guard_tracked_processes{tenant="acme"}"#,
+    ] {
+        assert!(body.contains(needle), "missing {needle} in:\n{body}");
+    }
+    assert!(!body.contains("127.0.0.1"), "no addresses in labels");
+    // Real Prometheus tooling must accept the exposition.
+    let promtool = Command::new("promtool").arg("--version").output();
+    let required = std::env::var("AGENT_GUARD_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1");
+    match promtool {
+        Ok(o) if o.status.success() => {
+            let mut child = Command::new("promtool")
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("promtool");
+            std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), body.as_bytes())
+                .expect("write");
+            let out = child.wait_with_output().expect("promtool");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // promtool exits 3 for lint warnings only (e.g. naming style);
+            // 1 means the text could not be parsed.
+            assert_ne!(
+                out.status.code(),
+                Some(1),
+                "promtool rejected the metrics: {text}"
+            );
+        }
+        _ if required => panic!("promtool is missing; `cargo xtask setup` installs it"),
+        _ => eprintln!("promtool not installed; skipped the promtool check"),
+    }
+}
+
+#[test]
+fn stopping_the_daemon_detaches_and_removes_what_it_created() {
+    if !kernel_test("stopping_the_daemon_detaches_and_removes_what_it_created") {
+        return;
+    }
+    let other = Listener::tcp_dual();
+    let mut d = Daemon::start(&policy(1));
+    assert!(d.cgroup_root.join("acme/researcher").is_dir());
+    let log = d.stop();
+    assert!(!d.socket.exists(), "socket removed");
+    assert!(!d.cgroup_root.exists(), "cgroup root removed:\n{log}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(d.pin_dir.to_str().expect("utf-8")),
+        "bpffs unmounted"
+    );
+    // Programs are gone: the agent-guard cgroup programs no longer judge
+    // anything (a plain connect works; nothing is tagged any more either).
+    assert!(std::net::TcpStream::connect(("127.0.0.1", other.port)).is_ok());
+    let node = std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
+    assert!(
+        node.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"stopped\"")),
+        "{node}"
+    );
+}
