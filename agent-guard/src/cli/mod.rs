@@ -1,6 +1,7 @@
 //! Command line: one module per subcommand.
 
 mod daemon;
+mod doctor;
 mod policy;
 mod run;
 mod status;
@@ -38,6 +39,8 @@ enum Command {
     Run(run::Args),
     /// Show what the running daemon enforces.
     Status(status::Args),
+    /// Check what this node offers and what agent-guard needs.
+    Doctor(doctor::Args),
     /// Check or apply a policy file.
     #[command(subcommand)]
     Policy(policy::Command),
@@ -57,5 +60,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
         Command::Policy(cmd) => policy::main(cmd),
+        Command::Doctor(args) => doctor::main(args),
     }
 }
