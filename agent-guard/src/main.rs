@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match cli::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("agent-guard: error: {e:#}");
+            eprintln!("agent-guard: error: {}", cli::error_chain(&e));
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }

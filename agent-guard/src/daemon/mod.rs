@@ -90,7 +90,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .unwrap_or_else(|| cgroup_mount.join("agent-guard"));
     let created_root = !cgroup_root.exists();
     kfs::ensure_cgroup_dir(&cgroup_mount, &cgroup_root)?;
-    let mounted_bpffs = kfs::ensure_bpffs(&opts.pin_dir)?;
+    let bpffs = kfs::ensure_bpffs(&opts.pin_dir)?;
     let listener = control::server::bind(&opts.socket)?;
 
     let result = serve(
@@ -105,8 +105,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     // Clean up what this daemon created, even when serving failed.
     let _ = std::fs::remove_file(&opts.socket);
-    if mounted_bpffs {
+    if bpffs.mounted {
         kfs::unmount(&opts.pin_dir);
+    }
+    if bpffs.mounted || bpffs.created_dir {
         let _ = std::fs::remove_dir(&opts.pin_dir);
     }
     if created_root {

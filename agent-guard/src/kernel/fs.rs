@@ -84,16 +84,51 @@ pub fn process_cgroup(pid: u32) -> Option<PathBuf> {
         .map(|p| PathBuf::from(p.trim_start_matches('/')))
 }
 
-/// Mounts bpffs at `dir` unless one is there already. Returns whether this
-/// call mounted it (and so should unmount it at shutdown).
-pub fn ensure_bpffs(dir: &Path) -> Result<bool, FsError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let is_bpffs = nix::sys::statfs::statfs(dir)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
-    if is_bpffs {
-        return Ok(false);
+/// The node's conventional bpffs mount point.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+fn is_bpffs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// What [`ensure_bpffs`] did, so shutdown undoes exactly that.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BpffsSetup {
+    /// A bpffs was mounted at the pin dir itself.
+    pub mounted: bool,
+    /// The pin dir was created inside an existing bpffs.
+    pub created_dir: bool,
+}
+
+/// Makes `dir` a directory on bpffs: as is when it already is; created
+/// inside `/sys/fs/bpf` (mounting the node's bpffs there first if nothing
+/// is, and leaving that mounted, as systemd would); else its own mount.
+pub fn ensure_bpffs(dir: &Path) -> Result<BpffsSetup, FsError> {
+    if is_bpffs(dir) {
+        return Ok(BpffsSetup::default());
     }
+    let sys = Path::new(SYS_FS_BPF);
+    if dir.starts_with(sys) && !is_bpffs(sys) {
+        fs::create_dir_all(sys).map_err(io(sys))?;
+        tracing::info!("mounting the node's bpffs at {SYS_FS_BPF}");
+        mount_bpffs(sys)?;
+    }
+    if dir.parent().is_some_and(is_bpffs) {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        return Ok(BpffsSetup {
+            mounted: false,
+            created_dir: true,
+        });
+    }
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    mount_bpffs(dir)?;
+    Ok(BpffsSetup {
+        mounted: true,
+        created_dir: false,
+    })
+}
+
+fn mount_bpffs(dir: &Path) -> Result<(), FsError> {
     nix::mount::mount(
         Some("bpffs"),
         dir,
@@ -104,8 +139,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool, FsError> {
     .map_err(|source| FsError::MountBpf {
         path: dir.to_path_buf(),
         source,
-    })?;
-    Ok(true)
+    })
 }
 
 /// Lazily unmounts a bpffs this daemon mounted.
