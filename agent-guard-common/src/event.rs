@@ -52,7 +52,6 @@ pub mod reason {
     pub const SUSPENDED: u8 = 5;
     pub const UNKNOWN_SUBJECT: u8 = 6;
     pub const RAW_SOCKET: u8 = 7;
-    pub const UNSUPPORTED_FAMILY: u8 = 8;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -63,7 +62,6 @@ pub mod reason {
             SUSPENDED => "suspended",
             UNKNOWN_SUBJECT => "unknown_subject",
             RAW_SOCKET => "raw_socket",
-            UNSUPPORTED_FAMILY => "unsupported_family",
             _ => "none",
         }
     }
@@ -141,7 +139,3 @@ impl Event {
         }
     }
 }
-
-/// `DECISIONS` per-CPU array index: `verdict * reason::COUNT-ish` kept simple:
-/// one slot per verdict.
-pub const DECISION_SLOTS: u32 = verdict::COUNT;

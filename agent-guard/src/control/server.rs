@@ -91,14 +91,14 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
 fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
     // A tagged process may only register itself under its own identity;
     // every other verb could widen its rights or read other tenants' state.
-    if let Some(ident) = state.process_identity(pid) {
-        if !matches!(req, Request::Register { .. }) {
-            tracing::warn!(pid, subject = %ident.chain, "tagged process tried a control request");
-            return Response::err(format!(
-                "refused: the caller is a tagged process ({}); tagged processes may only use `agent-guard run`",
-                ident.chain
-            ));
-        }
+    if let Some(ident) = state.process_identity(pid)
+        && !matches!(req, Request::Register { .. })
+    {
+        tracing::warn!(pid, subject = %ident.chain, "tagged process tried a control request");
+        return Response::err(format!(
+            "refused: the caller is a tagged process ({}); tagged processes may only use `agent-guard run`",
+            ident.chain
+        ));
     }
     if uid != 0 {
         return Response::err("refused: the control socket is for root only");

@@ -46,10 +46,10 @@ struct ProcCache {
 impl ProcCache {
     fn entry(&mut self, pid: u32) -> &mut ProcInfo {
         if !self.map.contains_key(&pid) {
-            if self.order.len() >= PROC_CACHE {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
+            if self.order.len() >= PROC_CACHE
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
             }
             self.order.push_back(pid);
         }
@@ -152,7 +152,7 @@ impl Pipeline {
                 _ = tick.tick() => {
                     self.drain_ring();
                     ticks += 1;
-                    if ticks % HOUSEKEEPING_EVERY == 0 {
+                    if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                         self.account_lost();
                         let swept = self.state.sweep_stale();
                         if swept > 0 {
@@ -179,7 +179,7 @@ impl Pipeline {
 
     fn message(&mut self, msg: PipelineMsg) {
         match msg {
-            PipelineMsg::Audit(log, rec) => self.write(&log, rec),
+            PipelineMsg::Audit(log, rec) => self.write(&log, *rec),
             PipelineMsg::Launched { pid, ppid } => self.procs.entry(pid).ppid = ppid,
         }
     }
@@ -324,8 +324,8 @@ impl Pipeline {
     fn account_lost(&mut self) {
         let lost = self.state.kernel().lost();
         let mut gap = BTreeMap::new();
-        for k in 1..kind::COUNT as usize {
-            let delta = lost[k].saturating_sub(self.lost_seen[k]);
+        for (k, (now, seen)) in lost.iter().zip(self.lost_seen).enumerate().skip(1) {
+            let delta = now.saturating_sub(seen);
             if delta > 0 {
                 let name = kind::name(k as u8);
                 self.state

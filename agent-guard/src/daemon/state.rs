@@ -60,7 +60,7 @@ pub struct Loaded {
 /// A message for the event pipeline.
 pub enum PipelineMsg {
     /// Append `record` to `log`.
-    Audit(String, AuditRecord),
+    Audit(String, Box<AuditRecord>),
     /// A launcher registered `pid`; its parent is known now, while it lives.
     Launched { pid: u32, ppid: Option<u32> },
 }
@@ -147,7 +147,7 @@ impl State {
         // failed send has nowhere left to go.
         let _ = self
             .audit_tx
-            .send(PipelineMsg::Audit(log.to_string(), record));
+            .send(PipelineMsg::Audit(log.to_string(), Box::new(record)));
     }
 
     pub fn identity(&self, subject_id: u32) -> Option<Arc<Identity>> {
@@ -352,14 +352,14 @@ impl State {
         let wanted = self
             .identity_by_name(tenant, agent)
             .ok_or_else(|| self.unknown_identity(tenant, agent))?;
-        if let Some(current) = self.process_identity(pid) {
-            if current.subject_id != wanted.subject_id {
-                return Err(format!(
-                    "refused: this process is already tagged as {} and may only start processes under that identity \
+        if let Some(current) = self.process_identity(pid)
+            && current.subject_id != wanted.subject_id
+        {
+            return Err(format!(
+                "refused: this process is already tagged as {} and may only start processes under that identity \
                      (a tagged process cannot change tenant or agent; sub-agents are not supported yet)",
-                    current.chain
-                ));
-            }
+                current.chain
+            ));
         }
         {
             let mut kernel = self.kernel();

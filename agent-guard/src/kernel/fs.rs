@@ -88,7 +88,7 @@ pub fn process_cgroup(pid: u32) -> Option<PathBuf> {
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
 fn is_bpffs(dir: &Path) -> bool {
-    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// What [`ensure_bpffs`] did, so shutdown undoes exactly that.

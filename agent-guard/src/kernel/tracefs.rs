@@ -51,7 +51,7 @@ impl Offsets {
 
 fn ensure_mounted() -> Result<(), TracefsError> {
     let mounted = nix::sys::statfs::statfs(TRACEFS)
-        .map(|s| s.filesystem_type().0 as i64 == TRACEFS_MAGIC)
+        .map(|s| s.filesystem_type().0 == TRACEFS_MAGIC)
         .unwrap_or(false);
     if mounted {
         return Ok(());
@@ -88,7 +88,7 @@ fn format(event: &str) -> Result<Format, TracefsError> {
 }
 
 /// Offset of `field` from a line like
-/// `field:pid_t child_pid;	offset:20;	size:4;	signed:1;`.
+/// `field:pid_t child_pid; offset:20; size:4; signed:1;` (tab separated).
 fn field(format: &Format, field: &'static str) -> Result<u32, TracefsError> {
     parse_offset(&format.text, field).ok_or_else(|| TracefsError::MissingField {
         path: format.path.clone(),
