@@ -87,6 +87,15 @@ impl Daemon {
     }
 
     pub fn try_start(policy: &str) -> Result<Daemon, String> {
+        Self::try_start_with(policy, &[])
+    }
+
+    /// Starts a daemon with extra `daemon` flags (e.g. `--ring-bytes`).
+    pub fn start_with(policy: &str, extra: &[&str]) -> Daemon {
+        Self::try_start_with(policy, extra).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
+    }
+
+    pub fn try_start_with(policy: &str, extra: &[&str]) -> Result<Daemon, String> {
         let dir = tempfile::Builder::new()
             .prefix("agent-guard-test-")
             .tempdir()
@@ -114,6 +123,7 @@ impl Daemon {
             .arg("--cgroup-root")
             .arg(&cgroup_root)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)

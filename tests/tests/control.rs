@@ -334,3 +334,47 @@ fn stopping_the_daemon_detaches_and_removes_what_it_created() {
         "{node}"
     );
 }
+
+#[test]
+fn ring_buffer_overflow_is_counted_and_written_as_gap_records() {
+    if !kernel_test("ring_buffer_overflow_is_counted_and_written_as_gap_records") {
+        return;
+    }
+    let other = Listener::tcp_dual();
+    // A one-page ring holds about 40 records; a burst of denied connects
+    // overflows it between two drains.
+    let d = Daemon::start_with(&policy(1), &["--ring-bytes", "4096"]);
+    const ATTEMPTS: u64 = 3000;
+    let code = d.probe(
+        "acme",
+        "researcher",
+        &[
+            "repeat",
+            &ATTEMPTS.to_string(),
+            "tcp",
+            "127.0.0.1",
+            &other.port.to_string(),
+        ],
+    );
+    assert_eq!(code, probe::EPERM);
+    let lost_connects = |recs: &[serde_json::Value]| -> u64 {
+        recs.iter()
+            .filter(|r| r["kind"] == "gap")
+            .filter_map(|r| r["lost"]["connect"].as_u64())
+            .sum()
+    };
+    // Every attempt is either audited or counted as lost: nothing vanishes.
+    let recs = d.wait_audit("acme", "attempts = audited + lost", |r| {
+        let audited = r.iter().filter(|x| x["kind"] == "connect").count() as u64;
+        audited + lost_connects(r) == ATTEMPTS
+    });
+    let lost = lost_connects(&recs);
+    assert!(lost > 0, "the tiny ring must overflow in this burst");
+    assert_eq!(d.status()["decisions"]["deny"], ATTEMPTS);
+    assert!(d.metrics().contains(&format!(
+        "agent_guard_events_lost_total{{kind=\"connect\"}} {lost}"
+    )));
+    // The node log gets the gap too.
+    let node = std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
+    assert!(node.contains("\"kind\":\"gap\""));
+}

@@ -30,6 +30,10 @@ pub struct Args {
     /// missing). Default: <cgroup2 mount>/agent-guard.
     #[arg(long, value_name = "DIR")]
     cgroup_root: Option<PathBuf>,
+    /// Size of the kernel's event ring buffer in bytes (power of two, at
+    /// least 4096). Larger rides out longer bursts before events are lost.
+    #[arg(long, value_name = "BYTES", default_value_t = agent_guard_common::capacity::EVENTS_BYTES)]
+    ring_bytes: u32,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -44,6 +48,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         audit_dir: args.audit_dir,
         metrics_addr: args.metrics_addr,
         cgroup_root: args.cgroup_root,
+        ring_bytes: args.ring_bytes,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

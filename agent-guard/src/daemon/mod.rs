@@ -31,6 +31,8 @@ pub struct Options {
     pub audit_dir: PathBuf,
     pub metrics_addr: SocketAddr,
     pub cgroup_root: Option<PathBuf>,
+    /// Event ring buffer size in bytes.
+    pub ring_bytes: u32,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -76,6 +78,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     if let Some(p) = &opts.cgroup_root {
         require_absolute("--cgroup-root", p)?;
+    }
+    let page = 4096;
+    if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < page {
+        bail!(
+            "--ring-bytes must be a power of two of at least {page}, got {}",
+            opts.ring_bytes
+        );
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("agent-guard daemon must run as root (it loads eBPF programs and manages cgroups)");
@@ -125,7 +134,8 @@ async fn serve(
     cgroup_root: PathBuf,
     listener: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
-    let (kernel, maps, ring) = Kernel::load(&cgroup_mount).context("loading the eBPF programs")?;
+    let (kernel, maps, ring) =
+        Kernel::load(&cgroup_mount, opts.ring_bytes).context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
@@ -138,6 +148,7 @@ async fn serve(
         metrics,
         kernel.attached.clone(),
         opts.socket.clone(),
+        opts.ring_bytes,
     ));
     let writer = AuditWriter::new(&opts.audit_dir)?;
     // Servers stop first; the pipeline last, so it writes the final records.

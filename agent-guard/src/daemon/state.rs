@@ -26,9 +26,9 @@ use crate::{
     policy::{Hardening, Mode, Policy},
 };
 
-/// Force a consumer wakeup when this much waits in the ring buffer; below it
-/// the daemon drains on its timer.
-pub const WAKEUP_BYTES: u32 = capacity::EVENTS_BYTES / 16;
+/// Force a consumer wakeup when this share of the ring buffer waits; below
+/// it the daemon drains on its timer.
+pub const WAKEUP_DIVISOR: u32 = 16;
 
 /// Who a subject id stands for. Ids are allocated per (tenant, agent) for
 /// the daemon's lifetime and never reused, so processes tagged before a
@@ -78,6 +78,8 @@ pub struct State {
     pub started: Instant,
     pub socket: PathBuf,
     pub metrics_addr: RwLock<Option<std::net::SocketAddr>>,
+    /// Size of the event ring buffer in bytes.
+    pub ring_bytes: u32,
     /// Cgroup directories this daemon created, removed at shutdown.
     pub created_cgroups: Mutex<Vec<PathBuf>>,
 }
@@ -120,6 +122,7 @@ impl State {
         metrics: Metrics,
         attached: Vec<String>,
         socket: PathBuf,
+        ring_bytes: u32,
     ) -> Self {
         Self {
             kernel: Mutex::new(kernel),
@@ -134,6 +137,7 @@ impl State {
             started: Instant::now(),
             socket,
             metrics_addr: RwLock::new(None),
+            ring_bytes,
             created_cgroups: Mutex::new(Vec::new()),
         }
     }
@@ -278,7 +282,7 @@ impl State {
         }
         kernel.set_config(Config {
             generation,
-            wakeup_bytes: WAKEUP_BYTES,
+            wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
         })?;
         if let Some(old) = loaded.as_ref() {
             for r in &old.rules {

@@ -78,7 +78,12 @@ pub struct Kernel {
 impl Kernel {
     /// Loads the embedded object with this kernel's tracepoint offsets,
     /// attaches every program, and hands out the maps and the ring buffer.
-    pub fn load(cgroup2_root: &std::path::Path) -> Result<(Self, KernelMaps, Ring), KernelError> {
+    /// `ring_bytes` sizes the event ring buffer (a power of two, at least a
+    /// page).
+    pub fn load(
+        cgroup2_root: &std::path::Path,
+        ring_bytes: u32,
+    ) -> Result<(Self, KernelMaps, Ring), KernelError> {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
@@ -89,6 +94,7 @@ impl Kernel {
             .override_global("EXEC_FILENAME_OFF", &offsets.exec_filename, true)
             .override_global("EXEC_OLD_PID_OFF", &offsets.exec_old_pid, true)
             .override_global("EXIT_GROUP_DEAD_OFF", &offsets.exit_group_dead, true);
+        loader.map_max_entries(agent_guard_common::maps::EVENTS, ring_bytes);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let root = File::open(cgroup2_root).map_err(|source| KernelError::CgroupRoot {
