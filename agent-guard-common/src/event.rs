@@ -52,6 +52,9 @@ pub mod reason {
     pub const SUSPENDED: u8 = 5;
     pub const UNKNOWN_SUBJECT: u8 = 6;
     pub const RAW_SOCKET: u8 = 7;
+    pub const REVOKED: u8 = 8;
+    pub const RATE_LIMITED: u8 = 9;
+    pub const ICMP_SOCKET: u8 = 10;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -62,6 +65,9 @@ pub mod reason {
             SUSPENDED => "suspended",
             UNKNOWN_SUBJECT => "unknown_subject",
             RAW_SOCKET => "raw_socket",
+            REVOKED => "revoked",
+            RATE_LIMITED => "rate_limited",
+            ICMP_SOCKET => "icmp_socket",
             _ => "none",
         }
     }

@@ -12,9 +12,6 @@ pub const FIXED_PREFIX_BITS: u32 = 64;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// `uses_left` value for a grant without a use limit.
-pub const UNLIMITED_USES: u32 = u32::MAX;
-
 /// LPM trie key (the map's key is `{ prefix_len: u32, data: GrantKey }`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -42,7 +39,12 @@ impl GrantKey {
     }
 }
 
-/// `GRANTS[key]`: what a matching call is allowed under.
+/// `CAPS[key]` and `GRANTS[key]`: what a matching call is allowed under.
+///
+/// `CAPS` holds the policy's base capability sets (keys carry the policy
+/// generation); `GRANTS` holds just-in-time grants (generation 0), whose
+/// life is in `GRANT_STATE[grant_id]`. Two tries, because an LPM lookup
+/// returns only the longest match: a dead grant must not hide a base entry.
 ///
 /// Owner: daemon writes; programs read per call.
 #[repr(C)]
@@ -51,9 +53,49 @@ pub struct GrantValue {
     pub tool_id: u32,
     /// 0 for the agent's base capability set from policy.
     pub grant_id: u32,
-    /// `bpf_ktime_get_ns()` deadline; 0 = no expiry.
+}
+
+/// `GrantState::flags`: the grant counts uses.
+pub const GRANT_LIMITED_USES: u32 = 1;
+/// `GrantState::flags`: revoked; denies at once, entries are removed later.
+pub const GRANT_REVOKED: u32 = 2;
+
+/// `GRANT_STATE[grant id]`: the life of one grant, shared by every entry
+/// (endpoint, sub-agent copy) of it, so expiry, uses and revocation apply
+/// to all of them at once.
+///
+/// Owner: daemon creates and revokes; programs check and count uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantState {
+    /// `bpf_ktime_get_ns()` deadline; 0 = none.
     pub expires_at_ns: u64,
-    /// Remaining uses, [`UNLIMITED_USES`] for none.
-    pub uses_left: u32,
+    /// Uses left when [`GRANT_LIMITED_USES`] is set; decremented atomically
+    /// by the programs, may go below zero under a race (still denied).
+    pub uses_left: i64,
+    pub flags: u32,
     pub _pad: u32,
+}
+
+/// `TOOLS[tool id]`: per-tool limits. Owner: daemon writes, programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToolLimit {
+    /// Calls allowed per window per agent; 0 = no limit.
+    pub calls: u32,
+    pub _pad: u32,
+    pub per_ns: u64,
+}
+
+/// `RATE[(agent id << 32) | tool id]`: the current fixed window's count.
+/// Owner: programs (LRU, so it stays bounded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub window: u64,
+    pub count: u64,
+}
+
+pub const fn rate_key(agent_id: u32, tool_id: u32) -> u64 {
+    ((agent_id as u64) << 32) | tool_id as u64
 }

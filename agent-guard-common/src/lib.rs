@@ -16,7 +16,11 @@ pub mod maps {
     pub const PROCS: &str = "PROCS";
     pub const CGROUPS: &str = "CGROUPS";
     pub const SUBJECTS: &str = "SUBJECTS";
+    pub const CAPS: &str = "CAPS";
     pub const GRANTS: &str = "GRANTS";
+    pub const GRANT_STATE: &str = "GRANT_STATE";
+    pub const TOOLS: &str = "TOOLS";
+    pub const RATE: &str = "RATE";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
@@ -29,7 +33,11 @@ pub mod capacity {
     pub const PROCS: u32 = 65_536;
     pub const CGROUPS: u32 = 4_096;
     pub const SUBJECTS: u32 = 16_384;
-    pub const GRANTS: u32 = 262_144;
+    pub const CAPS: u32 = 262_144;
+    pub const GRANTS: u32 = 65_536;
+    pub const GRANT_STATE: u32 = 16_384;
+    pub const TOOLS: u32 = 4_096;
+    pub const RATE: u32 = 16_384;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
 }
@@ -55,4 +63,7 @@ mod pod {
     unsafe impl aya::Pod for super::subject::Subject {}
     unsafe impl aya::Pod for super::grant::GrantKey {}
     unsafe impl aya::Pod for super::grant::GrantValue {}
+    unsafe impl aya::Pod for super::grant::GrantState {}
+    unsafe impl aya::Pod for super::grant::ToolLimit {}
+    unsafe impl aya::Pod for super::grant::RateWindow {}
 }

@@ -4,6 +4,9 @@
 //! `CGROUPS: cgroup id (u64) -> subject id (u32)` are the two anchors; the
 //! subject id then selects a [`Subject`] in `SUBJECTS`.
 
+/// `Subject::agent_id` is the root agent's subject id: sub-agents and task
+/// scopes share their root's rate limits.
+///
 /// Subject id 0 is never allocated, so a zeroed value cannot alias a subject.
 pub const NO_SUBJECT: u32 = 0;
 
@@ -14,6 +17,8 @@ pub const MODE_MONITOR: u8 = 1;
 
 /// `Subject::flags`: everything is denied (tenant or agent suspended).
 pub const FLAG_SUSPENDED: u8 = 1;
+/// `Subject::flags`: this subject's capabilities were taken (divergence).
+pub const FLAG_REVOKED: u8 = 2;
 
 /// `SUBJECTS[subject id]`.
 ///
@@ -29,4 +34,7 @@ pub struct Subject {
     pub mode: u8,
     pub flags: u8,
     pub _pad: u8,
+    /// `bpf_ktime_get_ns()` after which the subject reaches nothing (task
+    /// TTL); 0 = no expiry.
+    pub expires_at_ns: u64,
 }

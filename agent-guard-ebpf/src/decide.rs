@@ -1,10 +1,12 @@
 //! The one decision path shared by connect4/6 and sendmsg4/6, so the hooks
 //! cannot drift apart.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use agent_guard_common::{
     event::{AF_INET, AF_INET6, Event, reason, verdict},
-    grant::{FIXED_PREFIX_BITS, GrantKey, UNLIMITED_USES},
-    subject::{FLAG_SUSPENDED, MODE_MONITOR},
+    grant::{FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GrantKey, RateWindow, rate_key},
+    subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR},
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -14,7 +16,9 @@ use aya_ebpf::{
 
 use crate::{
     emit,
-    maps::{CGROUPS, CONFIG, DECISIONS, GRANTS, PROCS, SUBJECTS, bump},
+    maps::{
+        CAPS, CGROUPS, CONFIG, DECISIONS, GRANT_STATE, GRANTS, PROCS, RATE, SUBJECTS, TOOLS, bump,
+    },
 };
 
 /// Return value that lets the call proceed.
@@ -72,6 +76,107 @@ fn destination(ctx: &SockAddrContext, v6: bool) -> (u16, [u8; 16], u16) {
     (family, addr, port)
 }
 
+/// What a capability lookup found: the tool and grant it matched, and the
+/// verdict reason.
+struct Match {
+    tool_id: u32,
+    grant_id: u32,
+    reason: u8,
+}
+
+/// Is the call covered? Base capabilities first, then just-in-time grants
+/// (whose expiry and revocation live in `GRANT_STATE`).
+#[inline(always)]
+fn find_capability(
+    subject_id: u32,
+    generation: u8,
+    proto: u8,
+    port: u16,
+    addr: [u8; 16],
+    now: u64,
+) -> Match {
+    let mut key = Key::new(
+        FIXED_PREFIX_BITS + 128,
+        GrantKey::new(subject_id, generation, proto, port, addr),
+    );
+    if let Some(cap) = CAPS.get(&key) {
+        return Match {
+            tool_id: cap.tool_id,
+            grant_id: 0,
+            reason: reason::GRANTED,
+        };
+    }
+    key.data.generation = 0;
+    let Some(grant) = GRANTS.get(&key) else {
+        return Match {
+            tool_id: 0,
+            grant_id: 0,
+            reason: reason::NO_CAPABILITY,
+        };
+    };
+    let mut m = Match {
+        tool_id: grant.tool_id,
+        grant_id: grant.grant_id,
+        reason: reason::GRANTED,
+    };
+    // SAFETY: plain data copied out.
+    match unsafe { GRANT_STATE.get(&grant.grant_id) }.copied() {
+        None => m.reason = reason::REVOKED,
+        Some(st) if st.flags & GRANT_REVOKED != 0 => m.reason = reason::REVOKED,
+        Some(st) if st.expires_at_ns != 0 && now >= st.expires_at_ns => m.reason = reason::EXPIRED,
+        Some(_) => {}
+    }
+    m
+}
+
+/// Fixed-window rate limit per (agent, tool). A window reset can race with
+/// another CPU and let a few extra calls through at the boundary.
+#[inline(always)]
+fn rate_limited(agent_id: u32, tool_id: u32, now: u64) -> bool {
+    // SAFETY: plain data copied out.
+    let Some(limit) = (unsafe { TOOLS.get(&tool_id) }).copied() else {
+        return false;
+    };
+    if limit.calls == 0 || limit.per_ns == 0 {
+        return false;
+    }
+    let window = now / limit.per_ns;
+    let key = rate_key(agent_id, tool_id);
+    match RATE.get_ptr_mut(&key) {
+        Some(w) => {
+            // SAFETY: valid map value pointer; the count is updated atomically.
+            unsafe {
+                if (*w).window != window {
+                    (*w).window = window;
+                    (*w).count = 0;
+                }
+                let count =
+                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*w).count, 1);
+                count >= u64::from(limit.calls)
+            }
+        }
+        None => {
+            let _ = RATE.insert(&key, &RateWindow { window, count: 1 }, 0);
+            false
+        }
+    }
+}
+
+/// Takes one use of a use-counted grant; false when none is left.
+#[inline(always)]
+fn take_use(grant_id: u32) -> bool {
+    let Some(state) = GRANT_STATE.get_ptr_mut(&grant_id) else {
+        return false;
+    };
+    // SAFETY: valid map value pointer; the counter is updated atomically.
+    unsafe {
+        if (*state).flags & GRANT_LIMITED_USES == 0 {
+            return true;
+        }
+        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*state).uses_left, -1) > 0
+    }
+}
+
 /// Judges one connect/sendmsg call of kind `kind`. Untagged callers cost
 /// two hash lookups and nothing else.
 #[inline(always)]
@@ -81,47 +186,38 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
     };
     let proto = ctx_u32!(ctx.sock_addr, protocol) as u8;
     let (family, addr, port) = destination(ctx, v6);
+    let now = unsafe { bpf_ktime_get_ns() };
 
-    let mut tool_id = 0;
-    let mut grant_id = 0;
-    let mode;
-    let mut why = reason::NO_CAPABILITY;
-    let mut covered = false;
-
-    match unsafe { SUBJECTS.get(&subject_id) } {
-        // Fail closed: a tagged process whose subject vanished reaches nothing.
-        None => {
-            mode = 0;
-            why = reason::UNKNOWN_SUBJECT;
-        }
-        Some(subject) => {
-            mode = subject.mode;
-            if subject.flags & FLAG_SUSPENDED != 0 {
-                why = reason::SUSPENDED;
-            } else {
-                let generation = CONFIG.get(0).map(|c| c.generation).unwrap_or(0) as u8;
-                let key = Key::new(
-                    FIXED_PREFIX_BITS + 128,
-                    GrantKey::new(subject_id, generation, proto, port, addr),
-                );
-                if let Some(grant) = GRANTS.get(&key) {
-                    tool_id = grant.tool_id;
-                    grant_id = grant.grant_id;
-                    let now = unsafe { bpf_ktime_get_ns() };
-                    if grant.expires_at_ns != 0 && now >= grant.expires_at_ns {
-                        why = reason::EXPIRED;
-                    } else if grant.uses_left != UNLIMITED_USES && grant.uses_left == 0 {
-                        why = reason::EXHAUSTED;
-                    } else {
-                        why = reason::GRANTED;
-                        covered = true;
-                    }
-                }
+    // Fail closed: a tagged process whose subject vanished reaches nothing.
+    let mut m = Match {
+        tool_id: 0,
+        grant_id: 0,
+        reason: reason::UNKNOWN_SUBJECT,
+    };
+    let mut mode = MODE_ENFORCE;
+    // SAFETY: plain data copied out.
+    if let Some(subject) = unsafe { SUBJECTS.get(&subject_id) }.copied() {
+        mode = subject.mode;
+        if subject.flags & FLAG_SUSPENDED != 0 {
+            m.reason = reason::SUSPENDED;
+        } else if subject.flags & FLAG_REVOKED != 0 {
+            m.reason = reason::REVOKED;
+        } else if subject.expires_at_ns != 0 && now >= subject.expires_at_ns {
+            m.reason = reason::EXPIRED;
+        } else {
+            let generation = CONFIG.get(0).map(|c| c.generation).unwrap_or(0) as u8;
+            m = find_capability(subject_id, generation, proto, port, addr, now);
+            if m.reason == reason::GRANTED && rate_limited(subject.agent_id, m.tool_id, now) {
+                m.reason = reason::RATE_LIMITED;
+            }
+            // Uses are taken last, so a refused call never spends one.
+            if m.reason == reason::GRANTED && m.grant_id != 0 && !take_use(m.grant_id) {
+                m.reason = reason::EXHAUSTED;
             }
         }
     }
 
-    let (v, ret) = if covered {
+    let (v, ret) = if m.reason == reason::GRANTED {
         (verdict::ALLOW, ALLOW)
     } else if mode == MODE_MONITOR {
         (verdict::WOULD_DENY, ALLOW)
@@ -137,14 +233,15 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
             ev.write(Event::zeroed());
             let ev = &mut *ev;
             emit::fill_caller(ev, kind, subject_id);
+            ev.ts_ns = now;
             ev.verdict = v;
-            ev.reason = why;
+            ev.reason = m.reason;
             ev.proto = proto;
             ev.family = family;
             ev.port = port;
             ev.addr = addr;
-            ev.tool_id = tool_id;
-            ev.grant_id = grant_id;
+            ev.tool_id = m.tool_id;
+            ev.grant_id = m.grant_id;
         }
         entry.submit(emit::submit_flags());
     }

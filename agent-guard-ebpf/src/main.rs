@@ -5,6 +5,10 @@
 //! resolution and enrichment happen in the daemon.
 #![no_std]
 #![no_main]
+// Atomic fetch-add on map values: the BPF target has no CAS, so the
+// `Atomic*` types lack fetch_add; the intrinsic lowers to BPF_ATOMIC|FETCH.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod decide;

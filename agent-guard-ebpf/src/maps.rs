@@ -4,13 +4,13 @@
 use agent_guard_common::{
     Config, capacity,
     event::{kind, verdict},
-    grant::{GrantKey, GrantValue},
+    grant::{GrantKey, GrantState, GrantValue, RateWindow, ToolLimit},
     subject::Subject,
 };
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// tgid -> subject id. Written by the daemon (launch) and the fork
@@ -27,10 +27,30 @@ pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(capacity::CGRO
 #[map]
 pub static SUBJECTS: HashMap<u32, Subject> = HashMap::with_max_entries(capacity::SUBJECTS, 0);
 
-/// (subject, generation, proto, port, address prefix) -> grant. Written by
-/// the daemon from policy and grants; read per tagged call.
+/// (subject, generation, proto, port, address prefix) -> tool: the base
+/// capability sets compiled from policy. Written by the daemon; read per
+/// tagged call.
+#[map]
+pub static CAPS: LpmTrie<GrantKey, GrantValue> = LpmTrie::with_max_entries(capacity::CAPS, 0);
+
+/// (subject, 0, proto, port, address prefix) -> (tool, grant id): just-in-
+/// time grants. Written by the daemon; read when `CAPS` has no match.
 #[map]
 pub static GRANTS: LpmTrie<GrantKey, GrantValue> = LpmTrie::with_max_entries(capacity::GRANTS, 0);
+
+/// grant id -> expiry, uses, revoked flag. Written by the daemon; programs
+/// check it and count uses.
+#[map]
+pub static GRANT_STATE: HashMap<u32, GrantState> =
+    HashMap::with_max_entries(capacity::GRANT_STATE, 0);
+
+/// tool id -> rate limit. Written by the daemon.
+#[map]
+pub static TOOLS: HashMap<u32, ToolLimit> = HashMap::with_max_entries(capacity::TOOLS, 0);
+
+/// (agent, tool) -> current rate window. Written by the programs.
+#[map]
+pub static RATE: LruHashMap<u64, RateWindow> = LruHashMap::with_max_entries(capacity::RATE, 0);
 
 /// Index 0: [`Config`]. Written by the daemon.
 #[map]

@@ -1,5 +1,5 @@
-//! `cgroup/sock_create`: tagged processes may not open raw IPv4/IPv6
-//! sockets (they would bypass connect/sendmsg). The hook never sees
+//! `cgroup/sock_create`: tagged processes may not open raw or ICMP
+//! IPv4/IPv6 sockets (they would bypass connect/sendmsg). The hook never sees
 //! AF_PACKET; the launcher drops CAP_NET_RAW for that.
 
 use agent_guard_common::{
@@ -14,7 +14,10 @@ use crate::{
     maps::{DECISIONS, SUBJECTS, bump},
 };
 
+const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
 /// Obsolete SOCK_PACKET on an inet socket, also a raw path.
 const SOCK_PACKET: u32 = 10;
 
@@ -30,7 +33,10 @@ pub fn sock_create(ctx: SockContext) -> i32 {
             core::ptr::read_volatile(core::ptr::addr_of!((*sk).protocol)),
         )
     };
-    if sock_type != SOCK_RAW && sock_type != SOCK_PACKET {
+    // ICMP "ping" sockets (SOCK_DGRAM + IPPROTO_ICMP/ICMPV6) send through
+    // a path with no cgroup sendmsg hook, so they are refused like raw ones.
+    let icmp = sock_type == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
+    if sock_type != SOCK_RAW && sock_type != SOCK_PACKET && !icmp {
         return ALLOW;
     }
     let Some(subject_id) = current_subject() else {
@@ -51,7 +57,11 @@ pub fn sock_create(ctx: SockContext) -> i32 {
             let ev = &mut *ev;
             emit::fill_caller(ev, kind::SOCKET, subject_id);
             ev.verdict = v;
-            ev.reason = reason::RAW_SOCKET;
+            ev.reason = if icmp {
+                reason::ICMP_SOCKET
+            } else {
+                reason::RAW_SOCKET
+            };
             ev.family = family as u16;
             ev.proto = protocol as u8;
             ev.aux = sock_type;

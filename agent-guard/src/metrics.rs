@@ -21,6 +21,7 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub audit_records: IntCounterVec,
+    pub divergence: IntCounterVec,
     pub audit_write_errors: IntCounterVec,
 }
 
@@ -104,6 +105,12 @@ impl Metrics {
                 "agent_guard_audit_records_total",
                 "Audit records written, by log.",
                 &["log"],
+            )?,
+            divergence: counter(
+                &r,
+                "agent_guard_divergence_total",
+                "Calls of task-scoped processes outside their declared tools (intent-vs-action divergence).",
+                &["tenant", "agent"],
             )?,
             audit_write_errors: counter(
                 &r,

@@ -200,9 +200,18 @@ fn forked_child_thread_and_exec_are_judged_under_the_parent_identity() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let recs = d.wait_audit("acme", "fork and exec records", |r| {
-        !decisions(r, "fork").is_empty() && decisions(r, "exec").len() >= 8
+    let denies = |r: &[Value]| {
+        decisions(r, "connect")
+            .into_iter()
+            .filter(|x| x["verdict"] == "deny")
+            .count()
+    };
+    d.wait_audit("acme", "5 denied connects and fork/exec records", |r| {
+        denies(r) >= 5 && !decisions(r, "fork").is_empty() && decisions(r, "exec").len() >= 8
     });
+    // A late duplicate would show up here.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let recs = d.audit("acme");
     let denied: Vec<_> = decisions(&recs, "connect")
         .into_iter()
         .filter(|r| r["verdict"] == "deny")

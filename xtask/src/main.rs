@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -44,7 +46,7 @@ Examples:
   cargo xtask test                     # every test, real kernel included
   cargo xtask test -- --nocapture      # extra args go to the test binaries
   cargo xtask test -- -p agent-guard -- --test-threads=1
-  cargo xtask bench
+  sudo -E cargo xtask bench            # connect() cost; --quick for a smoke run
   cargo xtask lint"
 )]
 struct Cli {
@@ -96,13 +98,16 @@ Examples:
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
-    /// Build --release, then run the benchmarks with agent-guard-probe.
-    #[command(after_help = "Examples:\n  cargo xtask bench")]
-    Bench {
-        /// Arguments passed to the benchmark.
-        #[arg(last = true, value_name = "ARGS")]
-        args: Vec<String>,
-    },
+    /// Build --release, then measure loopback TCP connect() cost with
+    /// agent-guard-probe (root): (a) nothing attached, (b) daemon running and
+    /// an untagged process, (c) a tagged process with 10,000 endpoint
+    /// entries. Prints a table and writes target/bench/results.json.
+    #[command(after_help = "\
+Examples:
+  sudo -E cargo xtask bench                 # 7 rounds of a b c c b a, 8000 connects each
+  sudo -E cargo xtask bench --quick         # smoke run: 2 rounds, 5000 connects
+  sudo -E cargo xtask bench --rounds 15 --connects 10000")]
+    Bench(bench::BenchArgs),
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     #[command(after_help = "Examples:\n  cargo xtask lint")]
     Lint,
@@ -135,9 +140,15 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Build { release } => build(&ws, release).map(|_| ()),
         Cmd::Run { release, args } => run(&ws, release, &args),
         Cmd::Test { args } => test(&ws, &args),
-        Cmd::Bench { args } => {
+        Cmd::Bench(args) => {
+            if !is_root() {
+                bail!(
+                    "the benchmark starts the daemon, which attaches eBPF programs to the \
+                     cgroup2 root; that needs root. Run:\n  sudo -E cargo xtask bench"
+                );
+            }
             let built = build(&ws, true)?;
-            bench(&ws, &built, &args)
+            bench::bench(&ws, &built, &args)
         }
         Cmd::Lint => lint(&ws),
     }
@@ -611,7 +622,12 @@ fn build_ebpf(ws: &Workspace) -> Result<PathBuf> {
             "--release",
         ])
         .env("CARGO_TARGET_DIR", ws.ebpf_target_dir())
-        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+        // cpu v3: atomic fetch-add on map values (grant use counts, rate
+        // windows) needs BPF_ATOMIC with BPF_FETCH (kernel >= 5.12).
+        .env(
+            "RUSTFLAGS",
+            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+        );
     if let Some(path) = path_with(&extra) {
         cmd.env("PATH", path);
     }
@@ -707,22 +723,6 @@ fn lint(ws: &Workspace) -> Result<()> {
             ])
             .env("AGENT_GUARD_EBPF_OBJ", &obj),
     )
-}
-
-// ---------------------------------------------------------------------------
-// bench
-// ---------------------------------------------------------------------------
-
-/// BENCH: TO BE FILLED IN by the main engineer.
-///
-/// Called after `build --release`. Should run
-/// `<root>/target/release/agent-guard-probe bench-connect ...` (see
-/// `built.probe`, `built.daemon`), write `target/bench/results.json` and
-/// print a table.
-fn bench(ws: &Workspace, built: &Built, args: &[String]) -> Result<()> {
-    let _ = (ws, built, args);
-    eprintln!("bench: not implemented yet");
-    std::process::exit(1);
 }
 
 #[cfg(test)]

@@ -51,6 +51,14 @@ pub struct AuditRecord {
     pub tool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
+    /// Task scope text and id (`run --task`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The call was outside the task's declared tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<bool>,
     /// fork: the new process or thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child: Option<u32>,

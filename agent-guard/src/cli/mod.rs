@@ -2,6 +2,7 @@
 
 mod daemon;
 mod doctor;
+mod grant;
 mod policy;
 mod run;
 mod status;
@@ -37,6 +38,14 @@ enum Command {
     Daemon(daemon::Args),
     /// Start a command as a tagged agent process (tenant, agent).
     Run(run::Args),
+    /// Give an agent a tool for a while (just-in-time grant).
+    Grant(grant::GrantArgs),
+    /// End a grant now.
+    Revoke(grant::RevokeArgs),
+    /// Deny everything to a tenant or an agent until resumed.
+    Suspend(grant::SuspendArgs),
+    /// Lift a suspension.
+    Resume(grant::SuspendArgs),
     /// Show what the running daemon enforces.
     Status(status::Args),
     /// Check what this node offers and what agent-guard needs.
@@ -61,6 +70,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::main(args),
         Command::Policy(cmd) => policy::main(cmd),
         Command::Doctor(args) => doctor::main(args),
+        Command::Grant(args) => grant::grant(args),
+        Command::Revoke(args) => grant::revoke(args),
+        Command::Suspend(args) => grant::suspend(args, true),
+        Command::Resume(args) => grant::suspend(args, false),
     }
 }
 

@@ -6,7 +6,7 @@
 //! signals and the exit status are CMD's own because there is no supervisor
 //! process in between for an agent to attack.
 
-use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode};
+use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode, time::Duration};
 
 use super::SocketArg;
 use crate::{
@@ -20,16 +20,34 @@ const EXIT_NOT_EXECUTABLE: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
 
 #[derive(clap::Args)]
-#[command(
-    after_help = "Examples:\n  agent-guard run --tenant acme --agent researcher -- python3 agent.py\n  agent-guard run --tenant acme --agent researcher -- curl -sS http://127.0.0.1:18081/\n\nExit status: CMD's own; 125 when agent-guard could not start it (daemon unreachable, unknown\ntenant/agent, refused), 126 when CMD is not executable, 127 when it is not found."
-)]
+#[command(after_help = "Examples:
+  agent-guard run --tenant acme --agent researcher -- python3 agent.py
+  agent-guard run --tenant acme --agent researcher --task \"summarise ticket 42\" \\
+      --tools search --ttl 15m -- python3 agent.py
+  # from inside a tagged agent: start a narrower sub-agent
+  agent-guard run --agent summarizer --tools search -- python3 summarize.py
+
+Exit status: CMD's own; 125 when agent-guard could not start it (daemon unreachable, unknown
+tenant/agent, refused), 126 when CMD is not executable, 127 when it is not found.")]
 pub struct Args {
-    /// Tenant the agent belongs to.
+    /// Tenant the agent belongs to (required outside an agent; inside one it
+    /// can only be the caller's own).
     #[arg(long)]
-    tenant: String,
-    /// Agent name (as in the policy's [[agent]] table).
+    tenant: Option<String>,
+    /// Agent name (as in the policy's [[agent]] table); from inside a tagged
+    /// process, the name of the new sub-agent.
     #[arg(long)]
     agent: String,
+    /// What the process is started to do; recorded in every audit record.
+    #[arg(long, value_name = "TEXT")]
+    task: Option<String>,
+    /// Only these tools (comma-separated), a subset of the agent's.
+    #[arg(long, value_name = "TOOL,...", value_delimiter = ',')]
+    tools: Option<Vec<String>>,
+    /// The process and its children lose every capability after this long
+    /// (e.g. 30s, 15m, 2h).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
     #[command(flatten)]
     socket: SocketArg,
     /// Signed identity token (not supported yet).
@@ -50,6 +68,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let request = Request::Register {
         tenant: args.tenant.clone(),
         agent: args.agent.clone(),
+        task: args.task.clone(),
+        tools: args.tools.clone(),
+        ttl_ms: args
+            .ttl
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     };
     let registration: Registration =
         match client::call(&args.socket.socket, &request).and_then(|v| {
@@ -63,8 +86,17 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
             }
         };
+    if let Err(e) = verify_tagged(&registration) {
+        eprintln!("agent-guard run: {e}");
+        eprintln!("agent-guard run: nothing was started");
+        return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
+    }
     // From here on this process is tagged: whatever fails, it stays fenced.
-    if let Err(e) = harden::apply(registration.hardening) {
+    let protect: Vec<u32> = Some(registration.daemon_pid)
+        .filter(|p| *p > 1)
+        .into_iter()
+        .collect();
+    if let Err(e) = harden::apply_protecting(registration.hardening, &protect) {
         eprintln!("agent-guard run: hardening the agent process failed: {e}");
         eprintln!("agent-guard run: nothing was started");
         return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
@@ -82,4 +114,45 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             EXIT_NOT_EXECUTABLE
         },
     ))
+}
+
+/// Checks with the kernel, not just the socket's word, that this process is
+/// tagged as the reply says: a tagged root agent could put a fake daemon on
+/// the socket path, but it cannot create or pin a BPF map.
+///
+/// A launcher that already runs under seccomp was started inside a strict
+/// agent: it is tagged by inheritance and cannot call bpf(); skipped there.
+fn verify_tagged(reg: &Registration) -> Result<(), String> {
+    let under_seccomp = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Seccomp:") && l.trim_end() != "Seccomp:\t0")
+        })
+        .unwrap_or(false);
+    if under_seccomp {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        format!("could not confirm with the kernel that this process is fenced: {why}")
+    };
+    let pin = reg
+        .procs_pin
+        .as_deref()
+        .ok_or_else(|| refuse("the daemon did not say where PROCS is pinned".into()))?;
+    let pin = std::path::Path::new(pin);
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let on_bpffs = pin
+        .parent()
+        .and_then(|d| nix::sys::statfs::statfs(d).ok())
+        .is_some_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    if !on_bpffs {
+        return Err(refuse(format!("{} is not on a bpffs", pin.display())));
+    }
+    let me = std::process::id();
+    match crate::kernel::pinned_process_subject(pin, me) {
+        Ok(Some(s)) if s == reg.subject_id => Ok(()),
+        Ok(Some(s)) => Err(refuse(format!("the kernel has this process as subject {s}, the daemon said {}", reg.subject_id))),
+        Ok(None) => Err(refuse("this process is not in the kernel's PROCS map (is the socket served by a real daemon?)".into())),
+        Err(e) => Err(refuse(e.to_string())),
+    }
 }

@@ -18,8 +18,43 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// Tag the calling process (the peer) as (tenant, agent) before it execs.
-    Register { tenant: String, agent: String },
+    /// Tag the calling process (the peer) before it execs: as (tenant,
+    /// agent), a task scope of it, or a sub-agent of the caller.
+    Register {
+        #[serde(default)]
+        tenant: Option<String>,
+        agent: String,
+        #[serde(default)]
+        task: Option<String>,
+        #[serde(default)]
+        tools: Option<Vec<String>>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// Give (tenant, agent) a tool for a while.
+    Grant {
+        tenant: String,
+        agent: String,
+        tool: String,
+        ttl_ms: u64,
+        #[serde(default)]
+        uses: Option<u32>,
+        #[serde(default)]
+        pid: Option<u32>,
+    },
+    /// End a grant now.
+    Revoke { grant: u32 },
+    /// Deny everything to a tenant or one agent until resumed.
+    Suspend {
+        tenant: String,
+        #[serde(default)]
+        agent: Option<String>,
+    },
+    Resume {
+        tenant: String,
+        #[serde(default)]
+        agent: Option<String>,
+    },
     /// Daemon state for `agent-guard status`.
     Status,
     /// Replace the policy with `text` (validated first; old policy kept on error).
@@ -61,4 +96,13 @@ pub struct Registration {
     pub hardening: crate::policy::Hardening,
     pub mode: crate::policy::Mode,
     pub cgroup: String,
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// The daemon's pid, so the launcher can keep the agent from signalling it.
+    #[serde(default)]
+    pub daemon_pid: u32,
+    /// Where `PROCS` is pinned, so the launcher can check with the kernel
+    /// that it was really tagged before it execs.
+    #[serde(default)]
+    pub procs_pin: Option<String>,
 }

@@ -9,7 +9,11 @@ use tokio::{
 };
 
 use super::{MAX_REQUEST_BYTES, Request, Response};
-use crate::{daemon::state::State, policy::Policy};
+use crate::daemon::{
+    grants::GrantRequest,
+    state::{State, mono_now_ns},
+    subjects::LaunchRequest,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -104,38 +108,65 @@ fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
         return Response::err("refused: the control socket is for root only");
     }
     match req {
-        Request::Register { tenant, agent } => match state.register(pid, &tenant, &agent) {
-            Ok(reg) => {
-                tracing::info!(pid, subject = %reg.subject, "registered process");
-                Response::ok(serde_json::to_value(reg).unwrap_or_default())
+        Request::Register {
+            tenant,
+            agent,
+            task,
+            tools,
+            ttl_ms,
+        } => {
+            let req = LaunchRequest {
+                tenant,
+                agent,
+                task,
+                tools,
+                ttl_ms,
+            };
+            match state.register(pid, &req) {
+                Ok(reg) => Response::ok(serde_json::to_value(reg).unwrap_or_default()),
+                Err(e) => Response::err(e),
             }
+        }
+        Request::Status => Response::ok(state.status()),
+        Request::PolicyApply { text, origin } => match state.reload_from_text(&text, &origin) {
+            Ok(generation) => Response::ok(serde_json::json!({ "generation": generation })),
             Err(e) => Response::err(e),
         },
-        Request::Status => Response::ok(state.status()),
-        Request::PolicyApply { text, origin } => match Policy::from_str(&text, &origin) {
-            Err(e) => {
-                state
-                    .metrics
-                    .policy_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                Response::err(format!(
-                    "policy refused, the current policy stays in force:\n{e}"
-                ))
+        Request::Grant {
+            tenant,
+            agent,
+            tool,
+            ttl_ms,
+            uses,
+            pid,
+        } => {
+            match state.grant(&GrantRequest {
+                tenant,
+                agent,
+                tool,
+                ttl_ms,
+                uses,
+                pid,
+            }) {
+                Ok(g) => Response::ok(g.status(mono_now_ns())),
+                Err(e) => Response::err(e),
             }
-            Ok(policy) => match state.apply_policy(policy, &text) {
-                Ok(generation) => Response::ok(serde_json::json!({ "generation": generation })),
-                Err(e) => {
-                    state
-                        .metrics
-                        .policy_reloads
-                        .with_label_values(&["error"])
-                        .inc();
-                    Response::err(format!(
-                        "policy refused, the current policy stays in force:\n{e:#}"
-                    ))
-                }
-            },
+        }
+        Request::Revoke { grant } => match state.revoke(grant) {
+            Ok(g) => Response::ok(serde_json::json!({ "revoked": g.id })),
+            Err(e) => Response::err(e),
         },
+        Request::Suspend { tenant, agent } => {
+            match state.set_suspended(&tenant, agent.as_deref(), true) {
+                Ok(n) => Response::ok(serde_json::json!({ "subjects": n })),
+                Err(e) => Response::err(e),
+            }
+        }
+        Request::Resume { tenant, agent } => {
+            match state.set_suspended(&tenant, agent.as_deref(), false) {
+                Ok(n) => Response::ok(serde_json::json!({ "subjects": n })),
+                Err(e) => Response::err(e),
+            }
+        }
     }
 }

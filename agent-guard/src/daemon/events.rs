@@ -154,6 +154,7 @@ impl Pipeline {
                     ticks += 1;
                     if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                         self.account_lost();
+                        self.state.expire_grants();
                         let swept = self.state.sweep_stale();
                         if swept > 0 {
                             tracing::debug!(swept, "removed entries of exited processes");
@@ -247,6 +248,8 @@ impl Pipeline {
         rec.tenant = Some(ident.tenant.clone());
         rec.agent = Some(ident.agent.clone());
         rec.subject = Some(ident.chain.clone());
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
         rec.pid = Some(ev.pid);
         if ev.tid != ev.pid {
             rec.tid = Some(ev.tid);
@@ -288,6 +291,15 @@ impl Pipeline {
         rec.reason = Some(r.to_string());
         if ev.grant_id != 0 {
             rec.grant = Some(ev.grant_id.to_string());
+        }
+        // Calling outside the declared tools is divergence for a scoped
+        // process (task or sub-agent); the state decides and may act.
+        if ev.verdict != verdict::ALLOW
+            && ev.reason == reason::NO_CAPABILITY
+            && ev.kind != kind::SOCKET
+            && self.state.divergence(ev.subject)
+        {
+            rec.divergence = Some(true);
         }
         self.state
             .metrics

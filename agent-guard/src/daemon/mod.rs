@@ -2,7 +2,9 @@
 //! clean up on SIGTERM/SIGINT.
 
 pub mod events;
+pub mod grants;
 pub mod state;
+pub mod subjects;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -44,7 +46,7 @@ fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
 
 /// Reads the policy to start with: `--policy`, else the default path if it
 /// exists, else the embedded default policy.
-fn initial_policy(opt: Option<&PathBuf>) -> anyhow::Result<(Policy, String)> {
+fn initial_policy(opt: Option<&PathBuf>) -> anyhow::Result<(Policy, String, Option<PathBuf>)> {
     let path = match opt {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from(DEFAULT_POLICY_PATH)).filter(|p| p.exists()),
@@ -54,7 +56,7 @@ fn initial_policy(opt: Option<&PathBuf>) -> anyhow::Result<(Policy, String)> {
             let text = std::fs::read_to_string(&p)
                 .with_context(|| format!("reading policy {}", p.display()))?;
             let policy = Policy::from_str(&text, &p.display().to_string())?;
-            Ok((policy, text))
+            Ok((policy, text, Some(p)))
         }
         None => {
             tracing::info!(
@@ -63,6 +65,7 @@ fn initial_policy(opt: Option<&PathBuf>) -> anyhow::Result<(Policy, String)> {
             Ok((
                 Policy::from_str(DEFAULT_POLICY, DEFAULT_POLICY_ORIGIN)?,
                 DEFAULT_POLICY.to_string(),
+                None,
             ))
         }
     }
@@ -90,7 +93,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("agent-guard daemon must run as root (it loads eBPF programs and manages cgroups)");
     }
     // Refuse bad policy before touching the kernel.
-    let (policy, policy_text) = initial_policy(opts.policy.as_ref())?;
+    let (policy, policy_text, policy_path) = initial_policy(opts.policy.as_ref())?;
 
     let cgroup_mount = kfs::cgroup2_mount()?;
     let cgroup_root = opts
@@ -104,8 +107,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let result = serve(
         opts.clone(),
-        policy,
-        policy_text,
+        (policy, policy_text, policy_path),
         cgroup_mount,
         cgroup_root.clone(),
         listener,
@@ -114,6 +116,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     // Clean up what this daemon created, even when serving failed.
     let _ = std::fs::remove_file(&opts.socket);
+    let _ = std::fs::remove_file(crate::kernel::procs_pin(&opts.pin_dir));
     if bpffs.mounted {
         kfs::unmount(&opts.pin_dir);
     }
@@ -128,14 +131,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
 async fn serve(
     opts: Options,
-    policy: Policy,
-    policy_text: String,
+    (policy, policy_text, policy_path): (Policy, String, Option<PathBuf>),
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
     listener: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
-    let (kernel, maps, ring) =
-        Kernel::load(&cgroup_mount, opts.ring_bytes).context("loading the eBPF programs")?;
+    let (kernel, maps, ring) = Kernel::load(&cgroup_mount, &opts.pin_dir, opts.ring_bytes)
+        .context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
@@ -149,6 +151,8 @@ async fn serve(
         kernel.attached.clone(),
         opts.socket.clone(),
         opts.ring_bytes,
+        policy_path,
+        crate::kernel::procs_pin(&opts.pin_dir),
     ));
     let writer = AuditWriter::new(&opts.audit_dir)?;
     // Servers stop first; the pipeline last, so it writes the final records.
@@ -176,12 +180,18 @@ async fn serve(
         let control_task = tokio::spawn(control::server::serve(listener, state.clone(), shutdown_rx.clone()));
         tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
 
+        let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading the policy"); state.reload_file(); }
+            }
         }
+        watch_task.abort();
         let _ = shutdown_tx.send(true);
         let _ = control_task.await;
         let _ = metrics_task.await;
@@ -217,4 +227,78 @@ async fn serve(
         }
     }
     outcome
+}
+
+impl state::State {
+    /// Parses, validates and applies policy text; on any error the current
+    /// policy stays in force and the error says why.
+    pub fn reload_from_text(&self, text: &str, origin: &str) -> Result<u32, String> {
+        let result = Policy::from_str(text, origin)
+            .map_err(|e| e.to_string())
+            .and_then(|p| self.apply_policy(p, text).map_err(|e| format!("{e:#}")));
+        if let Err(e) = &result {
+            self.metrics
+                .policy_reloads
+                .with_label_values(&["error"])
+                .inc();
+            let mut rec = AuditRecord::new("policy");
+            rec.detail = Some(format!("refused, current policy kept: {e}"));
+            self.audit(NODE_LOG, rec);
+        }
+        result.map_err(|e| format!("policy refused, the current policy stays in force:\n{e}"))
+    }
+
+    /// Re-reads the policy file (SIGHUP, or a change on disk).
+    pub fn reload_file(&self) {
+        let Some(path) = self.policy_path.clone() else {
+            tracing::info!("no policy file to reload (running the embedded default policy)");
+            return;
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match self.reload_from_text(&text, &path.display().to_string()) {
+                Ok(generation) => {
+                    tracing::info!(generation, "policy reloaded from {}", path.display())
+                }
+                Err(e) => tracing::error!("{e}"),
+            },
+            Err(e) => {
+                self.metrics
+                    .policy_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(
+                    "reading policy {}: {e}; the current policy stays in force",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// The file's modification time and size, to notice edits without inotify.
+fn file_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reloads the policy when its file changes (checked every second).
+async fn watch_policy(state: Arc<state::State>, mut shutdown: watch::Receiver<bool>) {
+    let Some(path) = state.policy_path.clone() else {
+        return;
+    };
+    let mut last = file_stamp(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = file_stamp(&path);
+                if now != last && now.is_some() {
+                    last = now;
+                    tracing::info!("policy file {} changed", path.display());
+                    state.reload_file();
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
 }

@@ -1,60 +1,59 @@
-//! The daemon's shared state: the loaded policy, identities, and the handles
-//! the control socket and event pipeline work through.
+//! The daemon's shared state and the handles the control socket and the
+//! event pipeline work through.
+//!
+//! Lock order: `registry` before `kernel`. The registry is the daemon's
+//! view of subjects, grants and the policy; the kernel maps are its image.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Instant,
 };
 
-use agent_guard_common::{
-    Config, capacity,
-    event::kind,
-    grant::{GrantValue, UNLIMITED_USES},
-    maps as map_names,
-    subject::{MODE_ENFORCE, MODE_MONITOR, Subject},
-};
-use sha2::{Digest, Sha256};
+use agent_guard_common::{capacity, event::kind, maps as map_names};
 use tokio::sync::mpsc;
 
+use super::subjects::{Grant, Identity, Ids};
 use crate::{
-    audit::{AuditRecord, NODE_LOG},
-    control::Registration,
-    kernel::{KernelMaps, fs as kfs, maps::GrantRule},
+    audit::AuditRecord,
+    kernel::{KernelMaps, fs as kfs, maps::CapRule},
     metrics::Metrics,
-    policy::{Hardening, Mode, Policy},
+    policy::{CompiledPolicy, Policy},
 };
 
 /// Force a consumer wakeup when this share of the ring buffer waits; below
 /// it the daemon drains on its timer.
 pub const WAKEUP_DIVISOR: u32 = 16;
 
-/// Who a subject id stands for. Ids are allocated per (tenant, agent) for
-/// the daemon's lifetime and never reused, so processes tagged before a
-/// reload keep meaning the same identity.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub subject_id: u32,
-    pub tenant: String,
-    pub agent: String,
-    /// Delegation chain, e.g. `acme/researcher`.
-    pub chain: String,
-    pub mode: Mode,
-    pub hardening: Hardening,
-    pub cgroup_dir: PathBuf,
-    /// Still in the current policy.
-    pub active: bool,
-}
-
 /// The policy in force.
 pub struct Loaded {
     pub policy: Policy,
+    pub compiled: CompiledPolicy,
     pub generation: u32,
     pub hash: String,
     pub origin: String,
-    /// Kernel rules installed for this generation (removed on the next flip).
-    pub rules: Vec<GrantRule>,
+}
+
+/// The daemon's capability state. Everything in here changes together
+/// under one lock, so the kernel image is always written from one
+/// consistent view.
+#[derive(Default)]
+pub struct Registry {
+    pub loaded: Option<Loaded>,
+    pub identities: HashMap<u32, Arc<Identity>>,
+    pub ids: Ids,
+    pub grants: BTreeMap<u32, Grant>,
+    pub next_grant: u32,
+    /// (tenant, None) suspends a whole tenant, (tenant, Some(agent)) one agent.
+    pub suspended: BTreeSet<(String, Option<String>)>,
+    /// Subjects whose capabilities were taken (on_divergence = revoke).
+    pub revoked_subjects: BTreeSet<u32>,
+    /// `CAPS` keys installed per subject for the current generation.
+    pub caps: HashMap<u32, Vec<CapRule>>,
+    /// Divergent calls per task-scoped subject.
+    pub divergences: HashMap<u32, u32>,
+    pub next_task: u32,
 }
 
 /// A message for the event pipeline.
@@ -67,9 +66,7 @@ pub enum PipelineMsg {
 
 pub struct State {
     pub kernel: Mutex<KernelMaps>,
-    pub loaded: RwLock<Option<Loaded>>,
-    identities: RwLock<HashMap<u32, Arc<Identity>>>,
-    ids: Mutex<Ids>,
+    pub registry: Mutex<Registry>,
     pub cgroup_mount: PathBuf,
     pub cgroup_root: PathBuf,
     pub audit_tx: mpsc::UnboundedSender<PipelineMsg>,
@@ -80,36 +77,19 @@ pub struct State {
     pub metrics_addr: RwLock<Option<std::net::SocketAddr>>,
     /// Size of the event ring buffer in bytes.
     pub ring_bytes: u32,
+    /// Where `PROCS` is pinned (told to launchers).
+    pub procs_pin: PathBuf,
+    /// Policy file to re-read on SIGHUP and when it changes on disk.
+    pub policy_path: Option<PathBuf>,
     /// Cgroup directories this daemon created, removed at shutdown.
     pub created_cgroups: Mutex<Vec<PathBuf>>,
 }
 
-/// Stable id allocation for subjects and tools.
-#[derive(Default)]
-struct Ids {
-    subjects: HashMap<(String, String), u32>,
-    tools: HashMap<String, u32>,
-    tool_names: HashMap<u32, String>,
-}
-
-impl Ids {
-    fn subject(&mut self, tenant: &str, agent: &str) -> u32 {
-        let next = self.subjects.len() as u32 + 1;
-        *self
-            .subjects
-            .entry((tenant.to_string(), agent.to_string()))
-            .or_insert(next)
-    }
-    fn tool(&mut self, name: &str) -> u32 {
-        let next = self.tools.len() as u32 + 1;
-        let id = *self.tools.entry(name.to_string()).or_insert(next);
-        self.tool_names.insert(id, name.to_string());
-        id
-    }
-}
-
-fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
+/// Monotonic nanoseconds, the clock `bpf_ktime_get_ns()` reads.
+pub fn mono_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 impl State {
@@ -123,12 +103,16 @@ impl State {
         attached: Vec<String>,
         socket: PathBuf,
         ring_bytes: u32,
+        policy_path: Option<PathBuf>,
+        procs_pin: PathBuf,
     ) -> Self {
         Self {
             kernel: Mutex::new(kernel),
-            loaded: RwLock::new(None),
-            identities: RwLock::new(HashMap::new()),
-            ids: Mutex::new(Ids::default()),
+            registry: Mutex::new(Registry {
+                next_grant: 1,
+                next_task: 1,
+                ..Registry::default()
+            }),
             cgroup_mount,
             cgroup_root,
             audit_tx,
@@ -138,12 +122,18 @@ impl State {
             socket,
             metrics_addr: RwLock::new(None),
             ring_bytes,
+            policy_path,
+            procs_pin,
             created_cgroups: Mutex::new(Vec::new()),
         }
     }
 
     pub fn kernel(&self) -> MutexGuard<'_, KernelMaps> {
         self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn audit(&self, log: &str, record: AuditRecord) {
@@ -155,275 +145,51 @@ impl State {
     }
 
     pub fn identity(&self, subject_id: u32) -> Option<Arc<Identity>> {
-        self.identities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&subject_id)
-            .cloned()
+        self.registry().identities.get(&subject_id).cloned()
     }
 
     pub fn tool_name(&self, tool_id: u32) -> Option<String> {
-        self.ids
+        self.registry().ids.tool_names.get(&tool_id).cloned()
+    }
+
+    /// Remembers a cgroup directory to remove at shutdown.
+    pub fn created_cgroup(&self, dir: PathBuf) {
+        self.created_cgroups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .tool_names
-            .get(&tool_id)
-            .cloned()
+            .push(dir);
     }
 
-    fn identity_by_name(&self, tenant: &str, agent: &str) -> Option<Arc<Identity>> {
-        self.identities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .find(|i| i.active && i.tenant == tenant && i.agent == agent)
-            .cloned()
+    /// The subject a process is judged under, by pid then by cgroup.
+    pub fn process_subject(&self, pid: u32) -> Option<u32> {
+        let kernel = self.kernel();
+        kernel.process_subject(pid).or_else(|| {
+            let rel = kfs::process_cgroup(pid)?;
+            let id = kfs::cgroup_id(&self.cgroup_mount.join(rel)).ok()?;
+            kernel.cgroup_subject(id)
+        })
     }
 
-    /// Validates and installs `policy` as the next generation, then flips.
-    ///
-    /// New rules go in beside the old ones under the next generation number;
-    /// one write of `CONFIG` switches every subject at once; then the old
-    /// generation's rules are deleted. Subjects dropped from the policy lose
-    /// their `SUBJECTS` entry, so their processes fail closed.
-    pub fn apply_policy(&self, policy: Policy, text: &str) -> anyhow::Result<u32> {
-        let compiled = policy.compile()?;
-        let mut loaded = self.loaded.write().unwrap_or_else(|p| p.into_inner());
-        let generation = loaded.as_ref().map_or(1, |l| l.generation + 1);
-
-        let mut new_identities = Vec::new();
-        let mut rules = Vec::new();
-        {
-            let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-            for agent in &compiled.agents {
-                let id = ids.subject(&agent.tenant, &agent.name);
-                new_identities.push(Identity {
-                    subject_id: id,
-                    tenant: agent.tenant.clone(),
-                    agent: agent.name.clone(),
-                    chain: format!("{}/{}", agent.tenant, agent.name),
-                    mode: agent.mode,
-                    hardening: agent.hardening,
-                    cgroup_dir: self.cgroup_root.join(&agent.tenant).join(&agent.name),
-                    active: true,
-                });
-            }
-            for rule in &compiled.rules {
-                let Some(name) = compiled.tool_name(rule.tool_id) else {
-                    continue;
-                };
-                let tool_id = ids.tool(name);
-                rules.push((
-                    GrantRule {
-                        subject: new_identities[rule.agent_index].subject_id,
-                        generation: generation as u8,
-                        proto: rule.proto,
-                        port: rule.port,
-                        addr: rule.addr,
-                        prefix_len: rule.prefix_len,
-                    },
-                    tool_id,
-                ));
-            }
-        }
-
-        // Agent cgroups first: nothing is written to the kernel if one
-        // cannot be made.
-        let mut cgroup_ids = Vec::new();
-        for ident in &new_identities {
-            if !ident.cgroup_dir.exists() {
-                kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir)?;
-                self.created_cgroups
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(ident.cgroup_dir.clone());
-            }
-            cgroup_ids.push(kfs::cgroup_id(&ident.cgroup_dir)?);
-        }
-
-        let mut kernel = self.kernel();
-        let mut installed = Vec::new();
-        for (rule, tool_id) in &rules {
-            let value = GrantValue {
-                tool_id: *tool_id,
-                grant_id: 0,
-                expires_at_ns: 0,
-                uses_left: UNLIMITED_USES,
-                _pad: 0,
-            };
-            if let Err(e) = kernel.insert_grant(rule, value) {
-                // Roll back this generation; the old one is still in force.
-                for r in &installed {
-                    kernel.remove_grant(r);
-                }
-                return Err(e.into());
-            }
-            installed.push(*rule);
-        }
-        for (ident, cg) in new_identities.iter().zip(&cgroup_ids) {
-            let tenant_id = compiled.tenant_id(&ident.tenant).unwrap_or(0);
-            kernel.set_subject(
-                ident.subject_id,
-                Subject {
-                    tenant_id,
-                    agent_id: ident.subject_id,
-                    parent: 0,
-                    depth: 0,
-                    mode: if ident.mode == Mode::Monitor {
-                        MODE_MONITOR
-                    } else {
-                        MODE_ENFORCE
-                    },
-                    flags: 0,
-                    _pad: 0,
-                },
-            )?;
-            kernel.tag_cgroup(*cg, ident.subject_id)?;
-        }
-        kernel.set_config(Config {
-            generation,
-            wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
-        })?;
-        if let Some(old) = loaded.as_ref() {
-            for r in &old.rules {
-                kernel.remove_grant(r);
-            }
-        }
-
-        // Identities no longer in the policy: their processes fail closed.
-        let mut identities = self.identities.write().unwrap_or_else(|p| p.into_inner());
-        let keep: std::collections::HashSet<u32> =
-            new_identities.iter().map(|i| i.subject_id).collect();
-        for (id, ident) in identities.iter_mut() {
-            if !keep.contains(id) && ident.active {
-                let _ = kernel.remove_subject(*id);
-                let mut retired = (**ident).clone();
-                retired.active = false;
-                *ident = Arc::new(retired);
-            }
-        }
-        drop(kernel);
-        for ident in new_identities {
-            identities.insert(ident.subject_id, Arc::new(ident));
-        }
-        drop(identities);
-
-        let hash = sha256_hex(text);
-        let origin = policy.origin.clone();
-        *loaded = Some(Loaded {
-            policy,
-            generation,
-            hash: hash.clone(),
-            origin: origin.clone(),
-            rules: installed,
-        });
-        drop(loaded);
-        self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
-        let mut rec = AuditRecord::new("policy");
-        rec.detail = Some(format!("generation {generation} from {origin}"));
-        rec.policy_hash = Some(hash);
-        self.audit(NODE_LOG, rec);
-        Ok(generation)
-    }
-
-    /// The identity a process is judged under, by pid then by cgroup.
+    /// The identity a process is judged under; a tagged process whose
+    /// subject the daemon does not know is still reported as tagged.
     pub fn process_identity(&self, pid: u32) -> Option<Arc<Identity>> {
-        let subject = {
-            let kernel = self.kernel();
-            kernel.process_subject(pid).or_else(|| {
-                let rel = kfs::process_cgroup(pid)?;
-                let id = kfs::cgroup_id(&self.cgroup_mount.join(rel)).ok()?;
-                kernel.cgroup_subject(id)
-            })
-        }?;
-        self.identity(subject).or_else(|| {
-            Some(Arc::new(Identity {
-                subject_id: subject,
-                tenant: String::new(),
-                agent: String::new(),
-                chain: String::from("<unknown>"),
-                mode: Mode::Enforce,
-                hardening: Hardening::Strict,
-                cgroup_dir: PathBuf::new(),
-                active: false,
-            }))
-        })
-    }
-
-    /// Tags `pid` (the peer of the control connection) as (tenant, agent):
-    /// `PROCS` first, then its agent cgroup, before the launcher execs.
-    pub fn register(&self, pid: u32, tenant: &str, agent: &str) -> Result<Registration, String> {
-        let wanted = self
-            .identity_by_name(tenant, agent)
-            .ok_or_else(|| self.unknown_identity(tenant, agent))?;
-        if let Some(current) = self.process_identity(pid)
-            && current.subject_id != wanted.subject_id
-        {
-            return Err(format!(
-                "refused: this process is already tagged as {} and may only start processes under that identity \
-                     (a tagged process cannot change tenant or agent; sub-agents are not supported yet)",
-                current.chain
-            ));
-        }
-        {
-            let mut kernel = self.kernel();
-            kernel
-                .tag_process(pid, wanted.subject_id)
-                .map_err(|e| format!("tagging pid {pid}: {e}"))?;
-        }
-        let _ = self.audit_tx.send(PipelineMsg::Launched {
-            pid,
-            ppid: ppid_of(pid),
-        });
-        if let Err(e) = kfs::move_to_cgroup(&wanted.cgroup_dir, pid) {
-            // The pid anchor holds on its own; the cgroup is the second one.
-            tracing::warn!(pid, "could not move into agent cgroup: {e}");
-        }
-        Ok(Registration {
-            subject: wanted.chain.clone(),
-            subject_id: wanted.subject_id,
-            hardening: wanted.hardening,
-            mode: wanted.mode,
-            cgroup: wanted.cgroup_dir.display().to_string(),
-        })
-    }
-
-    fn unknown_identity(&self, tenant: &str, agent: &str) -> String {
-        let identities = self.identities.read().unwrap_or_else(|p| p.into_inner());
-        let mut known: Vec<&str> = identities
-            .values()
-            .filter(|i| i.active)
-            .map(|i| i.chain.as_str())
-            .collect();
-        known.sort_unstable();
-        let tenant_known = identities.values().any(|i| i.active && i.tenant == tenant);
-        let what = if tenant_known {
-            format!("tenant {tenant:?} has no agent {agent:?}")
-        } else {
-            format!("unknown tenant {tenant:?}")
-        };
-        format!(
-            "{what} in the current policy (known agents: {})",
-            known.join(", ")
+        let subject = self.process_subject(pid)?;
+        Some(
+            self.identity(subject)
+                .unwrap_or_else(|| Arc::new(Identity::unknown(subject))),
         )
     }
 
     /// Tenants with a log: every tenant of every identity seen.
     pub fn tenants(&self) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .identities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|i| i.tenant.clone())
-            .collect();
-        t.sort_unstable();
-        t.dedup();
-        t
+        let reg = self.registry();
+        let t: BTreeSet<String> = reg.identities.values().map(|i| i.tenant.clone()).collect();
+        t.into_iter().collect()
     }
 
     /// Updates gauges that are read from the maps rather than counted.
     pub fn refresh_gauges(&self) {
+        let reg = self.registry();
         let kernel = self.kernel();
         for (name, n) in kernel.entry_counts() {
             self.metrics
@@ -437,70 +203,87 @@ impl State {
             (map_names::PROCS, capacity::PROCS),
             (map_names::CGROUPS, capacity::CGROUPS),
             (map_names::SUBJECTS, capacity::SUBJECTS),
+            (map_names::CAPS, capacity::CAPS),
             (map_names::GRANTS, capacity::GRANTS),
+            (map_names::GRANT_STATE, capacity::GRANT_STATE),
         ] {
             self.metrics
                 .map_capacity
                 .with_label_values(&[name])
                 .set(i64::from(cap));
         }
-        let mut per_tenant: BTreeMap<String, i64> = BTreeMap::new();
-        for ident in self
-            .identities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            per_tenant.entry(ident.tenant.clone()).or_insert(0);
+        let mut tracked: BTreeMap<String, i64> = BTreeMap::new();
+        let mut grants: BTreeMap<String, i64> = BTreeMap::new();
+        for ident in reg.identities.values() {
+            tracked.entry(ident.tenant.clone()).or_insert(0);
+            grants.entry(ident.tenant.clone()).or_insert(0);
         }
         for (_, subject) in procs {
-            if let Some(ident) = self.identity(subject) {
-                *per_tenant.entry(ident.tenant.clone()).or_insert(0) += 1;
+            if let Some(ident) = reg.identities.get(&subject) {
+                *tracked.entry(ident.tenant.clone()).or_insert(0) += 1;
             }
         }
-        for (tenant, n) in per_tenant {
+        for g in reg.grants.values() {
+            *grants.entry(g.tenant.clone()).or_insert(0) += 1;
+        }
+        for (tenant, n) in tracked {
             self.metrics
                 .tracked_processes
                 .with_label_values(&[&tenant])
                 .set(n);
+        }
+        for (tenant, n) in grants {
             self.metrics
                 .active_grants
                 .with_label_values(&[&tenant])
-                .set(0);
+                .set(n);
         }
     }
 
     /// What `agent-guard status --json` shows.
     pub fn status(&self) -> serde_json::Value {
-        let (generation, origin, hash) = {
-            let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
-            loaded
-                .as_ref()
-                .map(|l| (l.generation, l.origin.clone(), l.hash.clone()))
-                .unwrap_or_default()
-        };
+        let reg = self.registry();
+        let (generation, origin, hash) = reg
+            .loaded
+            .as_ref()
+            .map(|l| (l.generation, l.origin.clone(), l.hash.clone()))
+            .unwrap_or_default();
         let kernel = self.kernel();
         let lost = kernel.lost();
         let decisions = kernel.decisions();
         let procs = kernel.processes();
         let entries = kernel.entry_counts();
         drop(kernel);
-        let mut agents: Vec<serde_json::Value> = self
+        let now = mono_now_ns();
+        let mut agents: Vec<serde_json::Value> = reg
             .identities
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter(|i| i.active)
             .map(|i| {
                 let tracked = procs.iter().filter(|(_, s)| *s == i.subject_id).count();
+                let suspended = reg.is_suspended(&i.tenant, &i.agent);
                 serde_json::json!({
-                    "subject": i.chain, "tenant": i.tenant, "agent": i.agent,
-                    "mode": i.mode.as_str(), "hardening": i.hardening,
+                    "subject": i.chain, "subject_id": i.subject_id, "tenant": i.tenant, "agent": i.agent,
+                    "mode": i.mode.as_str(), "hardening": i.hardening, "depth": i.depth,
+                    "task": i.task.as_ref().map(|t| serde_json::json!({"id": t.id, "text": t.text})),
+                    "tools": i.requested_tools,
+                    "expires_in_seconds": (i.expires_at_ns != 0).then(|| i.expires_at_ns.saturating_sub(now) / 1_000_000_000),
+                    "suspended": suspended,
                     "tracked_processes": tracked, "cgroup": i.cgroup_dir,
                 })
             })
             .collect();
-        agents.sort_by(|a, b| a["subject"].as_str().cmp(&b["subject"].as_str()));
+        agents.sort_by(|a, b| {
+            (a["subject"].as_str(), a["subject_id"].as_u64())
+                .cmp(&(b["subject"].as_str(), b["subject_id"].as_u64()))
+        });
+        let grants: Vec<serde_json::Value> = reg.grants.values().map(|g| g.status(now)).collect();
+        let suspended: Vec<String> = reg
+            .suspended
+            .iter()
+            .map(|(t, a)| a.as_ref().map_or_else(|| t.clone(), |a| format!("{t}/{a}")))
+            .collect();
+        drop(reg);
         let lost_by_kind: BTreeMap<&str, u64> = (1..kind::COUNT as u8)
             .map(|k| (kind::name(k), lost[k as usize]))
             .collect();
@@ -508,11 +291,15 @@ impl State {
             "daemon": { "pid": std::process::id(), "version": env!("CARGO_PKG_VERSION"),
                         "uptime_seconds": self.started.elapsed().as_secs(),
                         "socket": self.socket, "cgroup_root": self.cgroup_root,
-                        "metrics_addr": self.metrics_addr.read().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()) },
+                        "metrics_addr": self.metrics_addr.read().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()),
+                        "ring_bytes": self.ring_bytes },
             "programs": self.attached,
+            "unix_socket_fencing": "not supported by this build (cgroup/connect_unix needs a newer aya)",
             "policy": { "generation": generation, "origin": origin, "sha256": hash },
             "tracked_processes": procs.len(),
             "agents": agents,
+            "grants": grants,
+            "suspended": suspended,
             "events_lost": lost_by_kind,
             "decisions": { "allow": decisions[0], "deny": decisions[1], "would_deny": decisions[2] },
             "maps": entries.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),

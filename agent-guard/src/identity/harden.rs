@@ -150,6 +150,11 @@ const ALWAYS_REFUSED: &[(&str, libc::c_long)] = &[
 /// namespace (`setns` also when `nstype` is 0, "any namespace").
 const NS_REFUSED: &[&str] = &["unshare", "setns", "clone"];
 
+/// Refused with `EPERM` for some arguments only: `socket` for address
+/// families other than unix/inet/inet6/netlink; the signal calls (with a
+/// protected pid) are added by [`apply_protecting`].
+const ARG_REFUSED: &[&str] = &["socket"];
+
 /// Refused with `ENOSYS`: its flags live in memory where seccomp cannot see
 /// them; libc then falls back to `clone`, whose flags we can check.
 const ENOSYS_REFUSED: &[&str] = &["clone3"];
@@ -163,6 +168,7 @@ pub fn refused_syscalls() -> &'static [&'static str] {
             .iter()
             .map(|(name, _)| *name)
             .chain(NS_REFUSED.iter().copied())
+            .chain(ARG_REFUSED.iter().copied())
             .chain(ENOSYS_REFUSED.iter().copied())
             .collect()
     })
@@ -176,14 +182,22 @@ pub fn refused_syscalls() -> &'static [&'static str] {
 /// ambient sets, sets `PR_SET_NO_NEW_PRIVS`, installs the filters, and
 /// finally drops [`DROPPED_CAPS`] from the effective and permitted sets.
 pub fn apply(level: Hardening) -> Result<(), HardenError> {
+    apply_protecting(level, &[])
+}
+
+/// [`apply`], and under Strict also refuse signals (`kill`, `tkill`,
+/// `tgkill`, `rt_sigqueueinfo`, `pidfd_open`) aimed at `protect` (the
+/// daemon's pid), its process group, or every process (`kill(-1)`): an
+/// agent must not be able to stop the daemon that fences it.
+pub fn apply_protecting(level: Hardening, protect: &[u32]) -> Result<(), HardenError> {
     match level {
         Hardening::Off => Ok(()),
-        Hardening::Strict => apply_strict(),
+        Hardening::Strict => apply_strict(protect),
     }
 }
 
-fn apply_strict() -> Result<(), HardenError> {
-    let filters = build_filters()?;
+fn apply_strict(protect: &[u32]) -> Result<(), HardenError> {
+    let filters = build_filters(protect)?;
     drop_inheritable_caps()?;
     set_no_new_privs()?;
     install_filters(&filters)?;
@@ -232,7 +246,72 @@ fn ns_bit_rules(index: u8) -> Result<Vec<SeccompRule>, seccompiler::BackendError
         .collect()
 }
 
-fn eperm_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+/// "arg `index` equals `value`" (32-bit compare, as for pids).
+fn arg_eq(index: u8, value: u32) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(value),
+    )?])
+}
+
+/// socket(domain, ...): only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK.
+/// Other families (AF_VSOCK, AF_PACKET, AF_XDP, ...) reach the network
+/// without passing the cgroup inet hooks.
+fn socket_family_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let allowed = [
+        libc::AF_UNIX,
+        libc::AF_INET,
+        libc::AF_INET6,
+        libc::AF_NETLINK,
+    ];
+    let mut rules = vec![SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Gt,
+        libc::AF_NETLINK as u64,
+    )?])?];
+    for family in 0..libc::AF_NETLINK {
+        if !allowed.contains(&family) {
+            rules.push(arg_eq(0, family as u32)?);
+        }
+    }
+    Ok(rules)
+}
+
+/// Rules refusing signals to the protected pids (see [`apply_protecting`]).
+fn signal_rules(
+    rules: &mut BTreeMap<i64, Vec<SeccompRule>>,
+    protect: &[u32],
+) -> Result<(), seccompiler::BackendError> {
+    if protect.is_empty() {
+        return Ok(());
+    }
+    let mut kill = vec![arg_eq(0, u32::MAX)?]; // kill(-1, sig): everyone
+    let mut by_pid = Vec::new();
+    for &pid in protect {
+        kill.push(arg_eq(0, pid)?);
+        // kill(-pgid): the daemon's process group.
+        kill.push(arg_eq(0, (pid as i32).wrapping_neg() as u32)?);
+        by_pid.push(arg_eq(0, pid)?);
+    }
+    rules.insert(libc::SYS_kill, kill);
+    for nr in [
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
+        rules.insert(nr, by_pid.clone());
+    }
+    Ok(())
+}
+
+fn eperm_rules(
+    protect: &[u32],
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALWAYS_REFUSED
         .iter()
         .map(|&(_, nr)| (nr, Vec::new()))
@@ -251,10 +330,12 @@ fn eperm_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Backend
         0,
     )?])?);
     rules.insert(libc::SYS_setns, setns);
+    rules.insert(libc::SYS_socket, socket_family_rules()?);
+    signal_rules(&mut rules, protect)?;
     Ok(rules)
 }
 
-fn build_filters() -> Result<Vec<NamedFilter>, HardenError> {
+fn build_filters(protect: &[u32]) -> Result<Vec<NamedFilter>, HardenError> {
     let arch = target_arch()?;
     let compile = |name: &'static str,
                    rules: Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError>,
@@ -276,7 +357,7 @@ fn build_filters() -> Result<Vec<NamedFilter>, HardenError> {
     let mut filters = vec![
         // Also kills the process on a syscall made under another ABI (i386
         // `int 0x80`), whose numbers this table does not cover.
-        compile("EPERM", eperm_rules(), libc::EPERM)?,
+        compile("EPERM", eperm_rules(protect), libc::EPERM)?,
         compile(
             "clone3",
             Ok(BTreeMap::from([(libc::SYS_clone3, Vec::new())])),
@@ -830,7 +911,7 @@ mod tests {
             return;
         }
         let code = in_child(Hardening::Off, || {
-            let filters = match build_filters() {
+            let filters = match build_filters(&[]) {
                 Ok(f) => f,
                 Err(e) => {
                     child_say(&e.to_string());
@@ -911,8 +992,16 @@ mod tests {
         ] {
             assert!(names.contains(&must), "{must} missing");
         }
-        let rules = eperm_rules().expect("rules");
-        assert_eq!(rules.len(), ALWAYS_REFUSED.len() + NS_REFUSED.len());
-        assert!(build_filters().is_ok());
+        let rules = eperm_rules(&[]).expect("rules");
+        assert_eq!(
+            rules.len(),
+            ALWAYS_REFUSED.len() + NS_REFUSED.len() + ARG_REFUSED.len()
+        );
+        let protected = eperm_rules(&[4242]).expect("rules");
+        assert!(
+            protected.contains_key(&libc::SYS_kill)
+                && protected.contains_key(&libc::SYS_pidfd_open)
+        );
+        assert!(build_filters(&[]).is_ok());
     }
 }

@@ -3,7 +3,7 @@
 use agent_guard_common::{
     Config,
     event::{kind, verdict},
-    grant::{FIXED_PREFIX_BITS, GrantKey, GrantValue},
+    grant::{FIXED_PREFIX_BITS, GrantKey, GrantState, GrantValue, ToolLimit},
     maps as names,
     subject::Subject,
 };
@@ -27,9 +27,10 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
     move |source| KernelError::Map { name, source }
 }
 
-/// A capability rule as the kernel sees it.
+/// A key of `CAPS` or `GRANTS`: subject, generation (0 in `GRANTS`),
+/// protocol, port and address prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GrantRule {
+pub struct CapRule {
     pub subject: u32,
     pub generation: u8,
     pub proto: u8,
@@ -40,7 +41,7 @@ pub struct GrantRule {
     pub prefix_len: u8,
 }
 
-impl GrantRule {
+impl CapRule {
     fn key(&self) -> Key<GrantKey> {
         Key::new(
             FIXED_PREFIX_BITS + u32::from(self.prefix_len),
@@ -60,7 +61,10 @@ pub struct KernelMaps {
     procs: HashMap<MapData, u32, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     subjects: HashMap<MapData, u32, Subject>,
+    caps: LpmTrie<MapData, GrantKey, GrantValue>,
     grants: LpmTrie<MapData, GrantKey, GrantValue>,
+    grant_state: HashMap<MapData, u32, GrantState>,
+    tools: HashMap<MapData, u32, ToolLimit>,
     config: Array<MapData, Config>,
     lost: PerCpuArray<MapData, u64>,
     decisions: PerCpuArray<MapData, u64>,
@@ -72,7 +76,10 @@ impl KernelMaps {
             procs: take(ebpf, names::PROCS)?,
             cgroups: take(ebpf, names::CGROUPS)?,
             subjects: take(ebpf, names::SUBJECTS)?,
+            caps: take(ebpf, names::CAPS)?,
             grants: take(ebpf, names::GRANTS)?,
+            grant_state: take(ebpf, names::GRANT_STATE)?,
+            tools: take(ebpf, names::TOOLS)?,
             config: take(ebpf, names::CONFIG)?,
             lost: take(ebpf, names::LOST)?,
             decisions: take(ebpf, names::DECISIONS)?,
@@ -119,14 +126,59 @@ impl KernelMaps {
         self.subjects.remove(&id).map_err(map_err(names::SUBJECTS))
     }
 
-    pub fn insert_grant(&mut self, rule: &GrantRule, value: GrantValue) -> Result<(), KernelError> {
+    pub fn subject(&self, id: u32) -> Option<Subject> {
+        self.subjects.get(&id, 0).ok()
+    }
+
+    pub fn insert_cap(&mut self, rule: &CapRule, value: GrantValue) -> Result<(), KernelError> {
+        self.caps
+            .insert(&rule.key(), value, 0)
+            .map_err(map_err(names::CAPS))
+    }
+
+    pub fn remove_cap(&mut self, rule: &CapRule) {
+        let _ = self.caps.remove(&rule.key());
+    }
+
+    pub fn insert_grant(&mut self, rule: &CapRule, value: GrantValue) -> Result<(), KernelError> {
         self.grants
             .insert(&rule.key(), value, 0)
             .map_err(map_err(names::GRANTS))
     }
 
-    pub fn remove_grant(&mut self, rule: &GrantRule) {
+    pub fn remove_grant(&mut self, rule: &CapRule) {
         let _ = self.grants.remove(&rule.key());
+    }
+
+    pub fn set_grant_state(&mut self, id: u32, state: GrantState) -> Result<(), KernelError> {
+        self.grant_state
+            .insert(id, state, 0)
+            .map_err(map_err(names::GRANT_STATE))
+    }
+
+    pub fn grant_state(&self, id: u32) -> Option<GrantState> {
+        self.grant_state.get(&id, 0).ok()
+    }
+
+    pub fn remove_grant_state(&mut self, id: u32) {
+        let _ = self.grant_state.remove(&id);
+    }
+
+    pub fn set_tool_limit(
+        &mut self,
+        tool_id: u32,
+        limit: Option<ToolLimit>,
+    ) -> Result<(), KernelError> {
+        match limit {
+            Some(l) => self
+                .tools
+                .insert(tool_id, l, 0)
+                .map_err(map_err(names::TOOLS)),
+            None => {
+                let _ = self.tools.remove(&tool_id);
+                Ok(())
+            }
+        }
     }
 
     pub fn set_config(&mut self, config: Config) -> Result<(), KernelError> {
@@ -146,12 +198,14 @@ impl KernelMaps {
     }
 
     /// Entry counts for `agent_guard_map_entries{map}`.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 4] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
         [
             (names::PROCS, self.procs.keys().count()),
             (names::CGROUPS, self.cgroups.keys().count()),
             (names::SUBJECTS, self.subjects.keys().count()),
+            (names::CAPS, self.caps.keys().count()),
             (names::GRANTS, self.grants.keys().count()),
+            (names::GRANT_STATE, self.grant_state.keys().count()),
         ]
     }
 }

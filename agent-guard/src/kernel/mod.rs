@@ -50,6 +50,12 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinning at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error(transparent)]
     Fs(#[from] fs::FsError),
     #[error(transparent)]
@@ -82,6 +88,7 @@ impl Kernel {
     /// page).
     pub fn load(
         cgroup2_root: &std::path::Path,
+        pin_dir: &std::path::Path,
         ring_bytes: u32,
     ) -> Result<(Self, KernelMaps, Ring), KernelError> {
         if EBPF_OBJECT.is_empty() {
@@ -132,6 +139,17 @@ impl Kernel {
         }
 
         let ring = maps::take(&mut ebpf, agent_guard_common::maps::EVENTS)?;
+        // PROCS is pinned so a launcher can check with the kernel (not just
+        // the socket's word) that it really was tagged.
+        let pin = procs_pin(pin_dir);
+        let _ = std::fs::remove_file(&pin);
+        ebpf.map(agent_guard_common::maps::PROCS)
+            .ok_or(KernelError::MissingMap(agent_guard_common::maps::PROCS))?
+            .pin(&pin)
+            .map_err(|e| KernelError::Pin {
+                path: pin.clone(),
+                source: e,
+            })?;
         let maps = KernelMaps::take(&mut ebpf)?;
         Ok((
             Self {
@@ -153,4 +171,24 @@ where
         .ok_or(KernelError::MissingProgram(name))?;
     prog.try_into()
         .map_err(|source| KernelError::Program { name, source })
+}
+
+/// Where the daemon pins `PROCS` inside its pin dir.
+pub fn procs_pin(pin_dir: &std::path::Path) -> PathBuf {
+    pin_dir.join(agent_guard_common::maps::PROCS)
+}
+
+/// Looks `pid` up in a pinned `PROCS` map (the launcher's self-check).
+pub fn pinned_process_subject(pin: &std::path::Path, pid: u32) -> Result<Option<u32>, KernelError> {
+    let name = agent_guard_common::maps::PROCS;
+    let data =
+        aya::maps::MapData::from_pin(pin).map_err(|source| KernelError::Map { name, source })?;
+    let map: aya::maps::HashMap<_, u32, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| KernelError::Map { name, source })?;
+    match map.get(&pid, 0) {
+        Ok(s) => Ok(Some(s)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(KernelError::Map { name, source }),
+    }
 }

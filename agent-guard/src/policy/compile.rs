@@ -19,6 +19,20 @@ pub struct CompiledPolicy {
     /// In declaration order; `CompiledRule::agent_index` indexes this.
     pub agents: Vec<CompiledAgent>,
     pub rules: Vec<CompiledRule>,
+    /// `tool_endpoints[i]`: the kernel keys of tool id `i + 1`, for
+    /// capability sets built at run time (grants, tasks, sub-agents).
+    pub tool_endpoints: Vec<Vec<ToolEndpoint>>,
+    /// `tool_limits[i]`: rate limit of tool id `i + 1` as (calls, per).
+    pub tool_limits: Vec<Option<(u32, std::time::Duration)>>,
+}
+
+/// One endpoint of a tool in kernel form (see [`CompiledRule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToolEndpoint {
+    pub proto: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+    pub prefix_len: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,12 +159,7 @@ impl Policy {
                     let Endpoint::Cidr { net, port, proto } = ep else {
                         continue;
                     };
-                    let (addr, prefix_len) = match net {
-                        ipnet::IpNet::V4(n) => {
-                            (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len())
-                        }
-                        ipnet::IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
-                    };
+                    let (addr, prefix_len) = kernel_net(net);
                     let proto = proto.as_ipproto();
                     if seen_rules.insert((agent_index, proto, *port, addr, prefix_len)) {
                         rules.push(CompiledRule {
@@ -177,11 +186,49 @@ impl Policy {
             });
         }
 
+        let tool_endpoints = self
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut eps: Vec<ToolEndpoint> = Vec::new();
+                for ep in &tool.endpoints {
+                    if let Endpoint::Cidr { net, port, proto } = ep {
+                        let (addr, prefix_len) = kernel_net(net);
+                        let e = ToolEndpoint {
+                            proto: proto.as_ipproto(),
+                            port: *port,
+                            addr,
+                            prefix_len,
+                        };
+                        if !eps.contains(&e) {
+                            eps.push(e);
+                        }
+                    }
+                }
+                eps
+            })
+            .collect();
+        let tool_limits = self
+            .tools
+            .iter()
+            .map(|t| t.rate_limit.as_ref().map(|r| (r.calls, r.per)))
+            .collect();
         Ok(CompiledPolicy {
             tenants,
             tools,
             agents,
             rules,
+            tool_endpoints,
+            tool_limits,
         })
+    }
+}
+
+/// A network as the kernel keys it: 128-bit address, IPv4 v4-mapped with
+/// its prefix shifted by 96.
+fn kernel_net(net: &ipnet::IpNet) -> ([u8; 16], u8) {
+    match net {
+        ipnet::IpNet::V4(n) => (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len()),
+        ipnet::IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
     }
 }

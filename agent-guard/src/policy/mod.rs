@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-pub use compile::{CompiledAgent, CompiledPolicy, CompiledRule};
+pub use compile::{CompiledAgent, CompiledPolicy, CompiledRule, ToolEndpoint};
 pub use error::{Location, PolicyError};
 
 /// The policy used when no policy file exists: monitor mode, so installing the
@@ -135,6 +135,26 @@ pub struct Agent {
     pub mode: Option<Mode>,
     pub max_delegation_depth: Option<u8>,
     pub hardening: Hardening,
+    /// What to do when a task-scoped process keeps calling outside its
+    /// declared tools.
+    pub on_divergence: Option<OnDivergence>,
+}
+
+/// `on_divergence = { after = N, action = "revoke" | "suspend" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnDivergence {
+    /// Act on the N-th divergent call (counted per task-scoped subject).
+    pub after: u32,
+    pub action: DivergenceAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DivergenceAction {
+    /// Take every capability from the diverging task-scoped process tree.
+    Revoke,
+    /// Suspend the whole agent (every process of it, in every task).
+    Suspend,
 }
 
 impl Agent {
@@ -209,7 +229,7 @@ fn fnv1a_hex(bytes: &[u8]) -> String {
 
 /// Checks names against `[a-z0-9][a-z0-9._-]{0,62}`: they end up in audit
 /// paths (`<audit-dir>/<tenant>/`) and metric labels, so keep them tame.
-fn check_name(kind: &str, name: &str) -> Result<(), String> {
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{kind} name is empty"));
     }
@@ -396,6 +416,35 @@ impl Validator<'_> {
                     );
                 }
             };
+            let on_divergence = match &a.on_divergence {
+                None => None,
+                Some(d) => {
+                    let d = d.get_ref();
+                    let after = match u32::try_from(*d.after.get_ref()) {
+                        Ok(n) if n >= 1 => n,
+                        _ => {
+                            return self.err(
+                                d.after.span(),
+                                format!(
+                                    "on_divergence.after must be at least 1, got {}",
+                                    d.after.get_ref()
+                                ),
+                            );
+                        }
+                    };
+                    let action = match d.action.get_ref().as_str() {
+                        "revoke" => DivergenceAction::Revoke,
+                        "suspend" => DivergenceAction::Suspend,
+                        other => {
+                            return self.err(
+                                d.action.span(),
+                                format!("unknown on_divergence action {other:?} (expected \"revoke\" or \"suspend\")"),
+                            );
+                        }
+                    };
+                    Some(OnDivergence { after, action })
+                }
+            };
             agents.push(Agent {
                 tenant,
                 name,
@@ -403,6 +452,7 @@ impl Validator<'_> {
                 mode,
                 max_delegation_depth,
                 hardening,
+                on_divergence,
             });
         }
 

@@ -59,4 +59,12 @@ pub(super) struct RawAgent {
     pub mode: Option<Spanned<String>>,
     pub max_delegation_depth: Option<Spanned<i64>>,
     pub hardening: Option<Spanned<String>>,
+    pub on_divergence: Option<Spanned<RawOnDivergence>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOnDivergence {
+    pub after: Spanned<i64>,
+    pub action: Spanned<String>,
 }

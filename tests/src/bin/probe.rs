@@ -45,7 +45,8 @@ fn usage() -> i32 {
     eprintln!(
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
-         repeat N CMD.. | bench-connect ADDR PORT N"
+         repeat N CMD.. | bench-connect ADDR PORT N\n{}",
+        escape::USAGE
     );
     USAGE
 }
@@ -145,6 +146,25 @@ fn run(args: &[String]) -> i32 {
             };
             report("bpf(BPF_MAP_CREATE)", r)
         }
+        "socket-family" => {
+            // socket(FAMILY, SOCK_STREAM or SOCK_DGRAM, 0): only creation.
+            let Some(family) = rest.first().and_then(|f| f.parse::<i32>().ok()) else {
+                return usage();
+            };
+            let ty = if rest.get(1).is_some_and(|t| t == "dgram") {
+                libc::SOCK_DGRAM
+            } else {
+                libc::SOCK_STREAM
+            };
+            let fd = unsafe { libc::socket(family, ty, 0) };
+            let r = if fd >= 0 {
+                unsafe { libc::close(fd) };
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            report(&format!("socket({family})"), r)
+        }
         "pid" => {
             println!("{}", std::process::id());
             OK
@@ -224,7 +244,7 @@ fn run(args: &[String]) -> i32 {
             );
             OK
         }
-        _ => usage(),
+        other => escape::run(other, rest).unwrap_or_else(usage),
     }
 }
 
@@ -293,4 +313,605 @@ fn main() {
     let code = run(&args);
     let _ = std::io::stdout().flush();
     exit(code);
+}
+
+/// Subcommands that try the escape paths an attacker inside a tagged
+/// process would try (tests/tests/escape.rs). Same exit-status contract.
+mod escape {
+    use std::{
+        io::{self, BufRead, BufReader, Write},
+        net::SocketAddr,
+        os::unix::net::UnixListener,
+        time::Duration,
+    };
+
+    use super::{OK, OTHER, addr, report, run as run_cmd, socket2_free};
+
+    pub const USAGE: &str = "  uring-connect ADDR PORT [inline|async|sqpoll] | tfo ADDR PORT | mptcp ADDR PORT\n  \
+         udp-sendmmsg ADDR PORT.. | udp-pktinfo ADDR PORT | udp6-send ADDR PORT | udp-connected-sendto ADDR CPORT DPORT\n  \
+         tcp-reconnect ADDR APORT DPORT | tcp-bind ADDR PORT | ping ADDR | vsock-connect CID PORT\n  \
+         ptrace-attach PID | process-vm-read PID | pidfd-getfd PID FD | proc-mem PID\n  \
+         kill PID SIG CMD.. | write-file PATH VALUE CMD.. | fake-daemon SOCKET\n  \
+         orphan CMD.. | spawn CMD.. | exec-from-thread CMD.. | leader-exit CMD..";
+
+    fn cvt(rc: libc::c_long) -> io::Result<libc::c_long> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn family(a: &SocketAddr) -> libc::c_int {
+        if a.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        }
+    }
+
+    /// An owned fd closed on drop.
+    struct Fd(libc::c_int);
+
+    impl Drop for Fd {
+        fn drop(&mut self) {
+            // SAFETY: we own the descriptor.
+            unsafe { libc::close(self.0) };
+        }
+    }
+
+    fn socket(fam: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> io::Result<Fd> {
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(fam, ty | libc::SOCK_CLOEXEC, proto) };
+        cvt(fd.into()).map(|_| Fd(fd))
+    }
+
+    fn connect(fd: &Fd, a: &SocketAddr) -> io::Result<()> {
+        let sa = socket2_free::encode(a);
+        // SAFETY: sa is a valid sockaddr of sa.len() bytes.
+        cvt(unsafe { libc::connect(fd.0, sa.ptr(), sa.len()) }.into()).map(drop)
+    }
+
+    fn bind_any(fd: &Fd, a: &SocketAddr) -> io::Result<()> {
+        let local: SocketAddr = if a.is_ipv4() {
+            "127.0.0.1:0".parse().expect("addr")
+        } else {
+            "[::1]:0".parse().expect("addr")
+        };
+        let sa = socket2_free::encode(&local);
+        // SAFETY: as above.
+        cvt(unsafe { libc::bind(fd.0, sa.ptr(), sa.len()) }.into()).map(drop)
+    }
+
+    fn pid_arg(rest: &[String]) -> Option<libc::pid_t> {
+        rest.first()?.parse().ok()
+    }
+
+    /// `None`: unknown subcommand or bad arguments (usage).
+    pub fn run(cmd: &str, rest: &[String]) -> Option<i32> {
+        Some(match cmd {
+            "uring-connect" => {
+                let a = addr(rest)?;
+                let mode = rest.get(2).map(String::as_str).unwrap_or("inline");
+                if !matches!(mode, "inline" | "async" | "sqpoll") {
+                    return None;
+                }
+                report(
+                    &format!("io_uring connect ({mode})"),
+                    uring_connect(a, mode),
+                )
+            }
+            "tfo" => {
+                let a = addr(rest)?;
+                report("sendto(MSG_FASTOPEN)", tfo(a))
+            }
+            "mptcp" => {
+                let a = addr(rest)?;
+                report(
+                    "mptcp connect",
+                    socket(family(&a), libc::SOCK_STREAM, libc::IPPROTO_MPTCP)
+                        .and_then(|fd| connect(&fd, &a)),
+                )
+            }
+            "udp-sendmmsg" => {
+                let a = addr(rest)?;
+                let ports: Vec<u16> = rest[1..].iter().filter_map(|p| p.parse().ok()).collect();
+                report("udp sendmmsg", sendmmsg(a, &ports))
+            }
+            "udp-pktinfo" => {
+                let a = addr(rest)?;
+                report("udp sendmsg with IP_PKTINFO", pktinfo(a))
+            }
+            "udp6-send" => {
+                let a = addr(rest)?;
+                report(
+                    "udp sendto from an AF_INET6 socket",
+                    std::net::UdpSocket::bind("[::]:0")
+                        .and_then(|s| s.send_to(b"probe", a))
+                        .map(drop),
+                )
+            }
+            "udp-connected-sendto" => {
+                let a = addr(rest)?;
+                let dport: u16 = rest.get(2)?.parse().ok()?;
+                let bind = if a.is_ipv4() {
+                    "127.0.0.1:0"
+                } else {
+                    "[::1]:0"
+                };
+                let s = match std::net::UdpSocket::bind(bind).and_then(|s| {
+                    s.connect(a)?;
+                    Ok(s)
+                }) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        println!("probe: connecting to the allowed endpoint failed: {e}");
+                        return Some(OTHER);
+                    }
+                };
+                report(
+                    "sendto another endpoint on a connected udp socket",
+                    s.send_to(b"probe", SocketAddr::new(a.ip(), dport))
+                        .map(drop),
+                )
+            }
+            "tcp-reconnect" => {
+                let a = addr(rest)?;
+                let dport: u16 = rest.get(2)?.parse().ok()?;
+                report("tcp reconnect after AF_UNSPEC", reconnect(a, dport))
+            }
+            "tcp-bind" => {
+                let a = addr(rest)?;
+                report(
+                    "tcp bind then connect",
+                    socket(family(&a), libc::SOCK_STREAM, 0).and_then(|fd| {
+                        bind_any(&fd, &a)?;
+                        connect(&fd, &a)
+                    }),
+                )
+            }
+            "ping" => {
+                let ip: std::net::IpAddr = rest.first()?.parse().ok()?;
+                report("icmp echo on a ping socket", ping(ip))
+            }
+            "vsock-connect" => {
+                let cid: u32 = rest.first()?.parse().ok()?;
+                let port: u32 = rest.get(1)?.parse().ok()?;
+                report("vsock connect", vsock_connect(cid, port))
+            }
+            "ptrace-attach" => {
+                let pid = pid_arg(rest)?;
+                report("ptrace(PTRACE_ATTACH)", ptrace_attach(pid))
+            }
+            "process-vm-read" => {
+                let pid = pid_arg(rest)?;
+                report("process_vm_readv", process_vm_read(pid))
+            }
+            "pidfd-getfd" => {
+                let pid = pid_arg(rest)?;
+                let fd: libc::c_int = rest.get(1)?.parse().ok()?;
+                report("pidfd_getfd", pidfd_getfd(pid, fd))
+            }
+            "proc-mem" => {
+                let pid = pid_arg(rest)?;
+                report(
+                    "open /proc/PID/mem for writing",
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(format!("/proc/{pid}/mem"))
+                        .map(drop),
+                )
+            }
+            "kill" => {
+                let pid = pid_arg(rest)?;
+                let sig: libc::c_int = rest.get(1)?.parse().ok()?;
+                // SAFETY: plain syscall.
+                let r = cvt(unsafe { libc::kill(pid, sig) }.into()).map(drop);
+                let code = report(&format!("kill({pid}, {sig})"), r);
+                if code != OK {
+                    return Some(code);
+                }
+                // Let the target die and its kernel objects be released.
+                std::thread::sleep(Duration::from_millis(1500));
+                run_cmd(&rest[2..])
+            }
+            "write-file" => {
+                let (path, value) = (rest.first()?, rest.get(1)?);
+                let code = report(&format!("write {path}"), std::fs::write(path, value));
+                if code != OK {
+                    return Some(code);
+                }
+                run_cmd(&rest[2..])
+            }
+            "fake-daemon" => {
+                let path = rest.first()?;
+                fake_daemon(path)
+            }
+            "orphan" => orphan(rest),
+            "spawn" => spawn(rest),
+            "exec-from-thread" => {
+                let rest = rest.to_vec();
+                std::thread::spawn(move || {
+                    use std::os::unix::process::CommandExt;
+                    let err = std::process::Command::new("/proc/self/exe")
+                        .args(&rest)
+                        .exec();
+                    println!("probe: exec from a thread: {err}");
+                    std::process::exit(OTHER);
+                })
+                .join()
+                .ok();
+                OTHER
+            }
+            "leader-exit" => {
+                let rest = rest.to_vec();
+                std::thread::spawn(move || {
+                    // Wait until the main thread is gone, then act.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let code = run_cmd(&rest);
+                    let _ = io::stdout().flush();
+                    std::process::exit(code);
+                });
+                // SAFETY: SYS_exit ends only the calling (main) thread, with
+                // no unwinding; the other thread exits the process.
+                unsafe { libc::syscall(libc::SYS_exit, 0) };
+                OTHER
+            }
+            _ => return None,
+        })
+    }
+
+    fn uring_connect(a: SocketAddr, mode: &str) -> io::Result<()> {
+        use io_uring::{IoUring, opcode, squeue, types};
+        let mut builder = IoUring::builder();
+        if mode == "sqpoll" {
+            builder.setup_sqpoll(1000);
+        }
+        let mut ring: IoUring = builder.build(8)?;
+        let fd = socket(family(&a), libc::SOCK_STREAM, 0)?;
+        let sa = socket2_free::encode(&a);
+        let mut sqe = opcode::Connect::new(types::Fd(fd.0), sa.ptr(), sa.len())
+            .build()
+            .user_data(7);
+        if mode == "async" {
+            // Forces the connect onto an io-wq worker thread.
+            sqe = sqe.flags(squeue::Flags::ASYNC);
+        }
+        // SAFETY: sa and fd outlive the request (we wait for completion).
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| io::Error::other("no completion"))?;
+        if cqe.result() < 0 {
+            Err(io::Error::from_raw_os_error(-cqe.result()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn tfo(a: SocketAddr) -> io::Result<()> {
+        let fd = socket(family(&a), libc::SOCK_STREAM, 0)?;
+        let sa = socket2_free::encode(&a);
+        let msg = b"probe";
+        // SAFETY: valid buffer and sockaddr.
+        cvt(unsafe {
+            libc::sendto(
+                fd.0,
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_FASTOPEN,
+                sa.ptr(),
+                sa.len(),
+            )
+        } as libc::c_long)
+        .map(drop)
+    }
+
+    fn sendmmsg(a: SocketAddr, ports: &[u16]) -> io::Result<()> {
+        let s = std::net::UdpSocket::bind(if a.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        })?;
+        use std::os::fd::AsRawFd;
+        let addrs: Vec<_> = ports
+            .iter()
+            .map(|&p| socket2_free::encode(&SocketAddr::new(a.ip(), p)))
+            .collect();
+        let mut payload = *b"probe";
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: zeroed mmsghdr is valid; pointers below outlive the call.
+        let mut msgs: Vec<libc::mmsghdr> = addrs
+            .iter()
+            .map(|sa| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = sa.ptr() as *mut libc::c_void;
+                m.msg_hdr.msg_namelen = sa.len();
+                m.msg_hdr.msg_iov = &mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut done = 0;
+        while done < msgs.len() {
+            let left = &mut msgs[done..];
+            // SAFETY: left is a valid array of left.len() headers. A batch
+            // stops at the first failing message; sending the rest again
+            // reports that message's error.
+            let rc =
+                unsafe { libc::sendmmsg(s.as_raw_fd(), left.as_mut_ptr(), left.len() as u32, 0) };
+            let sent = cvt(rc.into())?;
+            println!("probe: sendmmsg sent {sent} of {}", left.len());
+            done += sent as usize;
+        }
+        Ok(())
+    }
+
+    fn pktinfo(a: SocketAddr) -> io::Result<()> {
+        let SocketAddr::V4(v4) = a else {
+            return Err(io::Error::other("IP_PKTINFO test is IPv4 only"));
+        };
+        let fd = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
+        let sa = socket2_free::encode(&a);
+        let mut payload = *b"probe";
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // u64 array: aligned buffer for the control message.
+        let mut cbuf = [0u64; 8];
+        // SAFETY: zeroed msghdr is valid; the cmsg fits in cbuf.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = sa.ptr() as *mut libc::c_void;
+            msg.msg_namelen = sa.len();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            let space = libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32);
+            msg.msg_controllen = space as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::IPPROTO_IP;
+            (*cmsg).cmsg_type = libc::IP_PKTINFO;
+            (*cmsg).cmsg_len =
+                libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            cvt(libc::sendmsg(fd.0, &msg, 0) as libc::c_long).map(drop)
+        }
+    }
+
+    fn reconnect(a: SocketAddr, dport: u16) -> io::Result<()> {
+        let fd = socket(family(&a), libc::SOCK_STREAM, 0)?;
+        if let Err(e) = connect(&fd, &a) {
+            println!("probe: connecting to the allowed endpoint failed: {e}");
+            return Err(io::Error::other("allowed connect failed"));
+        }
+        // SAFETY: zeroed sockaddr with family AF_UNSPEC disconnects.
+        let mut unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        let rc = unsafe {
+            libc::connect(
+                fd.0,
+                &unspec,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        println!(
+            "probe: connect(AF_UNSPEC): {}",
+            if rc == 0 {
+                "ok".to_string()
+            } else {
+                io::Error::last_os_error().to_string()
+            }
+        );
+        connect(&fd, &SocketAddr::new(a.ip(), dport))
+    }
+
+    fn ping(ip: std::net::IpAddr) -> io::Result<()> {
+        let (fam, proto, ty) = if ip.is_ipv4() {
+            (libc::AF_INET, libc::IPPROTO_ICMP, 8u8)
+        } else {
+            (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8)
+        };
+        let fd = socket(fam, libc::SOCK_DGRAM, proto)?;
+        let sa = socket2_free::encode(&SocketAddr::new(ip, 0));
+        // type, code, checksum (kernel fills it), id, seq, payload.
+        let pkt = [ty, 0, 0, 0, 0, 0, 0, 1, b'e', b'x', b'f', b'i', b'l'];
+        // SAFETY: valid buffer and sockaddr.
+        cvt(
+            unsafe { libc::sendto(fd.0, pkt.as_ptr().cast(), pkt.len(), 0, sa.ptr(), sa.len()) }
+                as libc::c_long,
+        )
+        .map(drop)
+    }
+
+    fn vsock_connect(cid: u32, port: u32) -> io::Result<()> {
+        let fd = socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0)?;
+        // SAFETY: zeroed sockaddr_vm is valid.
+        let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        sa.svm_cid = cid;
+        sa.svm_port = port;
+        // SAFETY: valid sockaddr_vm.
+        cvt(unsafe {
+            libc::connect(
+                fd.0,
+                (&sa as *const libc::sockaddr_vm).cast(),
+                std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        }
+        .into())
+        .map(drop)
+    }
+
+    fn ptrace_attach(pid: libc::pid_t) -> io::Result<()> {
+        // SAFETY: plain syscalls; on success we detach again at once.
+        unsafe {
+            cvt(libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0))?;
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, libc::__WALL);
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+        }
+        Ok(())
+    }
+
+    fn process_vm_read(pid: libc::pid_t) -> io::Result<()> {
+        // Any mapped address of the target will do.
+        // Any mapped address of the target will do; reading its maps needs
+        // the same permission, so fall back to a guess (the permission
+        // check comes before the address is used).
+        let start = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .ok()
+            .and_then(|maps| {
+                let first = maps.lines().next()?.split('-').next()?.to_string();
+                usize::from_str_radix(&first, 16).ok()
+            })
+            .unwrap_or(0x10000);
+        let mut buf = [0u8; 8];
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: start as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: local iovec points at our buffer.
+        cvt(unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } as libc::c_long)
+            .map(drop)
+    }
+
+    fn pidfd_getfd(pid: libc::pid_t, target_fd: libc::c_int) -> io::Result<()> {
+        // SAFETY: plain syscalls.
+        let pidfd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+        let pidfd = Fd(pidfd as libc::c_int);
+        let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.0, target_fd, 0) })?;
+        drop(Fd(fd as libc::c_int));
+        Ok(())
+    }
+
+    /// Replaces the daemon's control socket with one that "registers" every
+    /// launcher without tagging it, and serves until killed.
+    fn fake_daemon(path: &str) -> i32 {
+        let _ = std::fs::remove_file(path);
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("probe: bind {path}: {e}");
+                return if e.raw_os_error() == Some(libc::EPERM) {
+                    super::EPERM
+                } else {
+                    OTHER
+                };
+            }
+        };
+        println!("probe: fake daemon listening on {path}");
+        let _ = io::stdout().flush();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            let _ = conn.write_all(
+                br#"{"ok":true,"data":{"subject":"acme/researcher","subject_id":1,"hardening":"off","mode":"enforce","cgroup":"/"}}
+"#,
+            );
+        }
+        OK
+    }
+
+    /// Double fork: the grandchild is reparented (the middle process
+    /// exits), then runs CMD and reports its status through a pipe.
+    fn orphan(rest: &[String]) -> i32 {
+        let mut fds = [0; 2];
+        // SAFETY: plain syscalls; children only run our own code and exit.
+        unsafe {
+            if libc::pipe(fds.as_mut_ptr()) != 0 {
+                return OTHER;
+            }
+            let _ = io::stdout().flush();
+            match libc::fork() {
+                -1 => OTHER,
+                0 => {
+                    let middle = libc::getpid();
+                    match libc::fork() {
+                        -1 => libc::_exit(OTHER),
+                        0 => {
+                            libc::close(fds[0]);
+                            while libc::getppid() == middle {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            println!("probe: orphan reparented to {}", libc::getppid());
+                            let code = run_cmd(rest) as u8;
+                            let _ = io::stdout().flush();
+                            libc::write(fds[1], (&code as *const u8).cast(), 1);
+                            libc::_exit(0);
+                        }
+                        _ => libc::_exit(0),
+                    }
+                }
+                middle => {
+                    libc::close(fds[1]);
+                    let mut status = 0;
+                    libc::waitpid(middle, &mut status, 0);
+                    let mut code = OTHER as u8;
+                    if libc::read(fds[0], (&mut code as *mut u8).cast(), 1) != 1 {
+                        return OTHER;
+                    }
+                    i32::from(code)
+                }
+            }
+        }
+    }
+
+    /// posix_spawn (CLONE_VM | CLONE_VFORK in glibc) of this binary.
+    fn spawn(rest: &[String]) -> i32 {
+        use std::ffi::CString;
+        let exe = CString::new("/proc/self/exe").expect("cstring");
+        let args: Vec<CString> = std::iter::once("agent-guard-probe".to_string())
+            .chain(rest.iter().cloned())
+            .map(|a| CString::new(a).expect("cstring"))
+            .collect();
+        let mut argv: Vec<*mut libc::c_char> = args.iter().map(|a| a.as_ptr() as _).collect();
+        argv.push(std::ptr::null_mut());
+        let envp: [*mut libc::c_char; 1] = [std::ptr::null_mut()];
+        let mut pid = 0;
+        let _ = io::stdout().flush();
+        // SAFETY: argv/envp are NULL-terminated arrays of C strings.
+        let rc = unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                exe.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            println!("probe: posix_spawn: {}", io::Error::from_raw_os_error(rc));
+            return OTHER;
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            OTHER
+        }
+    }
 }

@@ -1,0 +1,381 @@
+//! Just-in-time grants, revocation, suspension and divergence handling.
+//!
+//! A grant's life (expiry, uses, revoked) is one `GRANT_STATE` entry that
+//! every kernel key of the grant points at, so expiry is enforced by the
+//! kernel at call time and a revoke is a single map write.
+
+use std::sync::Arc;
+
+use agent_guard_common::grant::{GRANT_LIMITED_USES, GRANT_REVOKED, GrantState, GrantValue};
+
+use super::{
+    events::format_ts,
+    state::{State, mono_now_ns},
+    subjects::Grant,
+};
+use crate::{audit::AuditRecord, kernel::maps::CapRule, policy::DivergenceAction};
+
+/// What `agent-guard grant` asks for.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub tenant: String,
+    pub agent: String,
+    pub tool: String,
+    pub ttl_ms: u64,
+    pub uses: Option<u32>,
+    pub pid: Option<u32>,
+}
+
+impl State {
+    fn grant_record(&self, kind: &str, g: &Grant, reason: Option<&str>, detail: String) {
+        let mut rec = AuditRecord::new(kind);
+        rec.tenant = Some(g.tenant.clone());
+        rec.agent = Some(g.agent.clone());
+        rec.subject = self.identity(g.subject_id).map(|i| i.chain.clone());
+        rec.tool = Some(g.tool.clone());
+        rec.grant = Some(g.id.to_string());
+        rec.pid = g.pid;
+        rec.reason = reason.map(str::to_string);
+        rec.detail = Some(detail);
+        self.audit(&g.tenant, rec);
+    }
+
+    /// Creates a grant and returns it once the kernel enforces it.
+    pub fn grant(&self, req: &GrantRequest) -> Result<Grant, String> {
+        if req.ttl_ms == 0 {
+            return Err("--ttl must be longer than zero".into());
+        }
+        if req.uses == Some(0) {
+            return Err("--uses must be at least 1".into());
+        }
+        let mut reg = self.registry();
+        let known_tool = reg
+            .loaded
+            .as_ref()
+            .is_some_and(|l| l.compiled.tools.contains(&req.tool));
+        if !known_tool {
+            let tools = reg
+                .loaded
+                .as_ref()
+                .map(|l| l.compiled.tools.join(", "))
+                .unwrap_or_default();
+            return Err(format!(
+                "unknown tool {:?} (known tools: {tools})",
+                req.tool
+            ));
+        }
+        let root = reg
+            .identities
+            .values()
+            .find(|i| i.active && i.is_root() && i.tenant == req.tenant && i.agent == req.agent)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "unknown agent {}/{} in the current policy",
+                    req.tenant, req.agent
+                )
+            })?;
+        // --pid: the grant goes to the subject that process is tagged with,
+        // which must belong to this agent.
+        let subject_id = match req.pid {
+            None => root.subject_id,
+            Some(pid) => {
+                drop(reg);
+                let s = self
+                    .process_subject(pid)
+                    .ok_or_else(|| format!("process {pid} is not tagged"))?;
+                reg = self.registry();
+                let ident = reg
+                    .identities
+                    .get(&s)
+                    .cloned()
+                    .ok_or_else(|| format!("process {pid} has an unknown subject"))?;
+                if ident.root_id != root.subject_id {
+                    return Err(format!(
+                        "process {pid} is {} , not an agent of {}/{}",
+                        ident.chain, req.tenant, req.agent
+                    ));
+                }
+                s
+            }
+        };
+        let id = reg.next_grant;
+        reg.next_grant += 1;
+        let now = mono_now_ns();
+        let g = Grant {
+            id,
+            tenant: req.tenant.clone(),
+            agent: req.agent.clone(),
+            tool: req.tool.clone(),
+            subject_id,
+            expires_at_ns: now.saturating_add(req.ttl_ms.saturating_mul(1_000_000)),
+            uses: req.uses,
+            pid: req.pid,
+            created: format_ts(time::OffsetDateTime::now_utc()),
+            entries: Vec::new(),
+        };
+        reg.grants.insert(id, g.clone());
+        drop(reg);
+        let state = GrantState {
+            expires_at_ns: g.expires_at_ns,
+            uses_left: i64::from(g.uses.unwrap_or(0)),
+            flags: if g.uses.is_some() {
+                GRANT_LIMITED_USES
+            } else {
+                0
+            },
+            _pad: 0,
+        };
+        if let Err(e) = self.kernel().set_grant_state(id, state) {
+            self.registry().grants.remove(&id);
+            return Err(e.to_string());
+        }
+        if let Err(e) = self.reinstall_grant(id) {
+            self.drop_grant(id);
+            return Err(e);
+        }
+        self.grant_record(
+            "grant",
+            &g,
+            None,
+            format!(
+                "ttl {}{}{}",
+                humantime::format_duration(std::time::Duration::from_millis(req.ttl_ms)),
+                g.uses.map_or(String::new(), |u| format!(", {u} uses")),
+                g.pid
+                    .map_or(String::new(), |p| format!(", process tree of pid {p}"))
+            ),
+        );
+        Ok(g)
+    }
+
+    /// (Re)writes the `GRANTS` keys of grant `id` for every subject it
+    /// reaches now: new keys first, then stale ones removed, so a call
+    /// allowed before and after is never refused in between.
+    pub fn reinstall_grant(&self, id: u32) -> Result<(), String> {
+        let mut reg = self.registry();
+        let Some(g) = reg.grants.get(&id).cloned() else {
+            return Ok(());
+        };
+        let Some(endpoints) = reg.loaded.as_ref().and_then(|l| {
+            let i = l.compiled.tools.iter().position(|t| *t == g.tool)?;
+            l.compiled.tool_endpoints.get(i).cloned()
+        }) else {
+            drop(reg);
+            self.revoke_with(id, "revoked", "tool no longer in the policy");
+            return Ok(());
+        };
+        let tool_id = reg.ids.tool(&g.tool);
+        let subjects: Vec<u32> = reg
+            .identities
+            .keys()
+            .copied()
+            .filter(|s| reg.grant_reaches(&g, *s))
+            .collect();
+        let mut entries = Vec::new();
+        for s in subjects {
+            for ep in &endpoints {
+                entries.push(CapRule {
+                    subject: s,
+                    generation: 0,
+                    proto: ep.proto,
+                    port: ep.port,
+                    addr: ep.addr,
+                    prefix_len: ep.prefix_len,
+                });
+            }
+        }
+        let stale: Vec<CapRule> = g
+            .entries
+            .iter()
+            .filter(|e| !entries.contains(e))
+            .copied()
+            .collect();
+        {
+            let mut kernel = self.kernel();
+            for e in &entries {
+                kernel
+                    .insert_grant(
+                        e,
+                        GrantValue {
+                            tool_id,
+                            grant_id: id,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            for e in &stale {
+                kernel.remove_grant(e);
+            }
+        }
+        if let Some(g) = reg.grants.get_mut(&id) {
+            g.entries = entries;
+        }
+        Ok(())
+    }
+
+    fn drop_grant(&self, id: u32) -> Option<Grant> {
+        let g = self.registry().grants.remove(&id)?;
+        let mut kernel = self.kernel();
+        for e in &g.entries {
+            kernel.remove_grant(e);
+        }
+        kernel.remove_grant_state(id);
+        Some(g)
+    }
+
+    /// Revokes a grant: one `GRANT_STATE` write makes every key of it deny
+    /// at once (before this returns); then the keys are removed.
+    pub fn revoke(&self, id: u32) -> Result<Grant, String> {
+        if !self.registry().grants.contains_key(&id) {
+            return Err(format!("no active grant {id} (see `agent-guard status`)"));
+        }
+        self.revoke_with(id, "revoked", "revoked by an operator")
+            .ok_or_else(|| format!("grant {id} vanished"))
+    }
+
+    fn revoke_with(&self, id: u32, reason: &str, detail: &str) -> Option<Grant> {
+        {
+            let mut kernel = self.kernel();
+            if let Some(mut st) = kernel.grant_state(id) {
+                st.flags |= GRANT_REVOKED;
+                let _ = kernel.set_grant_state(id, st);
+            }
+        }
+        let g = self.drop_grant(id)?;
+        self.grant_record("revoke", &g, Some(reason), detail.to_string());
+        Some(g)
+    }
+
+    /// Ends grants the kernel already treats as dead (expired, uses spent),
+    /// with an audit record each.
+    pub fn expire_grants(&self) {
+        let now = mono_now_ns();
+        let ids: Vec<(u32, u64)> = self
+            .registry()
+            .grants
+            .values()
+            .map(|g| (g.id, g.expires_at_ns))
+            .collect();
+        for (id, expires) in ids {
+            let spent = self
+                .kernel()
+                .grant_state(id)
+                .is_some_and(|s| s.flags & GRANT_LIMITED_USES != 0 && s.uses_left <= 0);
+            if now >= expires {
+                self.revoke_with(id, "expired", "the grant's TTL ran out");
+            } else if spent {
+                self.revoke_with(id, "uses_exhausted", "every use of the grant was taken");
+            }
+        }
+    }
+
+    /// Suspends (or resumes) a tenant or one agent: every subject of it is
+    /// denied everything at once.
+    pub fn set_suspended(
+        &self,
+        tenant: &str,
+        agent: Option<&str>,
+        suspend: bool,
+    ) -> Result<usize, String> {
+        let mut reg = self.registry();
+        let known = reg
+            .identities
+            .values()
+            .any(|i| i.active && i.tenant == tenant && agent.is_none_or(|a| i.agent == a));
+        if !known {
+            return Err(match agent {
+                Some(a) => format!("unknown agent {tenant}/{a} in the current policy"),
+                None => format!("unknown tenant {tenant:?} in the current policy"),
+            });
+        }
+        let key = (tenant.to_string(), agent.map(str::to_string));
+        if suspend {
+            reg.suspended.insert(key);
+        } else if !reg.suspended.remove(&key) {
+            return Err(format!(
+                "{} is not suspended{}",
+                agent.map_or(tenant.to_string(), |a| format!("{tenant}/{a}")),
+                if agent.is_some() && reg.suspended.contains(&(tenant.to_string(), None)) {
+                    " (its tenant is; resume the tenant)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let ids: Vec<u32> = reg
+            .identities
+            .values()
+            .filter(|i| i.active && i.tenant == tenant && agent.is_none_or(|a| i.agent == a))
+            .map(|i| i.subject_id)
+            .collect();
+        drop(reg);
+        self.rewrite_subjects(&ids)?;
+        let mut rec = AuditRecord::new(if suspend { "suspend" } else { "resume" });
+        rec.tenant = Some(tenant.to_string());
+        rec.agent = agent.map(str::to_string);
+        rec.detail = Some(format!("{} subjects", ids.len()));
+        self.audit(tenant, rec);
+        Ok(ids.len())
+    }
+
+    /// A task-scoped (or sub-agent) process called outside its declared
+    /// tools. Returns true when this call is divergence (the caller marks
+    /// the record); applies `on_divergence` when its threshold is reached.
+    pub fn divergence(&self, subject_id: u32) -> bool {
+        let mut reg = self.registry();
+        let Some(ident) = reg.identities.get(&subject_id).cloned() else {
+            return false;
+        };
+        if ident.requested_tools.is_none() && ident.task.is_none() {
+            return false;
+        }
+        let n = {
+            let c = reg.divergences.entry(subject_id).or_insert(0);
+            *c += 1;
+            *c
+        };
+        self.metrics
+            .divergence
+            .with_label_values(&[&ident.tenant, &ident.agent])
+            .inc();
+        let rule = reg
+            .loaded
+            .as_ref()
+            .and_then(|l| l.policy.agent(&ident.tenant, &ident.agent))
+            .and_then(|a| a.on_divergence);
+        let Some(rule) = rule else { return true };
+        if n != rule.after {
+            return true;
+        }
+        match rule.action {
+            DivergenceAction::Revoke => {
+                let ids = reg.subtree(subject_id);
+                reg.revoked_subjects.extend(ids.iter().copied());
+                drop(reg);
+                let _ = self.rewrite_subjects(&ids);
+                self.divergence_record(&ident, "revoke", n);
+            }
+            DivergenceAction::Suspend => {
+                drop(reg);
+                let _ = self.set_suspended(&ident.tenant, Some(&ident.agent), true);
+                self.divergence_record(&ident, "suspend", n);
+            }
+        }
+        true
+    }
+
+    fn divergence_record(&self, ident: &Arc<super::subjects::Identity>, action: &str, n: u32) {
+        let mut rec = AuditRecord::new(action);
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.reason = Some("divergence".into());
+        rec.detail = Some(format!(
+            "on_divergence: {action} after {n} calls outside the declared tools"
+        ));
+        self.audit(&ident.tenant, rec);
+    }
+}

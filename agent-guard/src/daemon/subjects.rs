@@ -1,0 +1,812 @@
+//! Subjects: who a tagged process is, what it may reach, and how the
+//! kernel image of that is written.
+//!
+//! A root subject is one (tenant, agent) of the policy. Derived subjects
+//! narrow it: a task scope (`run --task --tools --ttl`), a sub-agent
+//! (`run --agent SUB` from inside a tagged process) or a process-tree grant
+//! (`grant --pid`). A derived subject's tools are always a subset of its
+//! parent's, and its expiry never outlives its parent's.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use agent_guard_common::{
+    Config,
+    grant::{GrantValue, ToolLimit},
+    subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR, Subject},
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::state::{Loaded, PipelineMsg, Registry, State, WAKEUP_DIVISOR, mono_now_ns, ppid_of};
+use crate::{
+    audit::{AuditRecord, NODE_LOG},
+    control::Registration,
+    kernel::{fs as kfs, maps::CapRule},
+    policy::{Hardening, Mode, Policy, check_name},
+};
+
+/// A task scope: what the process was started to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub text: String,
+}
+
+/// Who a subject id stands for. Ids are allocated for the daemon's lifetime
+/// and never reused, so processes tagged before a reload keep meaning the
+/// same identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject_id: u32,
+    /// The root agent's subject id (rate limits are per root agent).
+    pub root_id: u32,
+    pub parent: Option<u32>,
+    pub depth: u8,
+    pub tenant: String,
+    /// The root agent's policy name (bounded: used in metric labels).
+    pub agent: String,
+    /// Delegation chain, e.g. `acme/researcher/summarizer`.
+    pub chain: String,
+    pub mode: Mode,
+    pub hardening: Hardening,
+    pub cgroup_dir: PathBuf,
+    /// Narrowed tool set; `None` = all of the parent's (for a root: the
+    /// policy's tools for the agent).
+    pub requested_tools: Option<BTreeSet<String>>,
+    /// Monotonic deadline, 0 = none.
+    pub expires_at_ns: u64,
+    pub task: Option<Task>,
+    /// Still in force (root in the policy, parent alive).
+    pub active: bool,
+}
+
+impl Identity {
+    /// Placeholder for a tagged process whose subject the daemon lost.
+    pub fn unknown(subject_id: u32) -> Self {
+        Self {
+            subject_id,
+            root_id: subject_id,
+            parent: None,
+            depth: 0,
+            tenant: String::new(),
+            agent: String::new(),
+            chain: "<unknown>".into(),
+            mode: Mode::Enforce,
+            hardening: Hardening::Strict,
+            cgroup_dir: PathBuf::new(),
+            requested_tools: None,
+            expires_at_ns: 0,
+            task: None,
+            active: false,
+        }
+    }
+
+    /// Own name: the last element of the chain.
+    pub fn name(&self) -> &str {
+        self.chain.rsplit('/').next().unwrap_or(&self.chain)
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.parent.is_none()
+    }
+}
+
+/// A just-in-time grant.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub id: u32,
+    pub tenant: String,
+    pub agent: String,
+    pub tool: String,
+    /// The subject the grant was given to; it also reaches that subject's
+    /// derived subjects whose tool set allows the tool.
+    pub subject_id: u32,
+    pub expires_at_ns: u64,
+    pub uses: Option<u32>,
+    pub pid: Option<u32>,
+    pub created: String,
+    /// `GRANTS` keys installed for it.
+    pub entries: Vec<CapRule>,
+}
+
+impl Grant {
+    pub fn status(&self, now: u64) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "tenant": self.tenant, "agent": self.agent, "tool": self.tool,
+            "pid": self.pid, "uses": self.uses, "created": self.created,
+            "expires_in_seconds": self.expires_at_ns.saturating_sub(now) as f64 / 1e9,
+        })
+    }
+}
+
+/// Stable id allocation for root subjects and tools.
+#[derive(Default)]
+pub struct Ids {
+    roots: HashMap<(String, String), u32>,
+    next_subject: u32,
+    tools: HashMap<String, u32>,
+    pub tool_names: HashMap<u32, String>,
+    tenants: HashMap<String, u32>,
+}
+
+impl Ids {
+    pub fn new_subject(&mut self) -> u32 {
+        self.next_subject += 1;
+        self.next_subject
+    }
+    fn root(&mut self, tenant: &str, agent: &str) -> u32 {
+        if let Some(id) = self.roots.get(&(tenant.to_string(), agent.to_string())) {
+            return *id;
+        }
+        let id = self.new_subject();
+        self.roots
+            .insert((tenant.to_string(), agent.to_string()), id);
+        id
+    }
+    pub fn tool(&mut self, name: &str) -> u32 {
+        let next = self.tools.len() as u32 + 1;
+        let id = *self.tools.entry(name.to_string()).or_insert(next);
+        self.tool_names.insert(id, name.to_string());
+        id
+    }
+    pub fn tenant(&mut self, name: &str) -> u32 {
+        let next = self.tenants.len() as u32 + 1;
+        *self.tenants.entry(name.to_string()).or_insert(next)
+    }
+}
+
+/// What a launcher asks for (see `control::Request::Register`).
+#[derive(Debug, Clone, Default)]
+pub struct LaunchRequest {
+    pub tenant: Option<String>,
+    pub agent: String,
+    pub task: Option<String>,
+    pub tools: Option<Vec<String>>,
+    pub ttl_ms: Option<u64>,
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl Registry {
+    pub fn is_suspended(&self, tenant: &str, agent: &str) -> bool {
+        self.suspended.contains(&(tenant.to_string(), None))
+            || self
+                .suspended
+                .contains(&(tenant.to_string(), Some(agent.to_string())))
+    }
+
+    fn root_of(&self, tenant: &str, agent: &str) -> Option<Arc<Identity>> {
+        self.identities
+            .values()
+            .find(|i| i.active && i.is_root() && i.tenant == tenant && i.agent == agent)
+            .cloned()
+    }
+
+    /// Policy tools of a root agent.
+    fn policy_tools(&self, tenant: &str, agent: &str) -> BTreeSet<String> {
+        self.loaded
+            .as_ref()
+            .and_then(|l| l.policy.agent(tenant, agent))
+            .map(|a| a.tools.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Base tools of a subject: its root's policy tools narrowed by every
+    /// requested set on the way down.
+    pub fn base_tools(&self, id: u32) -> BTreeSet<String> {
+        let Some(ident) = self.identities.get(&id) else {
+            return BTreeSet::new();
+        };
+        let inherited = match ident.parent {
+            None => self.policy_tools(&ident.tenant, &ident.agent),
+            Some(p) => self.base_tools(p),
+        };
+        match &ident.requested_tools {
+            None => inherited,
+            Some(req) => inherited.intersection(req).cloned().collect(),
+        }
+    }
+
+    /// Tools a subject holds through grants (its own or an ancestor's).
+    fn granted_tools(&self, id: u32) -> BTreeSet<String> {
+        self.grants
+            .values()
+            .filter(|g| self.grant_reaches(g, id))
+            .map(|g| g.tool.clone())
+            .collect()
+    }
+
+    /// Does grant `g` reach subject `id`? It reaches the subject it was
+    /// given to and every derived subject below it whose requested tools
+    /// (if any) include the tool.
+    pub fn grant_reaches(&self, g: &Grant, id: u32) -> bool {
+        let mut cur = id;
+        loop {
+            let Some(ident) = self.identities.get(&cur) else {
+                return false;
+            };
+            if !ident.active {
+                return false;
+            }
+            if cur == g.subject_id {
+                return true;
+            }
+            if let Some(req) = &ident.requested_tools
+                && !req.contains(&g.tool)
+            {
+                return false;
+            }
+            match ident.parent {
+                Some(p) => cur = p,
+                None => return false,
+            }
+        }
+    }
+
+    /// Everything a subject can use now: base tools and granted tools.
+    pub fn current_tools(&self, id: u32) -> BTreeSet<String> {
+        let mut t = self.base_tools(id);
+        t.extend(self.granted_tools(id));
+        t
+    }
+
+    /// `CAPS` keys of a subject for `generation`, with the stable tool id.
+    fn caps_for(&mut self, id: u32, generation: u32) -> Vec<(CapRule, u32)> {
+        let tools = self.base_tools(id);
+        let Some(loaded) = self.loaded.as_ref() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(CapRule, u32)> = Vec::new();
+        let mut wanted = Vec::new();
+        for (i, name) in loaded.compiled.tools.iter().enumerate() {
+            if tools.contains(name) {
+                wanted.push((
+                    name.clone(),
+                    loaded
+                        .compiled
+                        .tool_endpoints
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_default(),
+                ));
+            }
+        }
+        for (name, endpoints) in wanted {
+            let tool_id = self.ids.tool(&name);
+            for ep in endpoints {
+                let rule = CapRule {
+                    subject: id,
+                    generation: generation as u8,
+                    proto: ep.proto,
+                    port: ep.port,
+                    addr: ep.addr,
+                    prefix_len: ep.prefix_len,
+                };
+                // First tool listed wins a shared endpoint.
+                if !out.iter().any(|(r, _)| *r == rule) {
+                    out.push((rule, tool_id));
+                }
+            }
+        }
+        out
+    }
+
+    /// The kernel's view of a subject.
+    pub fn kernel_subject(&mut self, ident: &Identity) -> Subject {
+        let mut flags = 0;
+        if self.is_suspended(&ident.tenant, &ident.agent) {
+            flags |= FLAG_SUSPENDED;
+        }
+        if self.revoked_subjects.contains(&ident.subject_id) {
+            flags |= FLAG_REVOKED;
+        }
+        Subject {
+            tenant_id: self.ids.tenant(&ident.tenant),
+            agent_id: ident.root_id,
+            parent: ident.parent.unwrap_or(0),
+            depth: ident.depth,
+            mode: if ident.mode == Mode::Monitor {
+                MODE_MONITOR
+            } else {
+                MODE_ENFORCE
+            },
+            flags,
+            _pad: 0,
+            expires_at_ns: ident.expires_at_ns,
+        }
+    }
+
+    /// Active subjects derived (transitively) from `id`, `id` included.
+    pub fn subtree(&self, id: u32) -> Vec<u32> {
+        let mut out = vec![id];
+        let mut i = 0;
+        while i < out.len() {
+            let cur = out[i];
+            out.extend(
+                self.identities
+                    .values()
+                    .filter(|x| x.active && x.parent == Some(cur))
+                    .map(|x| x.subject_id),
+            );
+            i += 1;
+        }
+        out
+    }
+}
+
+impl State {
+    /// Validates and installs `policy` as the next generation, then flips.
+    ///
+    /// New `CAPS` entries go in beside the old ones under the next
+    /// generation number; one write of `CONFIG` switches every subject at
+    /// once; then the old generation's entries are deleted. So no call is
+    /// allowed that neither policy allows, and none allowed by both is
+    /// refused during the switch. Subjects whose agent left the policy lose
+    /// their `SUBJECTS` entry, so their processes fail closed.
+    pub fn apply_policy(&self, policy: Policy, text: &str) -> anyhow::Result<u32> {
+        let compiled = policy.compile()?;
+        let mut reg = self.registry();
+        let generation = reg.loaded.as_ref().map_or(1, |l| l.generation + 1);
+        let hash = sha256_hex(text);
+        let origin = policy.origin.clone();
+
+        // Root subjects of the new policy; their cgroups first, so nothing
+        // reaches the kernel if one cannot be made.
+        let mut roots = Vec::new();
+        for agent in &compiled.agents {
+            let id = reg.ids.root(&agent.tenant, &agent.name);
+            let cgroup_dir = self.cgroup_root.join(&agent.tenant).join(&agent.name);
+            if !cgroup_dir.exists() {
+                kfs::ensure_cgroup_dir(&self.cgroup_mount, &cgroup_dir)?;
+                self.created_cgroup(cgroup_dir.clone());
+            }
+            let cgroup_id = kfs::cgroup_id(&cgroup_dir)?;
+            roots.push((
+                Identity {
+                    subject_id: id,
+                    root_id: id,
+                    parent: None,
+                    depth: 0,
+                    tenant: agent.tenant.clone(),
+                    agent: agent.name.clone(),
+                    chain: format!("{}/{}", agent.tenant, agent.name),
+                    mode: agent.mode,
+                    hardening: agent.hardening,
+                    cgroup_dir,
+                    requested_tools: None,
+                    expires_at_ns: 0,
+                    task: None,
+                    active: true,
+                },
+                cgroup_id,
+            ));
+        }
+        let old = reg.loaded.replace(Loaded {
+            policy,
+            compiled,
+            generation,
+            hash: hash.clone(),
+            origin: origin.clone(),
+        });
+
+        // The new identity table: roots replaced, derived subjects kept
+        // (with their root's new mode) while their root stays.
+        let keep_roots: BTreeSet<u32> = roots.iter().map(|(i, _)| i.subject_id).collect();
+        let mut retired = Vec::new();
+        let derived: Vec<Arc<Identity>> = reg
+            .identities
+            .values()
+            .filter(|i| !i.is_root() && i.active)
+            .cloned()
+            .collect();
+        for (ident, _) in &roots {
+            reg.identities
+                .insert(ident.subject_id, Arc::new(ident.clone()));
+        }
+        let root_ids: Vec<u32> = reg
+            .identities
+            .values()
+            .filter(|i| i.is_root())
+            .map(|i| i.subject_id)
+            .collect();
+        for id in root_ids {
+            if !keep_roots.contains(&id)
+                && let Some(ident) = reg.identities.get(&id).cloned()
+                && ident.active
+            {
+                let mut r = (*ident).clone();
+                r.active = false;
+                reg.identities.insert(id, Arc::new(r));
+                retired.push(id);
+            }
+        }
+        for ident in derived {
+            let root = reg.identities.get(&ident.root_id).cloned();
+            let mut d = (*ident).clone();
+            match root {
+                Some(r) if r.active => {
+                    d.mode = r.mode;
+                    d.hardening = r.hardening;
+                }
+                _ => {
+                    d.active = false;
+                    retired.push(d.subject_id);
+                }
+            }
+            reg.identities.insert(d.subject_id, Arc::new(d));
+        }
+
+        let active: Vec<Arc<Identity>> = reg
+            .identities
+            .values()
+            .filter(|i| i.active)
+            .cloned()
+            .collect();
+        let mut new_caps: HashMap<u32, Vec<CapRule>> = HashMap::new();
+        let mut all_caps = Vec::new();
+        for ident in &active {
+            let caps = reg.caps_for(ident.subject_id, generation);
+            new_caps.insert(ident.subject_id, caps.iter().map(|(r, _)| *r).collect());
+            all_caps.extend(caps);
+        }
+        let subjects: Vec<(u32, Subject)> = active
+            .iter()
+            .map(|i| (i.subject_id, reg.kernel_subject(i)))
+            .collect();
+        let limits: Vec<(u32, Option<ToolLimit>)> = {
+            let loaded = reg.loaded.as_ref().map(|l| {
+                l.compiled
+                    .tools
+                    .iter()
+                    .cloned()
+                    .zip(l.compiled.tool_limits.iter().cloned())
+                    .collect::<Vec<_>>()
+            });
+            loaded
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, limit)| {
+                    let id = reg.ids.tool(&name);
+                    let l = limit.map(|(calls, per)| ToolLimit {
+                        calls,
+                        _pad: 0,
+                        per_ns: u64::try_from(per.as_nanos()).unwrap_or(u64::MAX),
+                    });
+                    (id, l)
+                })
+                .collect()
+        };
+
+        let mut kernel = self.kernel();
+        let mut installed = Vec::new();
+        for (rule, tool_id) in &all_caps {
+            if let Err(e) = kernel.insert_cap(
+                rule,
+                GrantValue {
+                    tool_id: *tool_id,
+                    grant_id: 0,
+                },
+            ) {
+                // Roll back this generation; the old one is still in force.
+                for r in &installed {
+                    kernel.remove_cap(r);
+                }
+                drop(kernel);
+                reg.loaded = old;
+                return Err(e.into());
+            }
+            installed.push(*rule);
+        }
+        for (tool_id, limit) in limits {
+            kernel.set_tool_limit(tool_id, limit)?;
+        }
+        for (id, s) in &subjects {
+            kernel.set_subject(*id, *s)?;
+        }
+        for (ident, cgroup_id) in &roots {
+            kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
+        }
+        kernel.set_config(Config {
+            generation,
+            wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
+        })?;
+        for rules in reg.caps.values() {
+            for r in rules {
+                kernel.remove_cap(r);
+            }
+        }
+        for id in &retired {
+            let _ = kernel.remove_subject(*id);
+        }
+        drop(kernel);
+        reg.caps = new_caps;
+        // Grants follow the new tool definitions.
+        let grant_ids: Vec<u32> = reg.grants.keys().copied().collect();
+        drop(reg);
+        for id in grant_ids {
+            if let Err(e) = self.reinstall_grant(id) {
+                tracing::warn!(grant = id, "grant after reload: {e}");
+            }
+        }
+
+        self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
+        let mut rec = AuditRecord::new("policy");
+        rec.detail = Some(format!("generation {generation} from {origin}"));
+        rec.policy_hash = Some(hash);
+        self.audit(NODE_LOG, rec);
+        Ok(generation)
+    }
+
+    fn unknown_identity(reg: &Registry, tenant: &str, agent: &str) -> String {
+        let mut known: Vec<&str> = reg
+            .identities
+            .values()
+            .filter(|i| i.active && i.is_root())
+            .map(|i| i.chain.as_str())
+            .collect();
+        known.sort_unstable();
+        let tenant_known = reg
+            .identities
+            .values()
+            .any(|i| i.active && i.tenant == tenant);
+        let what = if tenant_known {
+            format!("tenant {tenant:?} has no agent {agent:?}")
+        } else {
+            format!("unknown tenant {tenant:?}")
+        };
+        format!(
+            "{what} in the current policy (known agents: {})",
+            known.join(", ")
+        )
+    }
+
+    /// Tags `pid` (the peer of the control connection) before the launcher
+    /// execs: as a root agent, a task scope of one, or (from inside a tagged
+    /// process) a sub-agent of the caller. Never wider than the caller.
+    pub fn register(&self, pid: u32, req: &LaunchRequest) -> Result<Registration, String> {
+        let caller = self.process_subject(pid);
+        let mut reg = self.registry();
+        let now = mono_now_ns();
+        let ttl_ns = req.ttl_ms.map(|ms| ms.saturating_mul(1_000_000));
+        let wants_scope = req.task.is_some() || req.tools.is_some() || ttl_ns.is_some();
+
+        let (parent, name, depth) = match caller {
+            None => {
+                let tenant = req
+                    .tenant
+                    .as_deref()
+                    .ok_or("--tenant is required outside an agent")?;
+                let root = reg
+                    .root_of(tenant, &req.agent)
+                    .ok_or_else(|| Self::unknown_identity(&reg, tenant, &req.agent))?;
+                if !wants_scope {
+                    drop(reg);
+                    return self.tag(pid, &root, None);
+                }
+                (root, "task".to_string(), 0)
+            }
+            Some(subject) => {
+                let parent = reg.identities.get(&subject).cloned().filter(|i| i.active).ok_or(
+                    "refused: this process is tagged with a subject that is no longer in force; it can start nothing",
+                )?;
+                if let Some(t) = &req.tenant
+                    && *t != parent.tenant
+                {
+                    return Err(format!(
+                        "refused: this process belongs to tenant {:?} ({}); a tagged process can never change tenant",
+                        parent.tenant, parent.chain
+                    ));
+                }
+                if req.agent == parent.name() && !wants_scope {
+                    drop(reg);
+                    return self.tag(pid, &parent, None);
+                }
+                check_name("sub-agent", &req.agent).map_err(|e| format!("refused: {e}"))?;
+                let max = reg
+                    .loaded
+                    .as_ref()
+                    .and_then(|l| {
+                        l.compiled
+                            .agents
+                            .iter()
+                            .find(|a| a.tenant == parent.tenant && a.name == parent.agent)
+                    })
+                    .map_or(0, |a| a.max_delegation_depth);
+                let depth = parent.depth + 1;
+                if depth > max {
+                    return Err(format!(
+                        "refused: sub-agent {:?} would be at delegation depth {depth}, but agent {}/{} allows at most {max}",
+                        req.agent, parent.tenant, parent.agent
+                    ));
+                }
+                let name = req.agent.clone();
+                (parent, name, depth)
+            }
+        };
+
+        // The narrowed tool set: a subset of what the parent holds now.
+        let have = reg.current_tools(parent.subject_id);
+        let requested = match &req.tools {
+            None => None,
+            Some(list) => {
+                let set: BTreeSet<String> = list.iter().cloned().collect();
+                if let Some(missing) = set.iter().find(|t| !have.contains(*t)) {
+                    return Err(format!(
+                        "refused: tool {missing:?} is not in the capability set of {} (it has: {})",
+                        parent.chain,
+                        have.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                Some(set)
+            }
+        };
+        let mut expires = ttl_ns.map_or(0, |t| now.saturating_add(t));
+        if parent.expires_at_ns != 0 && (expires == 0 || expires > parent.expires_at_ns) {
+            expires = parent.expires_at_ns;
+        }
+        let task = match &req.task {
+            Some(text) => {
+                let id = format!("t{:x}-{}", self.started_unix(), reg.next_task);
+                reg.next_task += 1;
+                Some(Task {
+                    id,
+                    text: text.clone(),
+                })
+            }
+            None => parent.task.clone(),
+        };
+        let id = reg.ids.new_subject();
+        let is_task = depth == parent.depth;
+        let chain = if is_task {
+            parent.chain.clone()
+        } else {
+            format!("{}/{}", parent.chain, name)
+        };
+        let cgroup_dir = parent.cgroup_dir.join(if is_task {
+            format!("task-{id}")
+        } else {
+            format!("{name}-{id}")
+        });
+        let ident = Identity {
+            subject_id: id,
+            root_id: parent.root_id,
+            parent: Some(parent.subject_id),
+            depth,
+            tenant: parent.tenant.clone(),
+            agent: parent.agent.clone(),
+            chain,
+            mode: parent.mode,
+            hardening: parent.hardening,
+            cgroup_dir,
+            requested_tools: requested,
+            expires_at_ns: expires,
+            task,
+            active: true,
+        };
+        reg.identities.insert(id, Arc::new(ident.clone()));
+        let generation = reg.loaded.as_ref().map_or(0, |l| l.generation);
+        let caps = reg.caps_for(id, generation);
+        let subject = reg.kernel_subject(&ident);
+        reg.caps.insert(id, caps.iter().map(|(r, _)| *r).collect());
+        let grants: Vec<u32> = reg
+            .grants
+            .values()
+            .filter(|g| reg.grant_reaches(g, id))
+            .map(|g| g.id)
+            .collect();
+        drop(reg);
+
+        let made_cgroup = kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
+        if made_cgroup {
+            self.created_cgroup(ident.cgroup_dir.clone());
+        }
+        {
+            let mut kernel = self.kernel();
+            for (rule, tool_id) in &caps {
+                kernel
+                    .insert_cap(
+                        rule,
+                        GrantValue {
+                            tool_id: *tool_id,
+                            grant_id: 0,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            kernel.set_subject(id, subject).map_err(|e| e.to_string())?;
+            if made_cgroup && let Ok(cg) = kfs::cgroup_id(&ident.cgroup_dir) {
+                kernel.tag_cgroup(cg, id).map_err(|e| e.to_string())?;
+            }
+        }
+        for g in grants {
+            self.reinstall_grant(g).map_err(|e| e.to_string())?;
+        }
+        let mut rec = AuditRecord::new(if is_task { "task" } else { "delegate" });
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.pid = Some(pid);
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.detail = Some(format!(
+            "subject {id} under {}: tools {}, depth {depth}{}",
+            parent.chain,
+            ident
+                .requested_tools
+                .as_ref()
+                .map_or("(all of the parent's)".to_string(), |t| t
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(",")),
+            if ident.expires_at_ns != 0 {
+                format!(
+                    ", expires in {}s",
+                    (ident.expires_at_ns - now) / 1_000_000_000
+                )
+            } else {
+                String::new()
+            }
+        ));
+        self.audit(&ident.tenant, rec);
+        self.tag(pid, &ident, ident.task.clone())
+    }
+
+    /// Writes `PROCS[pid]` and moves the process into the subject's cgroup.
+    fn tag(&self, pid: u32, ident: &Identity, task: Option<Task>) -> Result<Registration, String> {
+        self.kernel()
+            .tag_process(pid, ident.subject_id)
+            .map_err(|e| format!("tagging pid {pid}: {e}"))?;
+        let _ = self.audit_tx.send(PipelineMsg::Launched {
+            pid,
+            ppid: ppid_of(pid),
+        });
+        if let Err(e) = kfs::move_to_cgroup(&ident.cgroup_dir, pid) {
+            // The pid anchor holds on its own; the cgroup is the second one.
+            tracing::warn!(pid, "could not move into agent cgroup: {e}");
+        }
+        tracing::info!(pid, subject = %ident.chain, id = ident.subject_id, "registered process");
+        Ok(Registration {
+            subject: ident.chain.clone(),
+            subject_id: ident.subject_id,
+            hardening: ident.hardening,
+            mode: ident.mode,
+            cgroup: ident.cgroup_dir.display().to_string(),
+            task_id: task.map(|t| t.id),
+            daemon_pid: std::process::id(),
+            procs_pin: Some(self.procs_pin.display().to_string()),
+        })
+    }
+
+    fn started_unix(&self) -> u64 {
+        let elapsed = self.started.elapsed().as_secs();
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs().saturating_sub(elapsed))
+    }
+
+    /// Rewrites one subject's `SUBJECTS` entry from the registry.
+    pub fn rewrite_subjects(&self, ids: &[u32]) -> Result<(), String> {
+        let mut reg = self.registry();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(ident) = reg.identities.get(id).cloned()
+                && ident.active
+            {
+                out.push((*id, reg.kernel_subject(&ident)));
+            }
+        }
+        drop(reg);
+        let mut kernel = self.kernel();
+        for (id, s) in out {
+            kernel.set_subject(id, s).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}

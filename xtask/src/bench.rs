@@ -1,0 +1,1193 @@
+//! `cargo xtask bench`: what agent-guard adds to a loopback TCP `connect()`.
+//!
+//! Three configurations, each sample one `agent-guard-probe bench-connect`
+//! run of N connects to a listener owned by this process:
+//! - `a`: no agent-guard daemon (nothing of ours attached);
+//! - `b`: daemon running, probe untagged;
+//! - `c`: daemon running, probe tagged (`agent-guard run`), its agent
+//!   holding ~10,000 endpoint entries; every connect is allowed, so it takes
+//!   the full decision path and emits one audit event.
+//!
+//! Each round runs `a, [start daemon] b, c, c, b, [stop daemon] a`, so a
+//! linear drift within a round cancels out of the per-round paired ratios
+//! (mean of the round's two b or c samples over the mean of its two a
+//! samples). The daemon is started afresh in every round, so `a` always runs
+//! with nothing of ours attached.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{Built, Workspace, describe};
+
+/// Target: daemon running, untagged process (median paired ratio b/a).
+const TARGET_B: f64 = 1.005;
+/// Target: tagged process, 10,000 endpoints (median paired ratio c/a).
+const TARGET_C: f64 = 1.02;
+const TENANT: &str = "bench";
+const AGENT: &str = "a";
+/// Endpoints per `[[tool]]` in the generated policy.
+const ENDPOINTS_PER_TOOL: u32 = 1000;
+/// How long the daemon gets to answer `status`.
+const DAEMON_READY: Duration = Duration::from_secs(30);
+/// How long the daemon gets to exit after SIGTERM.
+const DAEMON_STOP: Duration = Duration::from_secs(30);
+/// A sample whose listener dropped a connection is run again, at most this often.
+const MAX_ATTEMPTS: u32 = 3;
+/// Threads accepting (and at once dropping) connections; a second one keeps
+/// the queue drained while one is preempted.
+const ACCEPT_THREADS: usize = 2;
+/// Accept queue length (the kernel caps it at net.core.somaxconn). std
+/// listens with 128, which a busy daemon on 2 CPUs can starve the accept
+/// threads past: the SYN is dropped and the connect stalls for a 1 s
+/// retransmit.
+const LISTEN_BACKLOG: i32 = 4096;
+/// Connects per sample above which port search dominates (see --connects).
+const PORT_PRESSURE: u32 = 10_000;
+/// How long a sample waits for other agent-guard daemons (e.g. a test run)
+/// to go away before it runs with them and says so.
+const FOREIGN_WAIT: Duration = Duration::from_secs(60);
+/// `agent-guard-probe` exit status for EPERM.
+const PROBE_EPERM: i32 = 10;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Rounds of `a b c c b a` samples [default: 7, or 2 with --quick].
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rounds: Option<u32>,
+    /// connect() calls per sample [default: 8000, or 5000 with --quick].
+    /// Above ~10000 the samples measure ephemeral port search instead: a
+    /// port whose TIME_WAIT is younger than 1 s cannot be reused, and
+    /// connect() prefers half of the 28k-port range, so loopback connects
+    /// jump from ~11 us to ~55 us on the reference machine.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
+    connects: Option<u32>,
+    /// Smoke run: 2 rounds of 5000 connects per sample.
+    #[arg(long)]
+    quick: bool,
+    /// Endpoint entries (distinct 10.x.y.z/32, various ports) in the tagged
+    /// agent's tools, besides the listener's own entry.
+    #[arg(long, value_name = "E", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    endpoints: u32,
+    /// Pause before each sample so the previous sample's TIME_WAIT ports are
+    /// reusable again (tcp_tw_reuse waits >1 s) and every sample starts alike.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pause_ms: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    A,
+    B,
+    C,
+}
+
+impl Config {
+    const ALL: [Config; 3] = [Config::A, Config::B, Config::C];
+
+    fn key(self) -> &'static str {
+        match self {
+            Config::A => "a",
+            Config::B => "b",
+            Config::C => "c",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Config::A => "no agent-guard programs",
+            Config::B => "daemon running, untagged",
+            Config::C => "tagged, allowed, 10k endpoints",
+        }
+    }
+}
+
+/// One probe run.
+struct Sample {
+    config: Config,
+    round: u32,
+    ns_per_connect: f64,
+    /// Probe runs needed (more than 1 when the listener dropped a connection).
+    attempts: u32,
+    /// Listen queue overflows during the kept run (0 unless every attempt
+    /// overflowed).
+    listen_overflows: u64,
+    /// Sockets in TIME_WAIT before the run.
+    time_wait_before: u64,
+    /// Other `agent-guard daemon` processes seen on the host before the run.
+    foreign_daemons: usize,
+}
+
+/// What one round's daemon reported just before it was stopped.
+struct RoundStatus {
+    allow: u64,
+    /// CPU time the daemon used from start to stop (user + system).
+    daemon_cpu: Option<Duration>,
+    events_lost: u64,
+    startup: Duration,
+}
+
+pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
+    let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 7 });
+    let n = args
+        .connects
+        .unwrap_or(if args.quick { 5000 } else { 8000 });
+    let pause = Duration::from_millis(args.pause_ms);
+
+    if n > PORT_PRESSURE {
+        eprintln!(
+            "bench: warning: {n} connects per sample exceed ~{PORT_PRESSURE}; expect samples \
+             dominated by ephemeral port search (see --help)"
+        );
+    }
+    let cgroup2 = cgroup2_mount()?;
+    let listener = Listener::start()?;
+    let port = listener.addr.port();
+    let mut guard = Guard::create(&cgroup2)?;
+
+    let policy = policy_toml(port, args.endpoints);
+    std::fs::write(&guard.policy, &policy)
+        .with_context(|| format!("writing {}", guard.policy.display()))?;
+    let mut check = Command::new(&built.daemon);
+    check.arg("policy").arg("check").arg(&guard.policy);
+    let out = check
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(&check)))?;
+    if !out.status.success() {
+        bail!(
+            "the generated policy does not load: `{}` failed ({}):\n{}{}",
+            describe(&check),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    eprintln!(
+        "bench: {rounds} rounds x (a b c c b a), {n} connects per sample, {} endpoint entries, \
+         listener {}, work dir {}",
+        args.endpoints,
+        listener.addr,
+        guard.dir.display()
+    );
+
+    let runner = Runner {
+        built,
+        guard_socket: guard.socket.clone(),
+        listener: &listener,
+        n,
+        pause,
+    };
+
+    // Warm up caches, the probe binary and the listener; not recorded.
+    runner.probe_once(Config::A, n.div_ceil(4).max(100))?;
+
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut statuses: Vec<RoundStatus> = Vec::new();
+    for round in 0..rounds {
+        eprintln!("bench: round {}/{rounds}", round + 1);
+        samples.push(runner.sample(Config::A, round)?);
+        let started = Instant::now();
+        guard.start_daemon(&built.daemon)?;
+        let startup = started.elapsed();
+        runner.check_enforcing()?;
+        for config in [Config::B, Config::C, Config::C, Config::B] {
+            samples.push(runner.sample(config, round)?);
+        }
+        let status = daemon_status(&built.daemon, &guard.socket)?;
+        let daemon_cpu = guard.daemon_cpu();
+        guard.stop_daemon()?;
+        let allow = status["decisions"]["allow"].as_u64().unwrap_or(0);
+        let events_lost: u64 = status["events_lost"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, v)| v.as_u64())
+            .sum();
+        // Both tagged samples' connects must have been judged and allowed,
+        // otherwise `c` did not measure the decision path.
+        if allow < 2 * u64::from(n) {
+            bail!(
+                "round {}: the daemon counted {allow} allowed decisions, expected at least {} \
+                 from the two tagged samples; the tagged probe was not judged",
+                round + 1,
+                2 * u64::from(n)
+            );
+        }
+        statuses.push(RoundStatus {
+            allow,
+            daemon_cpu,
+            events_lost,
+            startup,
+        });
+        samples.push(runner.sample(Config::A, round)?);
+    }
+    drop(guard);
+
+    let report = Report::new(&samples, rounds);
+    print!("{}", report.table(rounds, n, args.endpoints));
+
+    let results = results_json(ws, &report, &samples, &statuses, rounds, n, args);
+    let dir = ws.target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("results.json");
+    let text = serde_json::to_string_pretty(&results).context("serializing results")?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    println!("results: {}", path.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Running samples
+// ---------------------------------------------------------------------------
+
+struct Runner<'a> {
+    built: &'a Built,
+    guard_socket: PathBuf,
+    listener: &'a Listener,
+    n: u32,
+    pause: Duration,
+}
+
+impl Runner<'_> {
+    fn probe_command(&self, config: Config, args: &[String]) -> Command {
+        match config {
+            Config::A | Config::B => {
+                let mut cmd = Command::new(&self.built.probe);
+                cmd.args(args);
+                cmd
+            }
+            Config::C => {
+                let mut cmd = Command::new(&self.built.daemon);
+                cmd.arg("run")
+                    .arg("--socket")
+                    .arg(&self.guard_socket)
+                    .args(["--tenant", TENANT, "--agent", AGENT, "--"])
+                    .arg(&self.built.probe)
+                    .args(args);
+                cmd
+            }
+        }
+    }
+
+    /// One probe run of `n` connects; returns ns per connect.
+    fn probe_once(&self, config: Config, n: u32) -> Result<f64> {
+        let args = [
+            "bench-connect".to_owned(),
+            self.listener.addr.ip().to_string(),
+            self.listener.addr.port().to_string(),
+            n.to_string(),
+        ];
+        let mut cmd = self.probe_command(config, &args);
+        let accepted_before = self.listener.accepted.load(Ordering::Relaxed);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        if !out.status.success() {
+            bail!(
+                "`{}` failed ({}): {}{}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let ns: f64 = stdout.trim().parse().with_context(|| {
+            format!(
+                "`{}` printed {:?}, not a number of ns",
+                describe(&cmd),
+                stdout.trim()
+            )
+        })?;
+        if !ns.is_finite() || ns <= 0.0 {
+            bail!("`{}` reported {ns} ns per connect", describe(&cmd));
+        }
+        // Let the accept threads drain the queue so the next run starts
+        // with it empty.
+        let want = accepted_before + u64::from(n);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.listener.accepted.load(Ordering::Relaxed) < want {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "bench: warning: the listener accepted {} of {n} connections within 10 s",
+                    self.listener.accepted.load(Ordering::Relaxed) - accepted_before
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(ns)
+    }
+
+    /// One recorded sample; re-run (up to MAX_ATTEMPTS) when the listen
+    /// queue overflowed, since a dropped SYN costs a 1 s retransmit.
+    fn sample(&self, config: Config, round: u32) -> Result<Sample> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            std::thread::sleep(self.pause);
+            let waited = Instant::now();
+            let mut foreign_daemons = count_foreign_daemons(&self.guard_socket);
+            if foreign_daemons > 0 {
+                eprintln!(
+                    "bench:   {foreign_daemons} other agent-guard daemon(s) running; waiting up \
+                     to {} s for them to exit",
+                    FOREIGN_WAIT.as_secs()
+                );
+            }
+            while foreign_daemons > 0 && waited.elapsed() < FOREIGN_WAIT {
+                std::thread::sleep(Duration::from_secs(1));
+                foreign_daemons = count_foreign_daemons(&self.guard_socket);
+            }
+            let time_wait_before = time_wait_sockets();
+            let overflows_before = listen_overflows();
+            let ns = self.probe_once(config, self.n)?;
+            let listen_overflows = listen_overflows().saturating_sub(overflows_before);
+            if listen_overflows > 0 && attempts < MAX_ATTEMPTS {
+                eprintln!(
+                    "bench:   {}: listener dropped a connection {listen_overflows} times \
+                     ({ns:.0} ns/connect); running the sample again",
+                    config.key()
+                );
+                continue;
+            }
+            if listen_overflows > 0 {
+                eprintln!(
+                    "bench: warning: {}: listener dropped a connection in {attempts} runs; \
+                     keeping the last one, marked in results.json",
+                    config.key()
+                );
+            }
+            if foreign_daemons > 0 {
+                eprintln!(
+                    "bench: warning: {foreign_daemons} other agent-guard daemon(s) running; \
+                     their programs add to every configuration"
+                );
+            }
+            eprintln!("bench:   {}: {ns:.1} ns/connect", config.key());
+            return Ok(Sample {
+                config,
+                round,
+                ns_per_connect: ns,
+                attempts,
+                listen_overflows,
+                time_wait_before,
+                foreign_daemons,
+            });
+        }
+    }
+
+    /// A tagged connect to a port the agent holds no grant for must be
+    /// refused with EPERM, or `c` would not measure enforcement.
+    fn check_enforcing(&self) -> Result<()> {
+        // Port 9 (discard) on loopback: EPERM when denied, ECONNREFUSED or
+        // success when the fence is not in the way. Not in the policy.
+        let args = ["tcp".to_owned(), "127.0.0.1".to_owned(), "9".to_owned()];
+        let mut cmd = self.probe_command(Config::C, &args);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        if out.status.code() != Some(PROBE_EPERM) {
+            bail!(
+                "sanity check failed: `{}` should be refused with EPERM (exit {PROBE_EPERM}) \
+                 but exited with {}: {}{}",
+                describe(&cmd),
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Listener
+// ---------------------------------------------------------------------------
+
+/// A loopback listener whose threads accept and at once drop connections.
+/// The threads live until the process exits.
+struct Listener {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Listener {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .context("binding a listener on 127.0.0.1")?;
+        let addr = listener.local_addr().context("listener address")?;
+        set_backlog(&listener, LISTEN_BACKLOG)?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        for i in 0..ACCEPT_THREADS {
+            let l = listener.try_clone().context("cloning the listener")?;
+            let count = Arc::clone(&accepted);
+            std::thread::Builder::new()
+                .name(format!("bench-accept-{i}"))
+                .spawn(move || accept_loop(&l, &count))
+                .context("starting an accept thread")?;
+        }
+        Ok(Self { addr, accepted })
+    }
+}
+
+/// listen(2) again on a listening socket: Linux then only changes the
+/// backlog. std has no API for it and xtask does not depend on libc, so
+/// declare the C function (std links libc anyway).
+fn set_backlog(listener: &TcpListener, backlog: i32) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    unsafe extern "C" {
+        fn listen(sockfd: std::ffi::c_int, backlog: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    // SAFETY: a plain syscall wrapper on a socket fd we own; no memory is
+    // passed.
+    let rc = unsafe { listen(listener.as_raw_fd(), backlog) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("listen(2) with a larger backlog");
+    }
+    Ok(())
+}
+
+fn accept_loop(listener: &TcpListener, count: &AtomicU64) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                drop(stream);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            // EMFILE and friends: back off briefly instead of spinning.
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Daemon and cleanup
+// ---------------------------------------------------------------------------
+
+/// Owns everything the bench creates outside its own process: the work
+/// directory, the daemon process and the daemon's cgroup subtree. Drop
+/// stops the daemon (SIGTERM by pid, then SIGKILL), unmounts the pin
+/// directory if the daemon left it mounted, removes the cgroup subtree and
+/// the work directory.
+struct Guard {
+    dir: PathBuf,
+    policy: PathBuf,
+    socket: PathBuf,
+    pin_dir: PathBuf,
+    audit_dir: PathBuf,
+    log: PathBuf,
+    cgroup_root: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Guard {
+    fn create(cgroup2: &Path) -> Result<Self> {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("agent-guard-bench-{pid}"));
+        if dir.exists() {
+            bail!(
+                "{} exists already (left over from an earlier run?); remove it",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let guard = Self {
+            policy: dir.join("policy.toml"),
+            socket: dir.join("agent-guard.sock"),
+            pin_dir: dir.join("bpf"),
+            audit_dir: dir.join("audit"),
+            log: dir.join("daemon.log"),
+            cgroup_root: cgroup2.join(format!("ag-bench-{pid}")),
+            dir,
+            daemon: None,
+        };
+        Ok(guard)
+    }
+
+    fn start_daemon(&mut self, bin: &Path) -> Result<()> {
+        if self.daemon.is_some() {
+            bail!("internal error: the bench daemon is already running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("creating {}", self.log.display()))?;
+        let log_err = log.try_clone().context("duplicating the log file")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("daemon")
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--audit-dir")
+            .arg(&self.audit_dir)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        self.daemon = Some(child);
+
+        let deadline = Instant::now() + DAEMON_READY;
+        loop {
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.daemon = None;
+                bail!(
+                    "the daemon exited during startup ({status}); its log:\n{}",
+                    self.log_tail()
+                );
+            }
+            let ready = Command::new(bin)
+                .arg("status")
+                .arg("--socket")
+                .arg(&self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the daemon did not answer `status` within {} s; its log:\n{}",
+                    DAEMON_READY.as_secs(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM by pid and wait; an error if it does not exit in time or
+    /// exits with a failure.
+    fn stop_daemon(&mut self) -> Result<()> {
+        let Some(mut child) = self.daemon.take() else {
+            return Ok(());
+        };
+        let pid = child.id();
+        match terminate(&mut child, DAEMON_STOP) {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => bail!(
+                "the daemon (pid {pid}) exited with {status} after SIGTERM; its log:\n{}",
+                self.log_tail()
+            ),
+            Err(e) => Err(e.context(format!("stopping the daemon (pid {pid})"))),
+        }
+    }
+
+    /// utime + stime of the running daemon from /proc/PID/stat (clock ticks
+    /// of 10 ms, USER_HZ on Linux).
+    fn daemon_cpu(&self) -> Option<Duration> {
+        let pid = self.daemon.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some(Duration::from_millis((utime + stime) * 10))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(30);
+        lines[from..].join("\n")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let pid = child.id();
+            if let Err(e) = terminate(&mut child, DAEMON_STOP) {
+                eprintln!("bench: cleanup: daemon pid {pid}: {e:#}");
+            }
+        }
+        // The daemon unmounts its pin dir and removes its cgroups on a clean
+        // exit; after a crash or SIGKILL do it here.
+        if is_mount_point(&self.pin_dir) {
+            let ok = Command::new("umount")
+                .arg(&self.pin_dir)
+                .stdin(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!(
+                    "bench: cleanup: could not unmount {}",
+                    self.pin_dir.display()
+                );
+            }
+        }
+        if self.cgroup_root.exists()
+            && let Err(e) = remove_cgroup_tree(&self.cgroup_root)
+        {
+            eprintln!(
+                "bench: cleanup: could not remove cgroup {}: {e}",
+                self.cgroup_root.display()
+            );
+        }
+        if is_mount_point(&self.pin_dir) {
+            eprintln!(
+                "bench: cleanup: {} is still mounted; leaving {}",
+                self.pin_dir.display(),
+                self.dir.display()
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("bench: cleanup: removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// SIGTERM to `child` by its pid, wait up to `timeout`, then SIGKILL (std
+/// kills by pid too) and reap. Returns the exit status after SIGTERM, or an
+/// error when SIGKILL was needed.
+fn terminate(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Ok(status);
+    }
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .stdin(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if sent {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().context("waiting for the daemon")? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if sent {
+        bail!("no exit within {} s of SIGTERM; killed", timeout.as_secs())
+    }
+    bail!("could not send SIGTERM (`kill -TERM {pid}`); killed")
+}
+
+/// rmdir a cgroup directory and its children, deepest first (cgroupfs
+/// refuses unlinking its files; rmdir removes an empty cgroup whole).
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("status").arg("--socket").arg(socket).arg("--json");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(&cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`{}` did not print JSON", describe(&cmd)))
+}
+
+// ---------------------------------------------------------------------------
+// Host facts
+// ---------------------------------------------------------------------------
+
+/// Mount entries of /proc/self/mountinfo as (mount point, fs type).
+fn mounts() -> Result<Vec<(PathBuf, String)>> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let fstype = post.split(' ').next()?;
+            Some((
+                PathBuf::from(unescape_mount(mount_point)),
+                fstype.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// Undo mountinfo's octal escapes (`\040` for space and so on).
+fn unescape_mount(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(oct) = bytes.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(&String::from_utf8_lossy(oct), 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cgroup2_mount() -> Result<PathBuf> {
+    mounts()?
+        .into_iter()
+        .find(|(_, fstype)| fstype == "cgroup2")
+        .map(|(p, _)| p)
+        .context("no cgroup2 file system in /proc/self/mountinfo")
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    mounts().is_ok_and(|m| m.iter().any(|(mp, _)| mp == p))
+}
+
+/// `TcpExt: ListenDrops` in /proc/net/netstat: SYNs or handshakes a
+/// listener dropped (it includes ListenOverflows, the accept queue full).
+fn listen_overflows() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
+        return 0;
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let [names, values] = lines.as_slice() else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == "ListenDrops")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// TCP sockets in TIME_WAIT (`tw` in /proc/net/sockstat).
+fn time_wait_sockets() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let i = fields.iter().position(|f| *f == "tw")?;
+            fields.get(i + 1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Other `agent-guard daemon` processes (not ours, which is the one serving
+/// `our_socket`): their programs sit at the cgroup2 root too and would tax
+/// every configuration.
+fn count_foreign_daemons(our_socket: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt as _;
+    let ours = our_socket.as_os_str().as_bytes();
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmdline.split(|b| *b == 0);
+            let argv0 = args.next().unwrap_or_default();
+            argv0.ends_with(b"agent-guard")
+                && args.next() == Some(b"daemon".as_slice())
+                && !args.any(|a| a == ours)
+        })
+        .count()
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn cpu_model() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+fn git(ws: &Workspace, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .current_dir(&ws.root)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Current UTC time as RFC 3339 (no date crate needed).
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Policy
+// ---------------------------------------------------------------------------
+
+/// The bench policy: agent `bench/a` holds the listener's endpoint plus
+/// `endpoints` distinct 10.x.y.z/32 entries (map keys only; nothing is ever
+/// sent to them), split into tools of ENDPOINTS_PER_TOOL.
+fn policy_toml(listener_port: u16, endpoints: u32) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# generated by `cargo xtask bench`");
+    let _ = writeln!(s, "default_mode = \"enforce\"\n");
+    let _ = writeln!(s, "[[tenant]]\nname = \"{TENANT}\"\n");
+    let _ = writeln!(s, "[[tool]]\nname = \"listener\"");
+    let _ = writeln!(
+        s,
+        "endpoints = [{{ cidr = \"127.0.0.1/32\", port = {listener_port} }}]\n"
+    );
+    let mut tools = vec!["listener".to_owned()];
+    let mut k: u32 = 0;
+    while k < endpoints {
+        let name = format!("t{}", k / ENDPOINTS_PER_TOOL);
+        let _ = writeln!(s, "[[tool]]\nname = \"{name}\"\nendpoints = [");
+        let end = endpoints.min(k + ENDPOINTS_PER_TOOL);
+        while k < end {
+            let [_, x, y, z] = k.to_be_bytes();
+            // Ports spread over 1..=65535.
+            let port = 1 + u64::from(k) * 7919 % 65_535;
+            let _ = writeln!(s, "  {{ cidr = \"10.{x}.{y}.{z}/32\", port = {port} }},");
+            k += 1;
+        }
+        let _ = writeln!(s, "]\n");
+        tools.push(name);
+    }
+    let list: Vec<String> = tools.iter().map(|t| format!("\"{t}\"")).collect();
+    let _ = writeln!(
+        s,
+        "[[agent]]\ntenant = \"{TENANT}\"\nname = \"{AGENT}\"\ntools = [{}]",
+        list.join(", ")
+    );
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and output
+// ---------------------------------------------------------------------------
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
+}
+
+struct PerConfig {
+    config: Config,
+    samples: Vec<f64>,
+    median: f64,
+    /// median(config) / median(a).
+    ratio: f64,
+    /// Per round: mean(config samples) / mean(a samples) of that round.
+    paired: Vec<f64>,
+    paired_median: f64,
+    target: Option<f64>,
+}
+
+struct Report {
+    configs: Vec<PerConfig>,
+}
+
+impl Report {
+    fn new(samples: &[Sample], rounds: u32) -> Self {
+        let of = |c: Config, round: Option<u32>| -> Vec<f64> {
+            samples
+                .iter()
+                .filter(|s| s.config == c && round.is_none_or(|r| s.round == r))
+                .map(|s| s.ns_per_connect)
+                .collect()
+        };
+        let median_a = median(&of(Config::A, None));
+        let configs = Config::ALL
+            .iter()
+            .map(|&config| {
+                let values = of(config, None);
+                let med = median(&values);
+                let paired: Vec<f64> = (0..rounds)
+                    .map(|r| mean(&of(config, Some(r))) / mean(&of(Config::A, Some(r))))
+                    .collect();
+                PerConfig {
+                    config,
+                    median: med,
+                    ratio: med / median_a,
+                    paired_median: median(&paired),
+                    paired,
+                    samples: values,
+                    target: match config {
+                        Config::A => None,
+                        Config::B => Some(TARGET_B),
+                        Config::C => Some(TARGET_C),
+                    },
+                }
+            })
+            .collect();
+        Self { configs }
+    }
+
+    fn table(&self, rounds: u32, n: u32, endpoints: u32) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\nloopback TCP connect(), {rounds} rounds x (a b c c b a), {n} connects per sample, \
+             {endpoints} endpoint entries"
+        );
+        let _ = writeln!(
+            s,
+            "{:<3} {:<32} {:>12} {:>9} {:>13} {:>19} {:>16}",
+            "", "configuration", "median ns", "vs a", "paired median", "paired min..max", "target"
+        );
+        for c in &self.configs {
+            let (lo, hi) = min_max(&c.paired);
+            let (paired, range, target) = match c.target {
+                None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+                Some(t) => (
+                    format!("x{:.4}", c.paired_median),
+                    format!("x{lo:.4}..x{hi:.4}"),
+                    format!(
+                        "<= x{t} {}",
+                        if c.paired_median <= t {
+                            "met"
+                        } else {
+                            "MISSED"
+                        }
+                    ),
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "{:<3} {:<32} {:>12.1} {:>9} {:>13} {:>19} {:>16}",
+                c.config.key(),
+                c.config.label(),
+                c.median,
+                format!("x{:.4}", c.ratio),
+                paired,
+                range,
+                target
+            );
+        }
+        let _ = writeln!(
+            s,
+            "(targets are judged on the median of the per-round paired ratios)"
+        );
+        s
+    }
+}
+
+fn results_json(
+    ws: &Workspace,
+    report: &Report,
+    samples: &[Sample],
+    statuses: &[RoundStatus],
+    rounds: u32,
+    n: u32,
+    args: &BenchArgs,
+) -> Value {
+    let mut configs = serde_json::Map::new();
+    let mut ratios = serde_json::Map::new();
+    let mut paired = serde_json::Map::new();
+    let mut targets = serde_json::Map::new();
+    for c in &report.configs {
+        let (lo, hi) = min_max(&c.paired);
+        configs.insert(
+            c.config.key().to_owned(),
+            json!({
+                "description": c.config.label(),
+                "samples_ns": c.samples,
+                "median_ns": c.median,
+            }),
+        );
+        if let Some(t) = c.target {
+            ratios.insert(format!("{}/a", c.config.key()), json!(c.ratio));
+            paired.insert(
+                format!("{}/a", c.config.key()),
+                json!({
+                    "per_round": c.paired,
+                    "median": c.paired_median,
+                    "min": lo,
+                    "max": hi,
+                }),
+            );
+            targets.insert(
+                format!("{}/a", c.config.key()),
+                json!({ "max": t, "paired_median": c.paired_median, "met": c.paired_median <= t }),
+            );
+        }
+    }
+    let sample_log: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            json!({
+                "round": s.round + 1,
+                "config": s.config.key(),
+                "ns_per_connect": s.ns_per_connect,
+                "attempts": s.attempts,
+                "listen_overflows": s.listen_overflows,
+                "time_wait_before": s.time_wait_before,
+                "other_agent_guard_daemons": s.foreign_daemons,
+            })
+        })
+        .collect();
+    let daemon_rounds: Vec<Value> = statuses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({
+                "round": i + 1,
+                "startup_ms": r.startup.as_millis(),
+                "allow_decisions": r.allow,
+                "daemon_cpu_ms": r.daemon_cpu.map(|d| d.as_millis()),
+                "events_lost": r.events_lost,
+            })
+        })
+        .collect();
+    let dirty = git(ws, &["status", "--porcelain"]).map(|s| !s.is_empty());
+    json!({
+        "benchmark": "loopback TCP connect() cost",
+        "date": utc_now(),
+        "machine": {
+            "hostname": read_trimmed("/proc/sys/kernel/hostname"),
+            "cpu_model": cpu_model(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
+            "kernel_version": read_trimmed("/proc/version"),
+            "tcp_tw_reuse": read_trimmed("/proc/sys/net/ipv4/tcp_tw_reuse"),
+            "ip_local_port_range": read_trimmed("/proc/sys/net/ipv4/ip_local_port_range"),
+        },
+        "git": { "commit": git(ws, &["rev-parse", "HEAD"]), "dirty": dirty },
+        "rounds": rounds,
+        "connects_per_sample": n,
+        "endpoint_entries": args.endpoints,
+        "pause_ms": args.pause_ms,
+        "order": "a, start daemon, b, c, c, b, stop daemon, a (per round)",
+        "configs": configs,
+        "ratios_of_medians": ratios,
+        "paired_ratios": paired,
+        "targets": targets,
+        "samples": sample_log,
+        "daemon_rounds": daemon_rounds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mount(r"/a\040b"), "/a b");
+        assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
+    }
+
+    #[test]
+    fn policy_has_distinct_endpoints() {
+        let p = policy_toml(4242, 2500);
+        assert!(p.contains("{ cidr = \"127.0.0.1/32\", port = 4242 }"));
+        let cidrs: std::collections::BTreeSet<&str> = p
+            .lines()
+            .filter(|l| l.contains("cidr = \"10."))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert_eq!(cidrs.len(), 2500);
+        assert!(p.contains("tools = [\"listener\", \"t0\", \"t1\", \"t2\"]"));
+        assert!(!p.contains("port = 0 "));
+    }
+
+    #[test]
+    fn dates() {
+        let d = utc_now();
+        assert_eq!(d.len(), 20, "{d}");
+        assert!(d.starts_with("20"), "{d}");
+    }
+}
