@@ -151,7 +151,7 @@ fn rate_limited(agent_id: u32, tool_id: u32, now: u64) -> bool {
                     (*w).count = 0;
                 }
                 let count =
-                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*w).count, 1);
+                    atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*w).count, 1);
                 count >= u64::from(limit.calls)
             }
         }
@@ -173,7 +173,7 @@ fn take_use(grant_id: u32) -> bool {
         if (*state).flags & GRANT_LIMITED_USES == 0 {
             return true;
         }
-        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*state).uses_left, -1) > 0
+        atomic_xadd::<i64, i64, { AtomicOrdering::SeqCst }>(&raw mut (*state).uses_left, -1) > 0
     }
 }
 

@@ -7,6 +7,8 @@
 #![no_main]
 // Atomic fetch-add on map values: the BPF target has no CAS, so the
 // `Atomic*` types lack fetch_add; the intrinsic lowers to BPF_ATOMIC|FETCH.
+// It must be SeqCst: LLVM's BPF backend lowers a relaxed atomicrmw to the
+// legacy XADD, which returns nothing (the "old value" is then garbage).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 

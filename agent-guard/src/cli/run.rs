@@ -69,7 +69,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         tenant: args.tenant.clone(),
         agent: args.agent.clone(),
         task: args.task.clone(),
-        tools: args.tools.clone(),
+        // `--tools ""` asks for no tools at all.
+        tools: args
+            .tools
+            .clone()
+            .map(|v| v.into_iter().filter(|t| !t.is_empty()).collect()),
         ttl_ms: args
             .ttl
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),

@@ -146,6 +146,28 @@ fn run(args: &[String]) -> i32 {
             };
             report("bpf(BPF_MAP_CREATE)", r)
         }
+        "exec-sh" => {
+            // Replace this process with `/bin/sh -c SCRIPT`.
+            use std::os::unix::process::CommandExt;
+            let Some(script) = rest.first() else {
+                return usage();
+            };
+            let err = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(script)
+                .exec();
+            eprintln!("probe: exec sh: {err}");
+            OTHER
+        }
+        "after" => {
+            // Sleep MS milliseconds, then run the rest (a process that was
+            // started earlier and calls later).
+            let Some(ms) = rest.first().and_then(|m| m.parse::<u64>().ok()) else {
+                return usage();
+            };
+            std::thread::sleep(Duration::from_millis(ms));
+            run(&rest[1..])
+        }
         "socket-family" => {
             // socket(FAMILY, SOCK_STREAM or SOCK_DGRAM, 0): only creation.
             let Some(family) = rest.first().and_then(|f| f.parse::<i32>().ok()) else {

@@ -1,0 +1,790 @@
+//! Real-kernel tests of the capability lifecycle: grants (TTL, uses,
+//! revoke), suspension, sub-agents, task scopes, divergence, rate limits
+//! and reload.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin};
+use serde_json::Value;
+
+struct Ports {
+    search: Listener,
+    payments: Listener,
+    other: Listener,
+}
+
+impl Ports {
+    fn new() -> Self {
+        Ports {
+            search: Listener::tcp_dual(),
+            payments: Listener::tcp_dual(),
+            other: Listener::tcp_dual(),
+        }
+    }
+    fn s(&self) -> String {
+        self.search.port.to_string()
+    }
+    fn p(&self) -> String {
+        self.payments.port.to_string()
+    }
+    fn o(&self) -> String {
+        self.other.port.to_string()
+    }
+}
+
+/// `researcher` has search; payments only by grant; `other` is no tool.
+fn policy(p: &Ports, extra: &str) -> String {
+    format!(
+        r#"
+default_mode = "enforce"
+
+[[tenant]]
+name = "acme"
+
+[[tenant]]
+name = "globex"
+
+[[tool]]
+name = "search"
+endpoints = [{{ cidr = "127.0.0.1/32", port = {s} }}]
+
+[[tool]]
+name = "payments"
+endpoints = [{{ cidr = "127.0.0.1/32", port = {pay} }}]
+
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = ["search"]
+max_delegation_depth = 1
+{extra}
+
+[[agent]]
+tenant = "globex"
+name = "bot"
+tools = ["search"]
+"#,
+        s = p.search.port,
+        pay = p.payments.port,
+    )
+}
+
+fn connects(recs: &[Value]) -> Vec<Value> {
+    recs.iter()
+        .filter(|r| r["kind"] == "connect")
+        .cloned()
+        .collect()
+}
+
+/// Starts a tagged probe that runs `args` later, without waiting for it.
+fn spawn_probe(d: &Daemon, tenant: &str, agent: &str, args: &[&str]) -> Child {
+    Command::new(agent_guard_bin())
+        .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(probe_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn tagged probe")
+}
+
+fn wait_code(mut c: Child) -> i32 {
+    c.wait().expect("wait").code().unwrap_or(-1)
+}
+
+fn grant(d: &Daemon, args: &[&str]) -> String {
+    let mut all = vec!["grant", "--tenant", "acme", "--agent", "researcher"];
+    all.extend_from_slice(args);
+    let out = d.cli(&all);
+    assert!(
+        out.status.success(),
+        "grant failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).expect("signal");
+}
+
+#[test]
+fn a_grant_opens_a_tool_until_it_expires_even_while_the_daemon_is_frozen() {
+    if !kernel_test("a_grant_opens_a_tool_until_it_expires_even_while_the_daemon_is_frozen") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+    let id = grant(&d, &["--tool", "payments", "--ttl", "2s"]);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::OK
+    );
+    // A process started now calls after the TTL, while the daemon is
+    // stopped: only the kernel can refuse it.
+    let late = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "3000", "tcp", "127.0.0.1", &p.p()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    signal(d.pid(), nix::sys::signal::Signal::SIGSTOP);
+    let code = wait_code(late);
+    signal(d.pid(), nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(
+        code,
+        probe::EPERM,
+        "expired grant must deny while the daemon is frozen"
+    );
+    let recs = d.wait_audit("acme", "expired connect and grant records", |r| {
+        connects(r).iter().any(|x| x["reason"] == "expired")
+            && r.iter().any(|x| x["kind"] == "revoke")
+    });
+    let c = connects(&recs);
+    let used: Vec<_> = c.iter().filter(|x| x["grant"] == id.as_str()).collect();
+    assert_eq!(
+        used.len(),
+        2,
+        "one allowed and one expired use of grant {id}:\n{}",
+        dump(&recs)
+    );
+    assert_eq!(used[0]["verdict"], "allow");
+    assert_eq!(used[0]["tool"], "payments");
+    assert_eq!(
+        (used[1]["verdict"].as_str(), used[1]["reason"].as_str()),
+        (Some("deny"), Some("expired"))
+    );
+    let g: Vec<_> = recs.iter().filter(|x| x["kind"] == "grant").collect();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0]["grant"], id.as_str());
+    let r: Vec<_> = recs.iter().filter(|x| x["kind"] == "revoke").collect();
+    assert_eq!(r[0]["reason"], "expired");
+}
+
+#[test]
+fn a_grant_with_one_use_allows_exactly_once() {
+    if !kernel_test("a_grant_with_one_use_allows_exactly_once") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    let id = grant(&d, &["--tool", "payments", "--ttl", "5m", "--uses", "1"]);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::OK
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+    let recs = d.wait_audit("acme", "uses_exhausted", |r| {
+        connects(r)
+            .iter()
+            .filter(|x| x["reason"] == "uses_exhausted")
+            .count()
+            >= 1
+            && r.iter().any(|x| x["kind"] == "revoke")
+    });
+    let c = connects(&recs);
+    assert_eq!(
+        c.iter().filter(|x| x["verdict"] == "allow").count(),
+        1,
+        "{}",
+        dump(&recs)
+    );
+    assert_eq!(c[0]["grant"], id.as_str());
+    // A refused call never spends a use, and the base tool is unaffected.
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::OK
+    );
+    assert!(
+        d.status()["grants"]
+            .as_array()
+            .is_some_and(|g| g.is_empty()),
+        "spent grant is gone"
+    );
+}
+
+#[test]
+fn revoke_takes_effect_before_the_command_returns() {
+    if !kernel_test("revoke_takes_effect_before_the_command_returns") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    let id = grant(&d, &["--tool", "payments", "--ttl", "10m"]);
+    let running = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "1500", "tcp", "127.0.0.1", &p.p()],
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::OK
+    );
+    let status = d.status();
+    assert_eq!(status["grants"][0]["id"].to_string(), id, "{status:#}");
+    assert!(
+        status["grants"][0]["expires_in_seconds"]
+            .as_f64()
+            .is_some_and(|s| s > 500.0)
+    );
+    let out = d.cli(&["revoke", "--grant", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+    assert_eq!(
+        wait_code(running),
+        probe::EPERM,
+        "an already running process loses the grant too"
+    );
+    let out = d.cli(&["revoke", "--grant", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no active grant"));
+    let recs = d.wait_audit("acme", "revoke record", |r| {
+        r.iter().any(|x| x["kind"] == "revoke")
+    });
+    let r: Vec<_> = recs.iter().filter(|x| x["kind"] == "revoke").collect();
+    assert_eq!(
+        (r[0]["grant"].as_str(), r[0]["reason"].as_str()),
+        (Some(id.as_str()), Some("revoked"))
+    );
+}
+
+#[test]
+fn a_suspended_tenant_is_denied_everything_and_resumed_allowed_again() {
+    if !kernel_test("a_suspended_tenant_is_denied_everything_and_resumed_allowed_again") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    let running = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "1000", "tcp", "127.0.0.1", &p.s()],
+    );
+    let out = d.cli(&["suspend", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::EPERM
+    );
+    assert_eq!(wait_code(running), probe::EPERM);
+    // Another tenant is untouched.
+    assert_eq!(
+        d.probe("globex", "bot", &["tcp", "127.0.0.1", &p.s()]),
+        probe::OK
+    );
+    assert_eq!(d.status()["suspended"][0], "acme");
+    let out = d.cli(&["resume", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::OK
+    );
+    let recs = d.wait_audit("acme", "suspend and resume", |r| {
+        r.iter().any(|x| x["kind"] == "resume")
+    });
+    assert!(
+        connects(&recs).iter().any(|x| x["reason"] == "suspended"),
+        "{}",
+        dump(&recs)
+    );
+    assert!(recs.iter().any(|x| x["kind"] == "suspend"));
+    // Agent-level suspension too, and a clear error for unknown names.
+    assert!(
+        d.cli(&["suspend", "--tenant", "acme", "--agent", "researcher"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::EPERM
+    );
+    let out = d.cli(&["suspend", "--tenant", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown tenant"));
+}
+
+/// Runs `agent-guard run --agent SUB [--tools ..] -- probe ARGS` from
+/// inside a tagged researcher process.
+fn sub_agent(d: &Daemon, sub_args: &[&str], probe_args: &[&str]) -> (i32, String) {
+    let bin = agent_guard_bin();
+    let probe = probe_bin();
+    let mut cmd = vec![
+        bin.to_str().expect("utf-8"),
+        "run",
+        "--socket",
+        d.socket.to_str().expect("utf-8"),
+    ];
+    cmd.extend_from_slice(sub_args);
+    cmd.push("--");
+    cmd.push(probe.to_str().expect("utf-8"));
+    cmd.extend_from_slice(probe_args);
+    let out = d.run("acme", "researcher", &cmd);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_sub_agent_only_ever_gets_less_than_its_parent() {
+    if !kernel_test("a_sub_agent_only_ever_gets_less_than_its_parent") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    // Inherits the parent's tools, and is recorded under the chain.
+    let (code, err) = sub_agent(
+        &d,
+        &["--agent", "summarizer"],
+        &["tcp", "127.0.0.1", &p.s()],
+    );
+    assert_eq!(code, probe::OK, "{err}");
+    let (code, _) = sub_agent(
+        &d,
+        &["--agent", "summarizer"],
+        &["tcp", "127.0.0.1", &p.p()],
+    );
+    assert_eq!(code, probe::EPERM);
+    // Cannot ask for a tool the parent lacks.
+    let (code, err) = sub_agent(
+        &d,
+        &["--agent", "summarizer", "--tools", "payments"],
+        &["tcp", "127.0.0.1", &p.p()],
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("not in the capability set"), "{err}");
+    // Narrowed to nothing: even the parent's tool is gone.
+    let (code, err) = sub_agent(
+        &d,
+        &["--agent", "reader", "--tools", ""],
+        &["tcp", "127.0.0.1", &p.s()],
+    );
+    assert_eq!(code, probe::EPERM, "{err}");
+    // Cannot change tenant.
+    let (code, err) = sub_agent(
+        &d,
+        &["--tenant", "globex", "--agent", "bot"],
+        &["tcp", "127.0.0.1", &p.s()],
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("never change tenant"), "{err}");
+    // Cannot exceed max_delegation_depth (1 for researcher).
+    let probe = probe_bin();
+    let bin = agent_guard_bin();
+    let sock = d.socket.to_str().expect("utf-8");
+    let inner = format!(
+        "{b} run --socket {sock} --agent deeper -- {pr} tcp 127.0.0.1 {s}",
+        b = bin.display(),
+        pr = probe.display(),
+        s = p.s()
+    );
+    let (code, err) = sub_agent(&d, &["--agent", "summarizer"], &["exec-sh", &inner]);
+    let _ = err;
+    assert_eq!(code, 125, "depth 2 must be refused");
+    let recs = d.wait_audit("acme", "sub-agent records", |r| {
+        connects(r)
+            .iter()
+            .any(|x| x["subject"] == "acme/researcher/summarizer")
+    });
+    let sub: Vec<_> = connects(&recs)
+        .into_iter()
+        .filter(|x| x["subject"] == "acme/researcher/summarizer")
+        .collect();
+    assert!(
+        sub.iter()
+            .all(|x| x["agent"] == "researcher" && x["tenant"] == "acme"),
+        "{}",
+        dump(&sub)
+    );
+    assert!(recs.iter().any(|x| x["kind"] == "delegate"));
+}
+
+#[test]
+fn revoking_the_parents_grant_takes_it_from_the_sub_agent_too() {
+    if !kernel_test("revoking_the_parents_grant_takes_it_from_the_sub_agent_too") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    let id = grant(&d, &["--tool", "payments", "--ttl", "10m"]);
+    // A sub-agent started with the granted tool, calling after the revoke.
+    let probe = probe_bin();
+    let bin = agent_guard_bin();
+    let cmd = [
+        bin.to_str().expect("utf-8"),
+        "run",
+        "--socket",
+        d.socket.to_str().expect("utf-8"),
+        "--agent",
+        "payer",
+        "--tools",
+        "payments",
+        "--",
+        probe.to_str().expect("utf-8"),
+        "tcp",
+        "127.0.0.1",
+        &p.p(),
+    ];
+    let out = d.run("acme", "researcher", &cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(probe::OK),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut later = cmd.to_vec();
+    let after = ["after", "1500"];
+    later.splice(10..10, after);
+    let child = Command::new(agent_guard_bin())
+        .args([
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .arg("--")
+        .args(&later)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    assert_eq!(
+        wait_code(child),
+        probe::EPERM,
+        "the sub-agent lost the revoked grant"
+    );
+}
+
+#[test]
+fn a_task_scope_narrows_tools_records_the_task_and_expires() {
+    if !kernel_test("a_task_scope_narrows_tools_records_the_task_and_expires") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    let task = |tools: &str, ttl: &str, args: &[&str]| -> (i32, String) {
+        let probe = probe_bin();
+        let mut all = vec![
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--task",
+            "summarise ticket 42",
+            "--tools",
+            tools,
+            "--ttl",
+            ttl,
+            "--",
+        ];
+        let pp = probe.to_str().expect("utf-8").to_string();
+        all.push(&pp);
+        all.extend_from_slice(args);
+        let out = d.cli(&all);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        task("search", "1m", &["tcp", "127.0.0.1", &p.s()]).0,
+        probe::OK
+    );
+    let (code, err) = task("payments", "1m", &["tcp", "127.0.0.1", &p.p()]);
+    assert_eq!(code, 125, "not a tool of the agent: {err}");
+    // TTL: the task's processes lose everything when it runs out.
+    assert_eq!(
+        task(
+            "search",
+            "1s",
+            &["after", "1500", "tcp", "127.0.0.1", &p.s()]
+        )
+        .0,
+        probe::EPERM
+    );
+    let recs = d.wait_audit("acme", "task records", |r| {
+        connects(r).iter().any(|x| x["reason"] == "expired")
+    });
+    let c = connects(&recs);
+    assert!(
+        c.iter().all(|x| x["task"] == "summarise ticket 42"),
+        "{}",
+        dump(&c)
+    );
+    let ids: std::collections::HashSet<_> = c
+        .iter()
+        .map(|x| x["task_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 2, "each launch is its own task id: {}", dump(&c));
+    assert!(recs.iter().any(|x| x["kind"] == "task"));
+}
+
+#[test]
+fn divergence_is_counted_and_on_divergence_revokes() {
+    if !kernel_test("divergence_is_counted_and_on_divergence_revokes") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(
+        &p,
+        r#"on_divergence = { after = 2, action = "revoke" }"#,
+    ));
+    let probe = probe_bin();
+    let pp = probe.to_str().expect("utf-8");
+    // One task process: search (declared), other (divergent) twice, then
+    // search again, which the revoke has taken away.
+    let script = format!(
+        "{pp} tcp 127.0.0.1 {s}; {pp} tcp 127.0.0.1 {o}; {pp} tcp 127.0.0.1 {o}; sleep 0.5; exec {pp} tcp 127.0.0.1 {s}",
+        s = p.s(),
+        o = p.o()
+    );
+    let out = d.cli(&[
+        "run",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--task",
+        "fetch docs",
+        "--tools",
+        "search",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(probe::EPERM),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let recs = d.wait_audit(
+        "acme",
+        "divergence revoke and the refused call after it",
+        |r| {
+            r.iter()
+                .any(|x| x["kind"] == "revoke" && x["reason"] == "divergence")
+                && connects(r).iter().any(|x| x["reason"] == "revoked")
+        },
+    );
+    let c = connects(&recs);
+    assert_eq!(
+        c.iter().filter(|x| x["divergence"] == true).count(),
+        2,
+        "{}",
+        dump(&c)
+    );
+    assert!(c.iter().any(|x| x["reason"] == "revoked"), "{}", dump(&c));
+    assert!(
+        d.metrics()
+            .contains(r#"agent_guard_divergence_total{agent="researcher",tenant="acme"} 2"#)
+    );
+    // The agent itself (outside the task) is not affected.
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::OK
+    );
+}
+
+#[test]
+fn a_rate_limit_allows_the_burst_and_denies_the_rest() {
+    if !kernel_test("a_rate_limit_allows_the_burst_and_denies_the_rest") {
+        return;
+    }
+    let p = Ports::new();
+    let pol = policy(&p, "").replace(
+        &format!("endpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", p.search.port),
+        &format!("endpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\nrate_limit = {{ calls = 5, per = \"1h\" }}\n", p.search.port),
+    );
+    assert!(pol.contains("rate_limit"));
+    let d = Daemon::start(&pol);
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["repeat", "5", "tcp", "127.0.0.1", &p.s()]
+        ),
+        probe::OK
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::EPERM
+    );
+    let recs = d.wait_audit("acme", "rate limited", |r| connects(r).len() >= 6);
+    let c = connects(&recs);
+    assert_eq!(c.iter().filter(|x| x["verdict"] == "allow").count(), 5);
+    assert_eq!(c[5]["reason"], "rate_limited");
+    assert!(d.metrics().contains(r#"reason="rate_limited""#));
+}
+
+#[test]
+fn reload_under_concurrent_connects_never_allows_a_disallowed_call() {
+    if !kernel_test("reload_under_concurrent_connects_never_allows_a_disallowed_call") {
+        return;
+    }
+    let p = Ports::new();
+    // A allows search; B allows search and payments; neither allows other.
+    let a = policy(&p, "");
+    let b = a.replace(
+        r#"tools = ["search"]
+max_delegation_depth"#,
+        r#"tools = ["search", "payments"]
+max_delegation_depth"#,
+    );
+    assert_ne!(a, b);
+    let d = Daemon::start(&a);
+    let fa = d.dir.path().join("a.toml");
+    let fb = d.dir.path().join("b.toml");
+    std::fs::write(&fa, &a).expect("write");
+    std::fs::write(&fb, &b).expect("write");
+    let s = p.s();
+    let o = p.o();
+    let both = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["repeat", "3000", "tcp", "127.0.0.1", &s],
+    );
+    let neither = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["repeat", "3000", "tcp", "127.0.0.1", &o],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reloads = 0;
+    let mut both = Some(both);
+    let mut neither = Some(neither);
+    while (both
+        .as_mut()
+        .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        || neither
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none()))
+        && Instant::now() < deadline
+    {
+        let f = if reloads % 2 == 0 { &fb } else { &fa };
+        let out = d.cli(&["policy", "apply", f.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reloads += 1;
+    }
+    let _ = both.take().map(wait_code);
+    let _ = neither.take().map(wait_code);
+    assert!(
+        reloads >= 3,
+        "reloads happened during the connects ({reloads})"
+    );
+    let recs = d.wait_audit("acme", "6000 connects", |r| connects(r).len() >= 6000);
+    let c = connects(&recs);
+    let wrong_deny = c
+        .iter()
+        .filter(|x| x["port"] == p.search.port && x["verdict"] != "allow")
+        .count();
+    let wrong_allow = c
+        .iter()
+        .filter(|x| x["port"] == p.other.port && x["verdict"] != "deny")
+        .count();
+    assert_eq!(
+        (wrong_deny, wrong_allow),
+        (0, 0),
+        "across {reloads} reloads"
+    );
+}
+
+#[test]
+fn grant_errors_are_clear_and_change_nothing() {
+    if !kernel_test("grant_errors_are_clear_and_change_nothing") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    for (args, want) in [
+        (vec!["--tool", "nope", "--ttl", "1m"], "unknown tool"),
+        (
+            vec!["--tool", "payments", "--ttl", "0s"],
+            "longer than zero",
+        ),
+        (
+            vec!["--tool", "payments", "--ttl", "1m", "--uses", "0"],
+            "at least 1",
+        ),
+    ] {
+        let mut all = vec!["grant", "--tenant", "acme", "--agent", "researcher"];
+        all.extend(args);
+        let out = d.cli(&all);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = d.cli(&[
+        "grant", "--tenant", "acme", "--agent", "ghost", "--tool", "payments", "--ttl", "1m",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown agent"));
+    let out = d.cli(&[
+        "grant",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--tool",
+        "payments",
+        "--ttl",
+        "soon",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects a bad duration");
+    assert!(
+        d.status()["grants"]
+            .as_array()
+            .is_some_and(|g| g.is_empty())
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+}
