@@ -55,6 +55,7 @@ pub mod reason {
     pub const REVOKED: u8 = 8;
     pub const RATE_LIMITED: u8 = 9;
     pub const ICMP_SOCKET: u8 = 10;
+    pub const APPROVAL_REQUIRED: u8 = 11;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -68,6 +69,7 @@ pub mod reason {
             REVOKED => "revoked",
             RATE_LIMITED => "rate_limited",
             ICMP_SOCKET => "icmp_socket",
+            APPROVAL_REQUIRED => "approval_required",
             _ => "none",
         }
     }

@@ -55,6 +55,10 @@ pub struct GrantValue {
     pub grant_id: u32,
 }
 
+/// `GrantValue::grant_id` of a `CAPS` entry whose tool needs two-person
+/// approval: the call is refused with reason `approval_required`.
+pub const APPROVAL_REQUIRED: u32 = u32::MAX;
+
 /// `GrantState::flags`: the grant counts uses.
 pub const GRANT_LIMITED_USES: u32 = 1;
 /// `GrantState::flags`: revoked; denies at once, entries are removed later.

@@ -5,7 +5,10 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use agent_guard_common::{
     event::{AF_INET, AF_INET6, Event, reason, verdict},
-    grant::{FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GrantKey, RateWindow, rate_key},
+    grant::{
+        APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GrantKey,
+        RateWindow, rate_key,
+    },
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR},
 };
 use aya_ebpf::{
@@ -100,10 +103,15 @@ fn find_capability(
         GrantKey::new(subject_id, generation, proto, port, addr),
     );
     if let Some(cap) = CAPS.get(&key) {
+        let reason = if cap.grant_id == APPROVAL_REQUIRED {
+            reason::APPROVAL_REQUIRED
+        } else {
+            reason::GRANTED
+        };
         return Match {
             tool_id: cap.tool_id,
             grant_id: 0,
-            reason: reason::GRANTED,
+            reason,
         };
     }
     key.data.generation = 0;

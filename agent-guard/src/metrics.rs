@@ -7,7 +7,10 @@
 use std::net::SocketAddr;
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -23,6 +26,10 @@ pub struct Metrics {
     pub audit_records: IntCounterVec,
     pub divergence: IntCounterVec,
     pub audit_write_errors: IntCounterVec,
+    pub audit_dropped: IntCounterVec,
+    pub audit_write_seconds: Histogram,
+    pub event_delivery_seconds: Histogram,
+    pub audit_buffered_records: IntGauge,
 }
 
 fn counter(
@@ -40,6 +47,17 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::R
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
 }
 
 impl Metrics {
@@ -118,6 +136,36 @@ impl Metrics {
                 "Audit records that could not be written, by log.",
                 &["log"],
             )?,
+            audit_dropped: counter(
+                &r,
+                "agent_guard_audit_records_dropped_total",
+                "Audit records lost because writing failed and the in-memory buffer was full, by log (each loss is also a gap record).",
+                &["log"],
+            )?,
+            audit_write_seconds: histogram(
+                &r,
+                "agent_guard_audit_write_seconds",
+                "Time to hash, append and flush a batch of audit records, per record.",
+                &[
+                    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1,
+                ],
+            )?,
+            event_delivery_seconds: histogram(
+                &r,
+                "agent_guard_event_delivery_seconds",
+                "Lag from the kernel event's timestamp to its audit record written.",
+                &[
+                    1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
+            )?,
+            audit_buffered_records: {
+                let g = IntGauge::new(
+                    "agent_guard_audit_buffered_records",
+                    "Audit records held in memory, not yet written (grows while writing fails).",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             registry: r,
         };
         m.build_info

@@ -347,3 +347,300 @@ pub fn udp_sink(addr: &str) -> (std::net::UdpSocket, u16) {
     let port = s.local_addr().expect("local addr").port();
     (s, port)
 }
+
+// ---------------------------------------------------------------------------
+// Observability helpers: Prometheus tools, HTTP and the text exposition.
+
+/// Whether the Prometheus tool `tool` (`promtool`, `prometheus`) runs here.
+/// Missing with `AGENT_GUARD_REQUIRE_KERNEL_TESTS=1` fails the test;
+/// otherwise the test is skipped loudly.
+pub fn prometheus_tool(test: &str, tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return true;
+    }
+    let required = std::env::var("AGENT_GUARD_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1");
+    if required {
+        panic!(
+            "{test}: `{tool}` is missing (Debian package `prometheus`; `cargo xtask setup` installs it)"
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "kernel-tests: SKIPPED {test}: `{tool}` not installed (Debian package `prometheus`)"
+    );
+    false
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("read {addr}{path}: {e}"))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header in {resp:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One sample of the Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Sample {
+    /// `name{a="x",b="y"}` with labels sorted, as an identity key.
+    pub fn series(&self) -> String {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+            .collect();
+        format!("{}{{{}}}", self.name, labels.join(","))
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+/// Parses the Prometheus text exposition format (comments skipped,
+/// timestamps ignored). Panics on a line it cannot read, so a malformed
+/// exposition fails the test that scraped it.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("bad exposition line {l:?}")))
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let i = line.find(['{', ' '])?;
+    let name = line[..i].to_string();
+    let mut labels = std::collections::BTreeMap::new();
+    let mut rest = &line[i..];
+    if let Some(r) = rest.strip_prefix('{') {
+        let mut chars = r.char_indices();
+        loop {
+            let mut key = String::new();
+            let end = loop {
+                match chars.next()? {
+                    (_, '=') => break None,
+                    (i, '}') if key.trim().is_empty() => break Some(i),
+                    (_, ',') if key.trim().is_empty() => {}
+                    (_, c) => key.push(c),
+                }
+            };
+            if let Some(i) = end {
+                rest = &r[i + 1..];
+                break;
+            }
+            if chars.next()?.1 != '"' {
+                return None;
+            }
+            let mut val = String::new();
+            loop {
+                match chars.next()?.1 {
+                    '\\' => match chars.next()?.1 {
+                        'n' => val.push('\n'),
+                        c => val.push(c),
+                    },
+                    '"' => break,
+                    c => val.push(c),
+                }
+            }
+            labels.insert(key.trim().to_string(), val);
+        }
+    }
+    let value = match rest.split_whitespace().next()? {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+impl Daemon {
+    /// The address the daemon's `/metrics` endpoint listens on.
+    pub fn metrics_addr(&self) -> String {
+        self.status()["daemon"]["metrics_addr"]
+            .as_str()
+            .expect("metrics addr")
+            .to_string()
+    }
+}
+
+/// A real Prometheus server for one test, scraping given targets every
+/// second (job `agent-guard`) and evaluating given rule files every second.
+/// `Drop` kills it by PID and removes its storage.
+pub struct Prometheus {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[&str], rule_files: &[&Path]) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("agent-guard-prometheus-")
+            .tempdir()
+            .expect("tempdir");
+        let rules: Vec<String> = rule_files
+            .iter()
+            .map(|p| format!("  - {:?}\n", p.display().to_string()))
+            .collect();
+        let targets: Vec<String> = targets.iter().map(|t| format!("{t:?}")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n{}\
+             scrape_configs:\n  - job_name: agent-guard\n    static_configs:\n      - targets: [{}]\n",
+            if rules.is_empty() {
+                "  []\n".to_string()
+            } else {
+                rules.concat()
+            },
+            targets.join(", ")
+        );
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let mut p = Prometheus {
+            child: None,
+            dir,
+            addr: String::new(),
+        };
+        // The port is picked free, then bound by Prometheus: retry if
+        // something else took it in between.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            p.addr = format!("127.0.0.1:{port}");
+            let log = std::fs::File::create(p.dir.path().join("prometheus.log")).expect("log");
+            let child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    p.dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={}", p.addr))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn prometheus");
+            p.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(Ok(Some(_))) = p.child.as_mut().map(|c| c.try_wait()) {
+                    p.child = None;
+                    break;
+                }
+                if http_get(&p.addr, "/-/ready").is_ok_and(|(c, _)| c == 200) {
+                    return p;
+                }
+                if Instant::now() > deadline {
+                    panic!("prometheus not ready after 30 s:\n{}", p.log());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("prometheus did not start:\n{}", p.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET /api/v1/<path>` parsed as JSON (whatever its status).
+    pub fn api(&self, path: &str) -> Value {
+        let (code, body) = http_get(&self.addr, &format!("/api/v1/{path}"))
+            .unwrap_or_else(|e| panic!("prometheus API {path}: {e}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| {
+            panic!("prometheus API {path}: HTTP {code}, not JSON ({e}): {body}")
+        })
+    }
+
+    /// An instant query; returns the whole API answer.
+    pub fn query(&self, expr: &str) -> Value {
+        self.api(&format!("query?query={}", url_encode(expr)))
+    }
+
+    /// Waits (up to `secs`) until `expr` returns at least one sample.
+    pub fn wait_for(&self, expr: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.query(expr);
+            if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "prometheus: no result for {expr} after {secs} s: {v}\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -788,3 +788,111 @@ fn grant_errors_are_clear_and_change_nothing() {
         probe::EPERM
     );
 }
+
+#[test]
+fn a_process_tree_grant_reaches_that_tree_only() {
+    if !kernel_test("a_process_tree_grant_reaches_that_tree_only") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start(&policy(&p, ""));
+    // Two processes of the same agent; the grant names one of them.
+    let target = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "1500", "fork", "tcp", "127.0.0.1", &p.p()],
+    );
+    let sibling = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "1500", "tcp", "127.0.0.1", &p.p()],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let id = grant(
+        &d,
+        &[
+            "--tool",
+            "payments",
+            "--ttl",
+            "1m",
+            "--pid",
+            &target.id().to_string(),
+        ],
+    );
+    assert!(!id.is_empty());
+    assert_eq!(
+        wait_code(target),
+        probe::OK,
+        "the named process (and its child) got the grant"
+    );
+    assert_eq!(
+        wait_code(sibling),
+        probe::EPERM,
+        "another process of the agent did not"
+    );
+    let out = d.cli(&[
+        "grant",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--tool",
+        "payments",
+        "--ttl",
+        "1m",
+        "--pid",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not tagged"));
+}
+
+#[test]
+fn a_tool_needing_two_person_approval_fails_closed() {
+    if !kernel_test("a_tool_needing_two_person_approval_fails_closed") {
+        return;
+    }
+    let p = Ports::new();
+    let pol = policy(&p, "").replace(
+        &format!("name = \"payments\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", p.payments.port),
+        &format!(
+            "name = \"payments\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\napproval = \"two-person\"\n",
+            p.payments.port
+        ),
+    );
+    let pol = pol.replace(
+        "tools = [\"search\"]\nmax_delegation_depth",
+        "tools = [\"search\", \"payments\"]\nmax_delegation_depth",
+    );
+    assert!(pol.contains("two-person") && pol.contains("\"search\", \"payments\""));
+    let d = Daemon::start(&pol);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
+        probe::OK
+    );
+    let recs = d.wait_audit("acme", "approval_required", |r| connects(r).len() >= 2);
+    let c = connects(&recs);
+    assert_eq!(
+        (c[0]["reason"].as_str(), c[0]["tool"].as_str()),
+        (Some("approval_required"), Some("payments"))
+    );
+    let out = d.cli(&[
+        "grant",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--tool",
+        "payments",
+        "--ttl",
+        "1m",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("two-person approval"));
+}

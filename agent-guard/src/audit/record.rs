@@ -65,6 +65,10 @@ pub struct AuditRecord {
     /// gap: events the kernel could not deliver, by kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<BTreeMap<String, u64>>,
+    /// gap: length in bytes of a torn (incomplete) line just before this
+    /// record, left by a crash; the chain continues from the record before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torn_bytes: Option<u64>,
     /// Free text for daemon and policy records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -34,6 +34,41 @@ pub struct Args {
     /// least 4096). Larger rides out longer bursts before events are lost.
     #[arg(long, value_name = "BYTES", default_value_t = agent_guard_common::capacity::EVENTS_BYTES)]
     ring_bytes: u32,
+    /// DNS server (IP:PORT) for tools' `host` endpoints; default: the
+    /// system resolver configuration (/etc/resolv.conf).
+    #[arg(long, value_name = "IP:PORT")]
+    dns_server: Option<SocketAddr>,
+    /// How long an address stays allowed after it left a name's answer.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    dns_grace: std::time::Duration,
+    /// Directory for the daemon's own state: the audit signing key
+    /// (`audit-signing.key`, 0600, generated on first start; absolute).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/agent-guard/state")]
+    state_dir: PathBuf,
+    /// Rotate a tenant's audit.jsonl to audit-NNNNNN.jsonl before it grows
+    /// past this size; the hash chain continues across files.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024 * 1024)]
+    audit_max_file_bytes: u64,
+    /// Audit files kept per tenant, current one included; older ones are
+    /// deleted after a signed anchor records where the chain now starts.
+    /// 0 keeps all.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    audit_retain_files: usize,
+    /// How often audit files are fsynced; a crash loses at most this much.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    audit_fsync_interval: std::time::Duration,
+    /// Sign a checkpoint of a tenant's chain after this many records.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    checkpoint_every: u64,
+    /// Sign a checkpoint of a chain with new records at least this often
+    /// (and always at shutdown).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: std::time::Duration,
+    /// Audit records kept in memory per tenant while the disk cannot be
+    /// written; beyond that records are counted as lost and a gap record
+    /// says how many.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    audit_buffer_records: usize,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -49,6 +84,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         metrics_addr: args.metrics_addr,
         cgroup_root: args.cgroup_root,
         ring_bytes: args.ring_bytes,
+        dns_server: args.dns_server,
+        dns_grace: args.dns_grace,
+        state_dir: args.state_dir,
+        audit_max_file_bytes: args.audit_max_file_bytes,
+        audit_retain_files: args.audit_retain_files,
+        audit_fsync_interval: args.audit_fsync_interval,
+        checkpoint_every: args.checkpoint_every,
+        checkpoint_interval: args.checkpoint_interval,
+        audit_buffer_records: args.audit_buffer_records,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

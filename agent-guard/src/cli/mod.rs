@@ -1,5 +1,6 @@
 //! Command line: one module per subcommand.
 
+mod audit;
 mod daemon;
 mod doctor;
 mod grant;
@@ -53,6 +54,9 @@ enum Command {
     /// Check or apply a policy file.
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Verify or replay the audit trail.
+    #[command(subcommand)]
+    Audit(audit::Command),
 }
 
 /// `--socket`, shared by the client subcommands.
@@ -69,6 +73,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::main(args),
         Command::Status(args) => status::main(args),
         Command::Policy(cmd) => policy::main(cmd),
+        Command::Audit(cmd) => audit::main(cmd),
         Command::Doctor(args) => doctor::main(args),
         Command::Grant(args) => grant::grant(args),
         Command::Revoke(args) => grant::revoke(args),

@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use super::state::{PipelineMsg, State, ppid_of};
-use crate::audit::{AuditRecord, AuditWriter, NODE_LOG};
+use crate::audit::{AuditRecord, AuditWriter, NODE_LOG, writer::Appended};
 
 /// How often the daemon drains the ring buffer without a kernel wakeup.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
@@ -82,6 +82,12 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// Converts kernel monotonic ns into wall-clock RFC 3339 with nanoseconds.
 fn wall_clock(mono_ns: u64) -> String {
     let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -112,6 +118,12 @@ pub struct Pipeline {
     writer: AuditWriter,
     procs: ProcCache,
     lost_seen: [u64; kind::COUNT as usize],
+    /// Kernel timestamps (monotonic ns) of records appended since the last
+    /// flush, for the delivery-lag histogram.
+    delivered: Vec<u64>,
+    /// Records appended since the last flush, and the time spent on them.
+    batch_records: u64,
+    batch_time: Duration,
 }
 
 impl Pipeline {
@@ -131,6 +143,9 @@ impl Pipeline {
             writer,
             procs: ProcCache::default(),
             lost_seen: [0; kind::COUNT as usize],
+            delivered: Vec::new(),
+            batch_records: 0,
+            batch_time: Duration::ZERO,
         })
     }
 
@@ -164,17 +179,65 @@ impl Pipeline {
                 Some(msg) = self.rx.recv() => self.message(msg),
                 _ = shutdown.changed() => break,
             }
-            if let Err(e) = self.writer.flush() {
-                tracing::error!("audit flush: {e}");
-            }
+            self.flush();
         }
         self.drain_ring();
         self.account_lost();
         while let Ok(msg) = self.rx.try_recv() {
             self.message(msg);
         }
-        if let Err(e) = self.writer.sync() {
-            tracing::error!("audit sync at shutdown: {e}");
+        let failures = self.writer.close();
+        for f in &failures {
+            tracing::error!(
+                "audit sync at shutdown of {}: {}; {} records still unwritten",
+                f.log,
+                f.error,
+                self.writer.buffered_records()
+            );
+        }
+        self.account_failures(&failures);
+    }
+
+    /// Writes what was appended (retrying what earlier failed), fsyncs when
+    /// the interval has passed, and records write and delivery latency.
+    fn flush(&mut self) {
+        let started = std::time::Instant::now();
+        let failures = if self.writer.sync_due() {
+            self.writer.sync()
+        } else {
+            self.writer.flush()
+        };
+        let metrics = &self.state.metrics;
+        if failures.is_empty() && self.batch_records > 0 {
+            let per_record =
+                (self.batch_time + started.elapsed()).as_secs_f64() / self.batch_records as f64;
+            metrics.audit_write_seconds.observe(per_record);
+            let now = monotonic_ns();
+            for ts in self.delivered.drain(..) {
+                metrics
+                    .event_delivery_seconds
+                    .observe(now.saturating_sub(ts) as f64 / 1e9);
+            }
+            self.batch_records = 0;
+            self.batch_time = Duration::ZERO;
+        }
+        self.account_failures(&failures);
+    }
+
+    fn account_failures(&mut self, failures: &[crate::audit::writer::FlushFailure]) {
+        let metrics = &self.state.metrics;
+        for f in failures {
+            metrics
+                .audit_write_errors
+                .with_label_values(&[&f.log])
+                .inc();
+        }
+        metrics
+            .audit_buffered_records
+            .set(self.writer.buffered_records() as i64);
+        // While writing fails, keep the lag samples bounded.
+        if self.delivered.len() > 100_000 {
+            self.delivered.clear();
         }
     }
 
@@ -276,6 +339,9 @@ impl Pipeline {
             _ => {}
         }
         let tenant = ident.tenant.clone();
+        if ev.ts_ns != 0 {
+            self.delivered.push(ev.ts_ns);
+        }
         self.write(&tenant, rec);
     }
 
@@ -313,11 +379,21 @@ impl Pipeline {
         if rec.ts.is_empty() {
             rec.ts = format_ts(time::OffsetDateTime::now_utc());
         }
-        match self.writer.append(log, rec) {
-            Ok(_) => self
+        let started = std::time::Instant::now();
+        let appended = self.writer.append(log, rec);
+        self.batch_time += started.elapsed();
+        self.batch_records += 1;
+        match appended {
+            Ok(Appended::Queued(_)) => self
                 .state
                 .metrics
                 .audit_records
+                .with_label_values(&[log])
+                .inc(),
+            Ok(Appended::Dropped) => self
+                .state
+                .metrics
+                .audit_dropped
                 .with_label_values(&[log])
                 .inc(),
             Err(e) => {

@@ -64,6 +64,17 @@ impl State {
                 req.tool
             ));
         }
+        let needs_approval = reg
+            .loaded
+            .as_ref()
+            .and_then(|l| l.policy.tool(&req.tool))
+            .is_some_and(|t| t.approval.is_some());
+        if needs_approval {
+            return Err(format!(
+                "tool {:?} needs two-person approval, which this version does not implement; refusing (fail closed)",
+                req.tool
+            ));
+        }
         let root = reg
             .identities
             .values()
@@ -75,27 +86,26 @@ impl State {
                     req.tenant, req.agent
                 )
             })?;
-        // --pid: the grant goes to the subject that process is tagged with,
-        // which must belong to this agent.
+        // --pid: the process (and its tree) gets a subject of its own, so
+        // the grant reaches it and nothing else of the agent.
         let subject_id = match req.pid {
             None => root.subject_id,
             Some(pid) => {
                 drop(reg);
-                let s = self
+                let current = self
                     .process_subject(pid)
                     .ok_or_else(|| format!("process {pid} is not tagged"))?;
-                reg = self.registry();
-                let ident = reg
-                    .identities
-                    .get(&s)
-                    .cloned()
+                let ident = self
+                    .identity(current)
                     .ok_or_else(|| format!("process {pid} has an unknown subject"))?;
                 if ident.root_id != root.subject_id {
                     return Err(format!(
-                        "process {pid} is {} , not an agent of {}/{}",
+                        "process {pid} is {}, not an agent of {}/{}",
                         ident.chain, req.tenant, req.agent
                     ));
                 }
+                let s = self.derive_for_process(pid)?;
+                reg = self.registry();
                 s
             }
         };
@@ -157,10 +167,7 @@ impl State {
         let Some(g) = reg.grants.get(&id).cloned() else {
             return Ok(());
         };
-        let Some(endpoints) = reg.loaded.as_ref().and_then(|l| {
-            let i = l.compiled.tools.iter().position(|t| *t == g.tool)?;
-            l.compiled.tool_endpoints.get(i).cloned()
-        }) else {
+        let Some(endpoints) = reg.tool_keys(&g.tool) else {
             drop(reg);
             self.revoke_with(id, "revoked", "tool no longer in the policy");
             return Ok(());

@@ -1,6 +1,7 @@
 //! `agent-guard daemon`: load, attach, serve, write the audit trail, and
 //! clean up on SIGTERM/SIGINT.
 
+pub mod dns;
 pub mod events;
 pub mod grants;
 pub mod state;
@@ -35,6 +36,24 @@ pub struct Options {
     pub cgroup_root: Option<PathBuf>,
     /// Event ring buffer size in bytes.
     pub ring_bytes: u32,
+    /// DNS server for tool `host` endpoints; `None` = the system's.
+    pub dns_server: Option<SocketAddr>,
+    /// How long an address stays allowed after it left a name's answer.
+    pub dns_grace: std::time::Duration,
+    /// Holds the audit signing key (absolute).
+    pub state_dir: PathBuf,
+    /// Rotate an audit file before it grows past this many bytes.
+    pub audit_max_file_bytes: u64,
+    /// Audit files kept per chain (0 keeps all).
+    pub audit_retain_files: usize,
+    /// How often audit files are fsynced.
+    pub audit_fsync_interval: std::time::Duration,
+    /// Sign a checkpoint after this many records of a chain...
+    pub checkpoint_every: u64,
+    /// ...or after this long with new records.
+    pub checkpoint_interval: std::time::Duration,
+    /// Audit records kept in memory per chain while writing fails.
+    pub audit_buffer_records: usize,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -76,6 +95,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ("--socket", &opts.socket),
         ("--pin-dir", &opts.pin_dir),
         ("--audit-dir", &opts.audit_dir),
+        ("--state-dir", &opts.state_dir),
     ] {
         require_absolute(flag, p)?;
     }
@@ -129,6 +149,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     result
 }
 
+fn audit_config(opts: &Options) -> anyhow::Result<crate::audit::WriterConfig> {
+    if opts.audit_max_file_bytes < 4096 {
+        bail!("--audit-max-file-bytes must be at least 4096");
+    }
+    if opts.checkpoint_every == 0 || opts.audit_buffer_records == 0 {
+        bail!("--checkpoint-every and --audit-buffer-records must be at least 1");
+    }
+    let signer = crate::audit::checkpoint::Signer::load_or_create(&opts.state_dir)
+        .context("audit signing key")?;
+    Ok(crate::audit::WriterConfig {
+        max_file_bytes: opts.audit_max_file_bytes,
+        retain_files: opts.audit_retain_files,
+        fsync_interval: opts.audit_fsync_interval,
+        checkpoint_every: opts.checkpoint_every,
+        checkpoint_interval: opts.checkpoint_interval,
+        buffer_records: opts.audit_buffer_records,
+        signer: Some(signer),
+    })
+}
+
 async fn serve(
     opts: Options,
     (policy, policy_text, policy_path): (Policy, String, Option<PathBuf>),
@@ -154,7 +194,7 @@ async fn serve(
         policy_path,
         crate::kernel::procs_pin(&opts.pin_dir),
     ));
-    let writer = AuditWriter::new(&opts.audit_dir)?;
+    let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
     // Servers stop first; the pipeline last, so it writes the final records.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
@@ -181,6 +221,8 @@ async fn serve(
         tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
 
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
+        let resolver = dns::resolver(opts.dns_server).context("setting up the DNS resolver")?;
+        let dns_task = tokio::spawn(dns::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()));
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -192,6 +234,7 @@ async fn serve(
             }
         }
         watch_task.abort();
+        dns_task.abort();
         let _ = shutdown_tx.send(true);
         let _ = control_task.await;
         let _ = metrics_task.await;

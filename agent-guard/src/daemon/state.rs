@@ -29,6 +29,8 @@ pub const WAKEUP_DIVISOR: u32 = 16;
 /// The policy in force.
 pub struct Loaded {
     pub policy: Policy,
+    /// The policy's source text (kept to rebuild on DNS changes).
+    pub text: String,
     pub compiled: CompiledPolicy,
     pub generation: u32,
     pub hash: String,
@@ -54,6 +56,8 @@ pub struct Registry {
     /// Divergent calls per task-scoped subject.
     pub divergences: HashMap<u32, u32>,
     pub next_task: u32,
+    /// Addresses of the policy's `host` endpoints.
+    pub dns: super::dns::DnsTable,
 }
 
 /// A message for the event pipeline.
@@ -278,6 +282,7 @@ impl State {
                 .cmp(&(b["subject"].as_str(), b["subject_id"].as_u64()))
         });
         let grants: Vec<serde_json::Value> = reg.grants.values().map(|g| g.status(now)).collect();
+        let dns = reg.dns.status();
         let suspended: Vec<String> = reg
             .suspended
             .iter()
@@ -299,6 +304,7 @@ impl State {
             "tracked_processes": procs.len(),
             "agents": agents,
             "grants": grants,
+            "dns": dns,
             "suspended": suspended,
             "events_lost": lost_by_kind,
             "decisions": { "allow": decisions[0], "deny": decisions[1], "would_deny": decisions[2] },

@@ -15,7 +15,7 @@ use std::{
 
 use agent_guard_common::{
     Config,
-    grant::{GrantValue, ToolLimit},
+    grant::{APPROVAL_REQUIRED, GrantValue, ToolLimit},
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR, Subject},
 };
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use crate::{
     audit::{AuditRecord, NODE_LOG},
     control::Registration,
     kernel::{fs as kfs, maps::CapRule},
-    policy::{Hardening, Mode, Policy, check_name},
+    policy::{Hardening, Mode, Policy, ToolEndpoint, check_name},
 };
 
 /// A task scope: what the process was started to do.
@@ -256,29 +256,65 @@ impl Registry {
         t
     }
 
+    /// Kernel keys of a tool: its CIDR endpoints plus the current
+    /// addresses of its `host` endpoints. `None` for a tool not in the
+    /// policy.
+    pub fn tool_keys(&self, tool: &str) -> Option<Vec<ToolEndpoint>> {
+        let loaded = self.loaded.as_ref()?;
+        let i = loaded.compiled.tools.iter().position(|t| t == tool)?;
+        let mut keys = loaded
+            .compiled
+            .tool_endpoints
+            .get(i)
+            .cloned()
+            .unwrap_or_default();
+        for h in loaded.compiled.tool_hosts.get(i).into_iter().flatten() {
+            for addr in self.dns.addresses(&h.name) {
+                let addr = match addr {
+                    std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    std::net::IpAddr::V6(a) => a.octets(),
+                };
+                let k = ToolEndpoint {
+                    proto: h.proto,
+                    port: h.port,
+                    addr,
+                    prefix_len: 128,
+                };
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        Some(keys)
+    }
+
     /// `CAPS` keys of a subject for `generation`, with the stable tool id.
-    fn caps_for(&mut self, id: u32, generation: u32) -> Vec<(CapRule, u32)> {
+    fn caps_for(&mut self, id: u32, generation: u32) -> Vec<(CapRule, GrantValue)> {
         let tools = self.base_tools(id);
         let Some(loaded) = self.loaded.as_ref() else {
             return Vec::new();
         };
-        let mut out: Vec<(CapRule, u32)> = Vec::new();
+        let mut out: Vec<(CapRule, GrantValue)> = Vec::new();
         let mut wanted = Vec::new();
-        for (i, name) in loaded.compiled.tools.iter().enumerate() {
+        for name in &loaded.compiled.tools {
             if tools.contains(name) {
-                wanted.push((
-                    name.clone(),
-                    loaded
-                        .compiled
-                        .tool_endpoints
-                        .get(i)
-                        .cloned()
-                        .unwrap_or_default(),
-                ));
+                wanted.push((name.clone(), self.tool_keys(name).unwrap_or_default()));
             }
         }
         for (name, endpoints) in wanted {
             let tool_id = self.ids.tool(&name);
+            // A tool that needs two-person approval fails closed: the
+            // approval flow is not built, so its calls are refused with
+            // reason approval_required.
+            let needs_approval = self
+                .loaded
+                .as_ref()
+                .and_then(|l| l.policy.tool(&name))
+                .is_some_and(|t| t.approval.is_some());
+            let value = GrantValue {
+                tool_id,
+                grant_id: if needs_approval { APPROVAL_REQUIRED } else { 0 },
+            };
             for ep in endpoints {
                 let rule = CapRule {
                     subject: id,
@@ -290,7 +326,7 @@ impl Registry {
                 };
                 // First tool listed wins a shared endpoint.
                 if !out.iter().any(|(r, _)| *r == rule) {
-                    out.push((rule, tool_id));
+                    out.push((rule, value));
                 }
             }
         }
@@ -350,6 +386,28 @@ impl State {
     /// refused during the switch. Subjects whose agent left the policy lose
     /// their `SUBJECTS` entry, so their processes fail closed.
     pub fn apply_policy(&self, policy: Policy, text: &str) -> anyhow::Result<u32> {
+        self.apply_generation(policy, text, None)
+    }
+
+    /// Re-installs the current policy as a new generation, e.g. after a
+    /// tool host's addresses changed; `why` goes into the audit record.
+    pub fn rebuild(&self, why: &str) -> anyhow::Result<u32> {
+        let (policy, text) = {
+            let reg = self.registry();
+            let Some(l) = reg.loaded.as_ref() else {
+                anyhow::bail!("no policy loaded")
+            };
+            (l.policy.clone(), l.text.clone())
+        };
+        self.apply_generation(policy, &text, Some(why))
+    }
+
+    fn apply_generation(
+        &self,
+        policy: Policy,
+        text: &str,
+        why: Option<&str>,
+    ) -> anyhow::Result<u32> {
         let compiled = policy.compile()?;
         let mut reg = self.registry();
         let generation = reg.loaded.as_ref().map_or(1, |l| l.generation + 1);
@@ -387,8 +445,16 @@ impl State {
                 cgroup_id,
             ));
         }
+        let names: BTreeSet<String> = compiled
+            .tool_hosts
+            .iter()
+            .flatten()
+            .map(|h| h.name.clone())
+            .collect();
+        reg.dns.set_names(names, std::time::Instant::now());
         let old = reg.loaded.replace(Loaded {
             policy,
+            text: text.to_string(),
             compiled,
             generation,
             hash: hash.clone(),
@@ -485,14 +551,8 @@ impl State {
 
         let mut kernel = self.kernel();
         let mut installed = Vec::new();
-        for (rule, tool_id) in &all_caps {
-            if let Err(e) = kernel.insert_cap(
-                rule,
-                GrantValue {
-                    tool_id: *tool_id,
-                    grant_id: 0,
-                },
-            ) {
+        for (rule, value) in &all_caps {
+            if let Err(e) = kernel.insert_cap(rule, *value) {
                 // Roll back this generation; the old one is still in force.
                 for r in &installed {
                     kernel.remove_cap(r);
@@ -535,9 +595,14 @@ impl State {
             }
         }
 
-        self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
-        let mut rec = AuditRecord::new("policy");
-        rec.detail = Some(format!("generation {generation} from {origin}"));
+        let mut rec = AuditRecord::new(if why.is_some() { "dns" } else { "policy" });
+        match why {
+            Some(w) => rec.detail = Some(format!("generation {generation}: {w}")),
+            None => {
+                self.metrics.policy_reloads.with_label_values(&["ok"]).inc();
+                rec.detail = Some(format!("generation {generation} from {origin}"));
+            }
+        }
         rec.policy_hash = Some(hash);
         self.audit(NODE_LOG, rec);
         Ok(generation)
@@ -661,6 +726,56 @@ impl State {
             }
             None => parent.task.clone(),
         };
+        let is_task = depth == parent.depth;
+        let ident =
+            self.install_derived(reg, &parent, &name, depth, requested, expires, task, true)?;
+        let id = ident.subject_id;
+        let mut rec = AuditRecord::new(if is_task { "task" } else { "delegate" });
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.pid = Some(pid);
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.detail = Some(format!(
+            "subject {id} under {}: tools {}, depth {depth}{}",
+            parent.chain,
+            ident
+                .requested_tools
+                .as_ref()
+                .map_or("(all of the parent's)".to_string(), |t| t
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(",")),
+            if ident.expires_at_ns != 0 {
+                format!(
+                    ", expires in {}s",
+                    (ident.expires_at_ns - now) / 1_000_000_000
+                )
+            } else {
+                String::new()
+            }
+        ));
+        self.audit(&ident.tenant, rec);
+        self.tag(pid, &ident, ident.task.clone())
+    }
+
+    /// Creates a subject under `parent` and writes its kernel image: its
+    /// `CAPS` keys, `SUBJECTS` entry, cgroup (when `cgroup`) and the copies
+    /// of its ancestors' grants that reach it.
+    #[allow(clippy::too_many_arguments)]
+    fn install_derived(
+        &self,
+        mut reg: std::sync::MutexGuard<'_, Registry>,
+        parent: &Identity,
+        name: &str,
+        depth: u8,
+        requested: Option<BTreeSet<String>>,
+        expires: u64,
+        task: Option<Task>,
+        cgroup: bool,
+    ) -> Result<Identity, String> {
         let id = reg.ids.new_subject();
         let is_task = depth == parent.depth;
         let chain = if is_task {
@@ -702,22 +817,15 @@ impl State {
             .collect();
         drop(reg);
 
-        let made_cgroup = kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
+        let made_cgroup =
+            cgroup && kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
         if made_cgroup {
             self.created_cgroup(ident.cgroup_dir.clone());
         }
         {
             let mut kernel = self.kernel();
-            for (rule, tool_id) in &caps {
-                kernel
-                    .insert_cap(
-                        rule,
-                        GrantValue {
-                            tool_id: *tool_id,
-                            grant_id: 0,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
+            for (rule, value) in &caps {
+                kernel.insert_cap(rule, *value).map_err(|e| e.to_string())?;
             }
             kernel.set_subject(id, subject).map_err(|e| e.to_string())?;
             if made_cgroup && let Ok(cg) = kfs::cgroup_id(&ident.cgroup_dir) {
@@ -727,35 +835,41 @@ impl State {
         for g in grants {
             self.reinstall_grant(g).map_err(|e| e.to_string())?;
         }
-        let mut rec = AuditRecord::new(if is_task { "task" } else { "delegate" });
-        rec.tenant = Some(ident.tenant.clone());
-        rec.agent = Some(ident.agent.clone());
-        rec.subject = Some(ident.chain.clone());
-        rec.pid = Some(pid);
-        rec.task = ident.task.as_ref().map(|t| t.text.clone());
-        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
-        rec.detail = Some(format!(
-            "subject {id} under {}: tools {}, depth {depth}{}",
-            parent.chain,
-            ident
-                .requested_tools
-                .as_ref()
-                .map_or("(all of the parent's)".to_string(), |t| t
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(",")),
-            if ident.expires_at_ns != 0 {
-                format!(
-                    ", expires in {}s",
-                    (ident.expires_at_ns - now) / 1_000_000_000
-                )
-            } else {
-                String::new()
+        Ok(ident)
+    }
+
+    /// Moves `pid`, its threads and its descendants that share its subject
+    /// to a new subject of their own (for a process-tree grant); returns it.
+    pub fn derive_for_process(&self, pid: u32) -> Result<u32, String> {
+        let current = self
+            .process_subject(pid)
+            .ok_or_else(|| format!("process {pid} is not tagged"))?;
+        let reg = self.registry();
+        let parent = reg
+            .identities
+            .get(&current)
+            .cloned()
+            .filter(|i| i.active)
+            .ok_or_else(|| format!("process {pid} has a subject that is no longer in force"))?;
+        let ident = self.install_derived(
+            reg,
+            &parent,
+            &format!("pid-{pid}"),
+            parent.depth,
+            None,
+            parent.expires_at_ns,
+            parent.task.clone(),
+            false,
+        )?;
+        let mut kernel = self.kernel();
+        for (p, s) in kernel.processes() {
+            if s == current && is_in_tree(p, pid) {
+                kernel
+                    .tag_process(p, ident.subject_id)
+                    .map_err(|e| e.to_string())?;
             }
-        ));
-        self.audit(&ident.tenant, rec);
-        self.tag(pid, &ident, ident.task.clone())
+        }
+        Ok(ident.subject_id)
     }
 
     /// Writes `PROCS[pid]` and moves the process into the subject's cgroup.
@@ -809,4 +923,29 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Is `p` (a process or thread id) `root` itself, a thread of it, or a
+/// descendant? Walks parent links in /proc (bounded).
+fn is_in_tree(p: u32, root: u32) -> bool {
+    let tgid = std::fs::read_to_string(format!("/proc/{p}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Tgid:")
+                    .and_then(|v| v.trim().parse::<u32>().ok())
+            })
+        })
+        .unwrap_or(p);
+    let mut cur = tgid;
+    for _ in 0..64 {
+        if cur == root {
+            return true;
+        }
+        match ppid_of(cur) {
+            Some(pp) if pp > 1 => cur = pp,
+            _ => return false,
+        }
+    }
+    false
 }

@@ -22,8 +22,19 @@ pub struct CompiledPolicy {
     /// `tool_endpoints[i]`: the kernel keys of tool id `i + 1`, for
     /// capability sets built at run time (grants, tasks, sub-agents).
     pub tool_endpoints: Vec<Vec<ToolEndpoint>>,
+    /// `tool_hosts[i]`: names of tool id `i + 1` that the daemon resolves
+    /// and installs as address entries.
+    pub tool_hosts: Vec<Vec<HostEndpoint>>,
     /// `tool_limits[i]`: rate limit of tool id `i + 1` as (calls, per).
     pub tool_limits: Vec<Option<(u32, std::time::Duration)>>,
+}
+
+/// A named endpoint: resolved by the daemon, kept fresh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostEndpoint {
+    pub name: String,
+    pub port: u16,
+    pub proto: u8,
 }
 
 /// One endpoint of a tool in kernel form (see [`CompiledRule`]).
@@ -91,7 +102,8 @@ fn position_id(names: &[String], name: &str) -> Option<u32> {
 }
 
 impl Policy {
-    /// Compiles to map entries. Refuses `host` and `unix` endpoints (not yet
+    /// Compiles to map entries. `host` endpoints become names for the
+    /// daemon to resolve (`tool_hosts`). Refuses `unix` endpoints (not yet
     /// enforceable) anywhere in the file, even in tools no agent uses, so a
     /// policy that loads today keeps its meaning when support lands.
     ///
@@ -107,17 +119,7 @@ impl Policy {
                     .copied()
                     .unwrap_or(Location { line: 1, col: 1 });
                 match ep {
-                    Endpoint::Cidr { .. } => {}
-                    Endpoint::Host { name, .. } => {
-                        return Err(PolicyError::at(
-                            &self.origin,
-                            loc,
-                            format!(
-                                "tool {:?}: host endpoints ({name:?}) are not yet supported; use cidr",
-                                tool.name
-                            ),
-                        ));
-                    }
+                    Endpoint::Cidr { .. } | Endpoint::Host { .. } => {}
                     Endpoint::Unix { path } => {
                         return Err(PolicyError::at(
                             &self.origin,
@@ -208,6 +210,26 @@ impl Policy {
                 eps
             })
             .collect();
+        let tool_hosts = self
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut hosts: Vec<HostEndpoint> = Vec::new();
+                for ep in &tool.endpoints {
+                    if let Endpoint::Host { name, port, proto } = ep {
+                        let h = HostEndpoint {
+                            name: name.clone(),
+                            port: *port,
+                            proto: proto.as_ipproto(),
+                        };
+                        if !hosts.contains(&h) {
+                            hosts.push(h);
+                        }
+                    }
+                }
+                hosts
+            })
+            .collect();
         let tool_limits = self
             .tools
             .iter()
@@ -219,6 +241,7 @@ impl Policy {
             agents,
             rules,
             tool_endpoints,
+            tool_hosts,
             tool_limits,
         })
     }

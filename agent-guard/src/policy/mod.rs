@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-pub use compile::{CompiledAgent, CompiledPolicy, CompiledRule, ToolEndpoint};
+pub use compile::{CompiledAgent, CompiledPolicy, CompiledRule, HostEndpoint, ToolEndpoint};
 pub use error::{Location, PolicyError};
 
 /// The policy used when no policy file exists: monitor mode, so installing the

@@ -578,18 +578,22 @@ fn bad_host_name() {
 }
 
 #[test]
-fn host_endpoint_parses_but_compile_refuses() {
+fn host_endpoint_compiles_to_a_name_the_daemon_resolves() {
     let ep = "{ host = \"search.internal.example\", port = 443 }";
     let p = parse(&endpoint_case(ep)).unwrap();
     assert!(
         matches!(&p.tools[1].endpoints[0], Endpoint::Host { name, port: 443, proto: Proto::Tcp } if name == "search.internal.example")
     );
-    refused(
-        &endpoint_case(ep),
-        9,
-        col_of(ep, "{"),
-        "host endpoints (\"search.internal.example\") are not yet supported; use cidr",
+    let c = p.compile().unwrap();
+    assert_eq!(
+        c.tool_hosts[1],
+        vec![super::HostEndpoint {
+            name: "search.internal.example".into(),
+            port: 443,
+            proto: 6
+        }]
     );
+    assert!(c.tool_endpoints[1].is_empty(), "no address until resolved");
 }
 
 #[test]

@@ -1,0 +1,186 @@
+//! Tools named by DNS: the daemon resolves them (here against a DNS server
+//! this test runs on loopback), installs their addresses, follows changes,
+//! and drops addresses that left the answer after the grace period.
+
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use agent_guard_tests::{Daemon, Listener, kernel_test, probe};
+
+/// A minimal authoritative DNS server for one name, answering A queries
+/// with whatever `answer` holds (TTL 1 s), NXDOMAIN for other names.
+struct DnsServer {
+    port: u16,
+    answer: Arc<Mutex<Vec<Ipv4Addr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl DnsServer {
+    fn start(name: &str, first: Ipv4Addr) -> DnsServer {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let answer = Arc::new(Mutex::new(vec![first]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s, name) = (answer.clone(), stop.clone(), name.to_ascii_lowercase());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(reply) = respond(&buf[..n], &name, &a.lock().expect("lock")) {
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        });
+        DnsServer { port, answer, stop }
+    }
+
+    fn set(&self, ips: &[Ipv4Addr]) {
+        *self.answer.lock().expect("lock") = ips.to_vec();
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Builds the reply to one query (RFC 1035 wire format).
+fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr]) -> Option<Vec<u8>> {
+    if q.len() < 12 {
+        return None;
+    }
+    // Question: labels from offset 12, then qtype and qclass.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question = &q[12..i + 4];
+    let matches = labels.join(".") == name;
+    let answers: Vec<Ipv4Addr> = if matches && qtype == 1 {
+        ips.to_vec()
+    } else {
+        Vec::new()
+    };
+    let mut r = Vec::new();
+    r.extend_from_slice(&q[0..2]); // id
+    let rcode: u8 = if matches { 0 } else { 3 };
+    r.extend_from_slice(&[0x84, 0x80 | rcode]); // QR, AA, RA
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    for ip in answers {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // name ptr, A, IN
+        r.extend_from_slice(&1u32.to_be_bytes()); // TTL 1 s
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}
+
+fn policy(port: u16) -> String {
+    format!(
+        r#"
+default_mode = "enforce"
+
+[[tenant]]
+name = "acme"
+
+[[tool]]
+name = "search"
+endpoints = [{{ host = "search.agent-guard.test", port = {port} }}]
+
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = ["search"]
+"#
+    )
+}
+
+/// Polls a tagged connect until it gives `want` (up to 15 s).
+fn eventually(d: &Daemon, ip: &str, port: &str, want: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if d.probe("acme", "researcher", &["tcp", ip, port]) == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn a_tool_named_by_dns_follows_its_answer() {
+    if !kernel_test("a_tool_named_by_dns_follows_its_answer") {
+        return;
+    }
+    let tool = Listener::tcp_dual();
+    let port = tool.port.to_string();
+    let dns = DnsServer::start("search.agent-guard.test", Ipv4Addr::new(127, 0, 0, 1));
+    let d = Daemon::start_with(
+        &policy(tool.port),
+        &[
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--dns-grace",
+            "2s",
+        ],
+    );
+    assert!(
+        eventually(&d, "127.0.0.1", &port, probe::OK),
+        "resolved address becomes reachable"
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.2", &port]),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.status()["dns"]["search.agent-guard.test"]["addresses"][0],
+        "127.0.0.1"
+    );
+
+    // The answer moves to 127.0.0.2: the new address is followed...
+    dns.set(&[Ipv4Addr::new(127, 0, 0, 2)]);
+    assert!(
+        eventually(&d, "127.0.0.2", &port, probe::OK),
+        "new address followed"
+    );
+    // ...and the old one is dropped once its grace has passed.
+    assert!(
+        eventually(&d, "127.0.0.1", &port, probe::EPERM),
+        "old address removed after grace"
+    );
+    let node = std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
+    assert!(node.contains("\"kind\":\"dns\""), "{node}");
+    assert!(
+        node.contains("+127.0.0.2") && node.contains("-127.0.0.1"),
+        "{node}"
+    );
+
+    // A name that stops resolving loses its addresses (fail closed).
+    dns.set(&[]);
+    assert!(
+        eventually(&d, "127.0.0.2", &port, probe::EPERM),
+        "no answer, no access"
+    );
+}
