@@ -25,6 +25,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub audit_records: IntCounterVec,
     pub divergence: IntCounterVec,
+    /// Decisions counted in the kernel (exact even when events are lost).
+    pub kernel_decisions: IntGaugeVec,
     pub audit_write_errors: IntCounterVec,
     pub audit_dropped: IntCounterVec,
     pub audit_write_seconds: Histogram,
@@ -130,6 +132,12 @@ impl Metrics {
                 "Calls of task-scoped processes outside their declared tools (intent-vs-action divergence).",
                 &["tenant", "agent"],
             )?,
+            kernel_decisions: gauge(
+                &r,
+                "agent_guard_kernel_decisions",
+                "Decisions counted by the kernel itself, by verdict: exact even when events were lost (a counter read from per-CPU maps).",
+                &["verdict"],
+            )?,
             audit_write_errors: counter(
                 &r,
                 "agent_guard_audit_write_errors_total",
@@ -171,6 +179,16 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series that alerts watch exist from the start at 0, so
+        // `increase()` sees their first movement.
+        for result in ["ok", "error"] {
+            m.policy_reloads.with_label_values(&[result]).inc_by(0);
+        }
+        for k in 1..agent_guard_common::event::kind::COUNT as u8 {
+            let name = agent_guard_common::event::kind::name(k);
+            m.events_lost.with_label_values(&[name]).inc_by(0);
+            m.events.with_label_values(&[name]).inc_by(0);
+        }
         Ok(m)
     }
 

@@ -120,11 +120,19 @@ fn bad_policy_apply_is_refused_and_the_old_policy_stays_in_force() {
             .collect::<Vec<_>>()
     };
     let policies: Vec<_> = node.iter().filter(|r| r["kind"] == "policy").collect();
-    assert_eq!(policies.len(), 2, "{}", dump(&node));
+    // Two applied (each with its hash) and the refused one, audited too.
+    let applied: Vec<_> = policies
+        .iter()
+        .filter(|r| r["policy_hash"].as_str().is_some_and(|h| h.len() == 64))
+        .collect();
+    let refused: Vec<_> = policies
+        .iter()
+        .filter(|r| r["detail"].as_str().is_some_and(|d| d.contains("refused")))
+        .collect();
+    assert_eq!((applied.len(), refused.len()), (2, 1), "{}", dump(&node));
     assert!(
-        policies
-            .iter()
-            .all(|r| r["policy_hash"].as_str().is_some_and(|h| h.len() == 64))
+        d.metrics()
+            .contains(r#"agent_guard_policy_reloads_total{result="error"} 1"#)
     );
 }
 

@@ -27,7 +27,9 @@ const DEFAULT_AUDIT_DIR: &str = "/var/lib/agent-guard/audit";
 pub enum Command {
     /// Check every tenant's hash chain and the signed checkpoints; exits 0
     /// only when all are intact, 1 otherwise, naming the first bad record.
-    #[command(after_help = "Examples:\n  agent-guard audit verify --audit-dir /var/lib/agent-guard/audit\n  agent-guard audit verify --audit-dir /mnt/evidence/audit --public-key /secure/node.pub")]
+    #[command(
+        after_help = "Examples:\n  agent-guard audit verify --audit-dir /var/lib/agent-guard/audit\n  agent-guard audit verify --audit-dir /mnt/evidence/audit --public-key /secure/node.pub"
+    )]
     Verify {
         /// Audit trail directory.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_AUDIT_DIR)]
@@ -39,7 +41,9 @@ pub enum Command {
     },
     /// Show recorded calls as a timeline, a process tree, JSON, or re-judged
     /// under another policy.
-    #[command(after_help = "Examples:\n  agent-guard audit replay --tenant acme --agent researcher --since 1h\n  agent-guard audit replay --tenant acme --verdict deny --json\n  agent-guard audit replay --tenant acme --tree\n  agent-guard audit replay --tenant acme --what-if new-policy.toml")]
+    #[command(
+        after_help = "Examples:\n  agent-guard audit replay --tenant acme --agent researcher --since 1h\n  agent-guard audit replay --tenant acme --verdict deny --json\n  agent-guard audit replay --tenant acme --tree\n  agent-guard audit replay --tenant acme --what-if new-policy.toml"
+    )]
     Replay(Box<ReplayArgs>),
     /// Write synthetic records (benchmarks and tests).
     #[command(hide = true)]
@@ -115,7 +119,10 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn verify_cmd(audit_dir: &std::path::Path, public_key: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+fn verify_cmd(
+    audit_dir: &std::path::Path,
+    public_key: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     if !audit_dir.is_dir() {
         bail!("{}: no such audit directory", audit_dir.display());
     }
@@ -240,7 +247,11 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         } else {
             print_rows(&mut out, &rows, colour)?;
         }
-        let policy = args.what_if.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let policy = args
+            .what_if
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let msg = format!(
             "what-if {policy}: {} calls re-judged; {} would change: {} allowed -> denied, {} denied -> allowed, {} other (monitor/enforce)",
             sum.judged,
@@ -292,10 +303,15 @@ struct Clock {
 
 impl Clock {
     fn show(&self, ts: &str) -> String {
-        let Ok(t) = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339) else {
+        let Ok(t) = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        else {
             return ts.to_string();
         };
-        let t = if self.utc { t } else { t.to_offset(local_offset(t.unix_timestamp())) };
+        let t = if self.utc {
+            t
+        } else {
+            t.to_offset(local_offset(t.unix_timestamp()))
+        };
         let fmt = time::macros::format_description!(
             "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6][offset_hour sign:mandatory]:[offset_minute]"
         );
@@ -333,7 +349,10 @@ struct Row {
 impl Row {
     fn of(r: &AuditRecord, clock: &Clock) -> Row {
         let (dst, reason) = if r.kind == "gap" {
-            (replay::lost_summary(r), r.detail.clone().unwrap_or_default())
+            (
+                replay::lost_summary(r),
+                r.detail.clone().unwrap_or_default(),
+            )
         } else if r.dst.is_some() || r.proto.is_some() {
             (replay::destination(r), r.reason.clone().unwrap_or_default())
         } else {
@@ -368,13 +387,25 @@ fn style(key: &str) -> Style {
         "deny" => Style::new().fg_color(Some(AnsiColor::Red.into())).bold(),
         "would_deny" => Style::new().fg_color(Some(AnsiColor::Yellow.into())),
         "allow" => Style::new().fg_color(Some(AnsiColor::Green.into())),
-        "gap" => Style::new().fg_color(Some(AnsiColor::Magenta.into())).bold(),
+        "gap" => Style::new()
+            .fg_color(Some(AnsiColor::Magenta.into()))
+            .bold(),
         _ => Style::new(),
     }
 }
 
 fn print_rows(out: &mut impl Write, rows: &[Row], colour: bool) -> std::io::Result<()> {
-    const HEAD: [&str; 9] = ["TIME", "SUBJECT", "PID", "KIND", "VERDICT", "REASON", "DESTINATION", "TOOL", "GRANT"];
+    const HEAD: [&str; 9] = [
+        "TIME",
+        "SUBJECT",
+        "PID",
+        "KIND",
+        "VERDICT",
+        "REASON",
+        "DESTINATION",
+        "TOOL",
+        "GRANT",
+    ];
     let cells = |r: &Row| -> [String; 9] {
         [
             r.time.clone(),
@@ -440,7 +471,12 @@ fn print_tree(
                 "  {}",
                 paint(
                     "gap",
-                    format!("! gap {}: {} ({})", clock.show(&g.ts), replay::lost_summary(g), g.detail.as_deref().unwrap_or(""))
+                    format!(
+                        "! gap {}: {} ({})",
+                        clock.show(&g.ts),
+                        replay::lost_summary(g),
+                        g.detail.as_deref().unwrap_or("")
+                    )
                 )
             )?;
         }
@@ -484,7 +520,11 @@ fn print_tree(
                             clock.show(&r.ts),
                             r.child.map(|c| c.to_string()).unwrap_or_default()
                         ),
-                        "exec" => format!("{} exec {}", clock.show(&r.ts), r.exe.as_deref().unwrap_or("?")),
+                        "exec" => format!(
+                            "{} exec {}",
+                            clock.show(&r.ts),
+                            r.exe.as_deref().unwrap_or("?")
+                        ),
                         other => format!("{} {other}", clock.show(&r.ts)),
                     };
                     writeln!(out, "{indent}    {what}")?;

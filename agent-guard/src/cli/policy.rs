@@ -45,8 +45,8 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Apply { file, socket } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            // Check locally first for a fast, precise error.
-            Policy::from_str(&text, &file.display().to_string())?.compile()?;
+            // The daemon validates (same FILE:LINE:COL errors), so every
+            // refused apply is counted and audited where it is enforced.
             let origin = std::fs::canonicalize(&file)
                 .unwrap_or(file.clone())
                 .display()

@@ -297,6 +297,9 @@ impl state::State {
             tracing::info!("no policy file to reload (running the embedded default policy)");
             return;
         };
+        // Remember what was read, so the file watcher does not reload the
+        // same content a second time after a SIGHUP.
+        *self.policy_stamp.lock().unwrap_or_else(|p| p.into_inner()) = file_stamp(&path);
         match std::fs::read_to_string(&path) {
             Ok(text) => match self.reload_from_text(&text, &path.display().to_string()) {
                 Ok(generation) => {
@@ -329,14 +332,14 @@ async fn watch_policy(state: Arc<state::State>, mut shutdown: watch::Receiver<bo
     let Some(path) = state.policy_path.clone() else {
         return;
     };
-    let mut last = file_stamp(&path);
+    *state.policy_stamp.lock().unwrap_or_else(|p| p.into_inner()) = file_stamp(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let now = file_stamp(&path);
+                let last = *state.policy_stamp.lock().unwrap_or_else(|p| p.into_inner());
                 if now != last && now.is_some() {
-                    last = now;
                     tracing::info!("policy file {} changed", path.display());
                     state.reload_file();
                 }

@@ -81,6 +81,8 @@ pub struct State {
     pub metrics_addr: RwLock<Option<std::net::SocketAddr>>,
     /// Size of the event ring buffer in bytes.
     pub ring_bytes: u32,
+    /// Modification stamp of the policy file as last read.
+    pub policy_stamp: Mutex<Option<(std::time::SystemTime, u64)>>,
     /// Where `PROCS` is pinned (told to launchers).
     pub procs_pin: PathBuf,
     /// Policy file to re-read on SIGHUP and when it changes on disk.
@@ -128,6 +130,7 @@ impl State {
             ring_bytes,
             policy_path,
             procs_pin,
+            policy_stamp: Mutex::new(None),
             created_cgroups: Mutex::new(Vec::new()),
         }
     }
@@ -202,7 +205,14 @@ impl State {
                 .set(n as i64);
         }
         let procs = kernel.processes();
+        let decisions = kernel.decisions();
         drop(kernel);
+        for (i, v) in ["allow", "deny", "would_deny"].iter().enumerate() {
+            self.metrics
+                .kernel_decisions
+                .with_label_values(&[v])
+                .set(decisions[i] as i64);
+        }
         for (name, cap) in [
             (map_names::PROCS, capacity::PROCS),
             (map_names::CGROUPS, capacity::CGROUPS),

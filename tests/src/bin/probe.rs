@@ -45,7 +45,7 @@ fn usage() -> i32 {
     eprintln!(
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
-         repeat N CMD.. | bench-connect ADDR PORT N\n{}",
+         repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
     );
     USAGE
@@ -266,7 +266,158 @@ fn run(args: &[String]) -> i32 {
             );
             OK
         }
+        "watch-connect" => watch::run(rest).unwrap_or_else(usage),
         other => escape::run(other, rest).unwrap_or_else(usage),
+    }
+}
+
+/// `watch-connect ADDR PORT DURATION_MS [SPACING_NS]`: TCP connects to
+/// ADDR:PORT in a loop for DURATION_MS and reports every change of verdict,
+/// for `cargo xtask bench` (grant/revoke enforcement latency).
+///
+/// Output: `# started T_NS` at once (flushed, so the caller knows the loop
+/// runs), then at exit, for every verdict change, a line `T_NS allow|deny`
+/// (CLOCK_MONOTONIC ns at the start of the connect that first saw the new
+/// verdict; EPERM = deny, success = allow) followed by `# previous_attempt_ns
+/// P` (start of the attempt before it, which still saw the old verdict, or 0),
+/// and a summary line `# attempts N errors E elapsed_ns X max_gap_ns G`.
+/// Lines are kept in memory and printed at the end so that writing them does
+/// not stretch the loop. Connects are non-blocking and each socket is closed
+/// at once with SO_LINGER 0 (RST), so no TIME_WAIT ports pile up. SPACING_NS (default 0, a tight loop) spaces the
+/// attempts' starts by busy-waiting. Other connect errors are counted, not
+/// verdicts; the exit status is 0, or 11 when every attempt failed so.
+mod watch {
+    use std::io::Write as _;
+
+    use super::{OK, OTHER, addr, socket2_free};
+
+    fn mono_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    /// One non-blocking connect: Ok(true) when it was let through (connected
+    /// or EINPROGRESS; the verdict is taken before the SYN is sent), Ok(false)
+    /// for EPERM, Err(errno) else. Non-blocking, so a SYN dropped by a full
+    /// accept queue cannot stall the loop for a 1 s retransmit.
+    fn attempt(fam: libc::c_int, sa: &socket2_free::SockAddrBytes) -> Result<bool, i32> {
+        // SAFETY: plain syscalls on an fd this function owns and closes.
+        unsafe {
+            let fd = libc::socket(
+                fam,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            );
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+            }
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            let rc = libc::connect(fd, sa.ptr(), sa.len());
+            let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+            libc::close(fd);
+            match rc {
+                0 => Ok(true),
+                _ if err == libc::EINPROGRESS => Ok(true),
+                _ if err == libc::EPERM => Ok(false),
+                _ => Err(err),
+            }
+        }
+    }
+
+    pub fn run(rest: &[String]) -> Option<i32> {
+        let a = addr(rest)?;
+        let duration_ms: u64 = rest.get(2)?.parse().ok()?;
+        let spacing_ns: u64 = match rest.get(3) {
+            Some(s) => s.parse().ok()?,
+            None => 0,
+        };
+        let fam = if a.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let sa = socket2_free::encode(&a);
+        let t0 = mono_ns();
+        let end = t0.saturating_add(duration_ms.saturating_mul(1_000_000));
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "# started {t0}");
+            let _ = out.flush();
+        }
+        // (start, previous start, allowed)
+        let mut changes: Vec<(u64, u64, bool)> = Vec::new();
+        let mut verdict: Option<bool> = None;
+        let mut prev_start = 0u64;
+        let mut attempts = 0u64;
+        let mut errors: std::collections::BTreeMap<i32, u64> = Default::default();
+        let mut max_gap = 0u64;
+        let mut next = t0;
+        loop {
+            let mut start = mono_ns();
+            if spacing_ns > 0 {
+                while start < next {
+                    std::hint::spin_loop();
+                    start = mono_ns();
+                }
+                next = start + spacing_ns;
+            }
+            if start >= end {
+                break;
+            }
+            match attempt(fam, &sa) {
+                Ok(v) => {
+                    if verdict != Some(v) {
+                        changes.push((start, prev_start, v));
+                        verdict = Some(v);
+                    }
+                }
+                Err(e) => *errors.entry(e).or_default() += 1,
+            }
+            if attempts > 0 {
+                max_gap = max_gap.max(start - prev_start);
+            }
+            prev_start = start;
+            attempts += 1;
+        }
+        let elapsed = mono_ns() - t0;
+        let mut out = std::io::stdout().lock();
+        for (t, p, v) in &changes {
+            let _ = writeln!(out, "{t} {}", if *v { "allow" } else { "deny" });
+            let _ = writeln!(out, "# previous_attempt_ns {p}");
+        }
+        let failed: u64 = errors.values().sum();
+        for (e, n) in &errors {
+            let _ = writeln!(
+                out,
+                "# error {n} x {}",
+                std::io::Error::from_raw_os_error(*e)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# attempts {attempts} errors {failed} elapsed_ns {elapsed} max_gap_ns {max_gap}"
+        );
+        let _ = out.flush();
+        Some(if attempts > 0 && failed == attempts {
+            OTHER
+        } else {
+            OK
+        })
     }
 }
 
