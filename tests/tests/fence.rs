@@ -430,3 +430,41 @@ fn a_socket_passed_in_from_an_untagged_process_is_judged_by_its_user() {
     unsafe { libc::close(fd) };
     assert_eq!(code, probe::EPERM);
 }
+
+#[test]
+fn a_thread_exiting_does_not_untag_its_process() {
+    if !kernel_test("a_thread_exiting_does_not_untag_its_process") {
+        return;
+    }
+    let allowed = Listener::tcp_dual();
+    let other = Listener::tcp_dual();
+    let d = Daemon::start(&policy("enforce", allowed.port, 1));
+    let o = other.port.to_string();
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["threads-exit-then", "tcp", "127.0.0.1", &o]
+        ),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["threads-exit-then", "fork", "tcp", "127.0.0.1", &o]
+        ),
+        probe::EPERM
+    );
+    // Thread entries are cleaned up with their threads; the process
+    // entry with its process.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while d.status()["maps"]["PROCS"].as_u64() != Some(0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        d.status()["maps"]["PROCS"],
+        0,
+        "no stale PROCS entries once the processes exited"
+    );
+}

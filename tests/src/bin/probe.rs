@@ -159,6 +159,14 @@ fn run(args: &[String]) -> i32 {
             eprintln!("probe: exec sh: {err}");
             OTHER
         }
+        "threads-exit-then" => {
+            // Start and end a few threads first: their exits must not
+            // untag the process.
+            for _ in 0..4 {
+                let _ = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(5))).join();
+            }
+            run(rest)
+        }
         "after" => {
             // Sleep MS milliseconds, then run the rest (a process that was
             // started earlier and calls later).
