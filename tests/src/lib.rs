@@ -123,6 +123,16 @@ impl Daemon {
             .arg("--cgroup-root")
             .arg(&cgroup_root)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            // The audit signing key goes into the test's own directory,
+            // unless the test picks one.
+            .args(if extra.contains(&"--state-dir") {
+                vec![]
+            } else {
+                vec![
+                    "--state-dir".into(),
+                    dir.path().join("state").into_os_string(),
+                ]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

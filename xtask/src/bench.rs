@@ -1,18 +1,26 @@
 //! `cargo xtask bench`: what agent-guard adds to a loopback TCP `connect()`.
 //!
-//! Three configurations, each sample one `agent-guard-probe bench-connect`
+//! Four configurations, each sample one `agent-guard-probe bench-connect`
 //! run of N connects to a listener owned by this process:
 //! - `a`: no agent-guard daemon (nothing of ours attached);
 //! - `b`: daemon running, probe untagged;
 //! - `c`: daemon running, probe tagged (`agent-guard run`), its agent
 //!   holding ~10,000 endpoint entries; every connect is allowed, so it takes
 //!   the full decision path and emits one audit event.
+//! - `d`: daemon running, probe tagged as agent `d`, which has no tools of
+//!   its own but ~10,000 `GRANTS` entries from 101 just-in-time grants; the
+//!   listener is reached through a grant of a tool with a rate limit (one
+//!   that never limits), so every connect takes the grant path (`CAPS`
+//!   miss, `GRANTS` hit, `GRANT_STATE`) plus the rate-limit window update.
 //!
-//! Each round runs `a, [start daemon] b, c, c, b, [stop daemon] a`, so a
-//! linear drift within a round cancels out of the per-round paired ratios
-//! (mean of the round's two b or c samples over the mean of its two a
-//! samples). The daemon is started afresh in every round, so `a` always runs
-//! with nothing of ours attached.
+//! Each round runs `a, [start daemon, grants] b, c, d, d, c, b, [stop
+//! daemon] a`, so a linear drift within a round cancels out of the per-round
+//! paired ratios (mean of the round's two b, c or d samples over the mean of
+//! its two a samples). The daemon is started afresh in every round, so `a`
+//! always runs with nothing of ours attached.
+//!
+//! Before the rounds, part 1 (`bench_grants`) measures how soon after a
+//! `grant` / `revoke` returns the kernel enforces it.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -25,14 +33,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use crate::bench_grants::{self, GrantLatency, PAY_TOOL, control_request};
 use crate::{Built, Workspace, describe};
 
 /// Target: daemon running, untagged process (median paired ratio b/a).
 const TARGET_B: f64 = 1.005;
 /// Target: tagged process, 10,000 endpoints (median paired ratio c/a).
 const TARGET_C: f64 = 1.02;
-const TENANT: &str = "bench";
-const AGENT: &str = "a";
+/// Target: tagged process, 10,000 grant entries and a rate limit (median
+/// paired ratio d/a).
+const TARGET_D: f64 = 1.02;
+pub(crate) const TENANT: &str = "bench";
+/// The agent of `c` (base capabilities) and of the grant latency probe.
+pub(crate) const AGENT: &str = "a";
+/// The agent of `d`: no tools of its own, everything through grants.
+const AGENT_D: &str = "d";
+/// The rate-limited tool covering the listener, granted to agent `d`.
+const RL_TOOL: &str = "listener_rl";
+/// Its rate limit: high enough never to refuse a call, so the window update
+/// runs on every connect without ever changing the verdict.
+const RL_CALLS: u32 = 1_000_000_000;
+/// Tools granted to agent `d` besides RL_TOOL, and endpoints in each: every
+/// grant installs one `GRANTS` key per endpoint of its tool.
+const GRANT_TOOLS: u32 = 100;
+const GRANT_TOOL_ENDPOINTS: u32 = 100;
+/// TTL of `d`'s grants: far longer than a round.
+const GRANT_TTL_MS: u64 = 3_600_000;
 /// Endpoints per `[[tool]]` in the generated policy.
 const ENDPOINTS_PER_TOOL: u32 = 1000;
 /// How long the daemon gets to answer `status`.
@@ -81,6 +107,21 @@ pub struct BenchArgs {
     /// reusable again (tcp_tw_reuse waits >1 s) and every sample starts alike.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pause_ms: u64,
+    /// Skip part 1, the grant/revoke -> enforcement latency measurement.
+    #[arg(long)]
+    skip_grants: bool,
+    /// Grant + revoke rounds in part 1.
+    #[arg(long, value_name = "K", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    grant_rounds: u32,
+    /// Pause after each grant and each revoke in part 1.
+    #[arg(long, value_name = "MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    grant_gap_ms: u64,
+    /// Space the part-1 probe's connect attempts this far apart (busy wait);
+    /// 0 is a tight loop. Every attempt is a decision event for the daemon.
+    #[arg(long, value_name = "NS", default_value_t = 0)]
+    watch_spacing_ns: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -88,16 +129,18 @@ enum Config {
     A,
     B,
     C,
+    D,
 }
 
 impl Config {
-    const ALL: [Config; 3] = [Config::A, Config::B, Config::C];
+    const ALL: [Config; 4] = [Config::A, Config::B, Config::C, Config::D];
 
     fn key(self) -> &'static str {
         match self {
             Config::A => "a",
             Config::B => "b",
             Config::C => "c",
+            Config::D => "d",
         }
     }
 
@@ -106,6 +149,7 @@ impl Config {
             Config::A => "no agent-guard programs",
             Config::B => "daemon running, untagged",
             Config::C => "tagged, allowed, 10k endpoints",
+            Config::D => "tagged, via grant, 10k grants+rl",
         }
     }
 }
@@ -133,6 +177,10 @@ struct RoundStatus {
     daemon_cpu: Option<Duration>,
     events_lost: u64,
     startup: Duration,
+    /// `GRANTS` entries after agent `d`'s grants were made.
+    grant_entries: u64,
+    /// How long making those grants took.
+    grant_setup: Duration,
 }
 
 pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
@@ -151,9 +199,11 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     let cgroup2 = cgroup2_mount()?;
     let listener = Listener::start()?;
     let port = listener.addr.port();
+    // The `pay` tool's listener for part 1 (granted and revoked).
+    let pay_listener = Listener::start()?;
     let mut guard = Guard::create(&cgroup2)?;
 
-    let policy = policy_toml(port, args.endpoints);
+    let policy = policy_toml(port, pay_listener.addr.port(), args.endpoints);
     std::fs::write(&guard.policy, &policy)
         .with_context(|| format!("writing {}", guard.policy.display()))?;
     let mut check = Command::new(&built.daemon);
@@ -173,12 +223,32 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     }
 
     eprintln!(
-        "bench: {rounds} rounds x (a b c c b a), {n} connects per sample, {} endpoint entries, \
-         listener {}, work dir {}",
+        "bench: {rounds} rounds x (a b c d d c b a), {n} connects per sample, {} endpoint \
+         entries, {} grant entries, listener {}, work dir {}",
         args.endpoints,
+        GRANT_TOOLS * GRANT_TOOL_ENDPOINTS + 1,
         listener.addr,
         guard.dir.display()
     );
+
+    let grant_latency: Option<GrantLatency> = if args.skip_grants {
+        None
+    } else {
+        eprintln!(
+            "bench: part 1: {} x (grant, {} ms, revoke, {} ms) with a tagged watch-connect probe",
+            args.grant_rounds, args.grant_gap_ms, args.grant_gap_ms
+        );
+        let g = bench_grants::measure(
+            built,
+            &mut guard,
+            pay_listener.addr.port(),
+            args.grant_rounds,
+            args.watch_spacing_ns,
+            Duration::from_millis(args.grant_gap_ms),
+        )?;
+        print!("{}", g.table());
+        Some(g)
+    };
 
     let runner = Runner {
         built,
@@ -200,7 +270,17 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         guard.start_daemon(&built.daemon)?;
         let startup = started.elapsed();
         runner.check_enforcing()?;
-        for config in [Config::B, Config::C, Config::C, Config::B] {
+        let started = Instant::now();
+        let grant_entries = runner.make_grants()?;
+        let grant_setup = started.elapsed();
+        for config in [
+            Config::B,
+            Config::C,
+            Config::D,
+            Config::D,
+            Config::C,
+            Config::B,
+        ] {
             samples.push(runner.sample(config, round)?);
         }
         let status = daemon_status(&built.daemon, &guard.socket)?;
@@ -213,14 +293,14 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
             .flatten()
             .filter_map(|(_, v)| v.as_u64())
             .sum();
-        // Both tagged samples' connects must have been judged and allowed,
-        // otherwise `c` did not measure the decision path.
-        if allow < 2 * u64::from(n) {
+        // The four tagged samples' connects must have been judged and
+        // allowed, otherwise `c` and `d` did not measure the decision path.
+        if allow < 4 * u64::from(n) {
             bail!(
                 "round {}: the daemon counted {allow} allowed decisions, expected at least {} \
-                 from the two tagged samples; the tagged probe was not judged",
+                 from the four tagged samples; the tagged probe was not judged",
                 round + 1,
-                2 * u64::from(n)
+                4 * u64::from(n)
             );
         }
         statuses.push(RoundStatus {
@@ -228,6 +308,8 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
             daemon_cpu,
             events_lost,
             startup,
+            grant_entries,
+            grant_setup,
         });
         samples.push(runner.sample(Config::A, round)?);
     }
@@ -235,8 +317,14 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
 
     let report = Report::new(&samples, rounds);
     print!("{}", report.table(rounds, n, args.endpoints));
+    if let Some(g) = &grant_latency {
+        print!("{}", g.table());
+    }
 
-    let results = results_json(ws, &report, &samples, &statuses, rounds, n, args);
+    let mut results = results_json(ws, &report, &samples, &statuses, rounds, n, args);
+    results["grant_latency"] = grant_latency
+        .as_ref()
+        .map_or(json!({ "skipped": "--skip-grants" }), GrantLatency::json);
     let dir = ws.target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("results.json");
@@ -266,12 +354,13 @@ impl Runner<'_> {
                 cmd.args(args);
                 cmd
             }
-            Config::C => {
+            Config::C | Config::D => {
+                let agent = if config == Config::D { AGENT_D } else { AGENT };
                 let mut cmd = Command::new(&self.built.daemon);
                 cmd.arg("run")
                     .arg("--socket")
                     .arg(&self.guard_socket)
-                    .args(["--tenant", TENANT, "--agent", AGENT, "--"])
+                    .args(["--tenant", TENANT, "--agent", agent, "--"])
                     .arg(&self.built.probe)
                     .args(args);
                 cmd
@@ -337,19 +426,7 @@ impl Runner<'_> {
         loop {
             attempts += 1;
             std::thread::sleep(self.pause);
-            let waited = Instant::now();
-            let mut foreign_daemons = count_foreign_daemons(&self.guard_socket);
-            if foreign_daemons > 0 {
-                eprintln!(
-                    "bench:   {foreign_daemons} other agent-guard daemon(s) running; waiting up \
-                     to {} s for them to exit",
-                    FOREIGN_WAIT.as_secs()
-                );
-            }
-            while foreign_daemons > 0 && waited.elapsed() < FOREIGN_WAIT {
-                std::thread::sleep(Duration::from_secs(1));
-                foreign_daemons = count_foreign_daemons(&self.guard_socket);
-            }
+            let foreign_daemons = wait_for_foreign_daemons(&self.guard_socket);
             let time_wait_before = time_wait_sockets();
             let overflows_before = listen_overflows();
             let ns = self.probe_once(config, self.n)?;
@@ -393,8 +470,14 @@ impl Runner<'_> {
     fn check_enforcing(&self) -> Result<()> {
         // Port 9 (discard) on loopback: EPERM when denied, ECONNREFUSED or
         // success when the fence is not in the way. Not in the policy.
-        let args = ["tcp".to_owned(), "127.0.0.1".to_owned(), "9".to_owned()];
-        let mut cmd = self.probe_command(Config::C, &args);
+        self.expect_eperm(Config::C, 9)
+    }
+
+    /// A tagged connect of `config`'s agent to 127.0.0.1:`port` must be
+    /// refused with EPERM.
+    fn expect_eperm(&self, config: Config, port: u16) -> Result<()> {
+        let args = ["tcp".to_owned(), "127.0.0.1".to_owned(), port.to_string()];
+        let mut cmd = self.probe_command(config, &args);
         let out = cmd
             .stdin(Stdio::null())
             .output()
@@ -411,6 +494,60 @@ impl Runner<'_> {
         }
         Ok(())
     }
+
+    /// Gives agent `d` its grants through the control socket: RL_TOOL (the
+    /// listener, rate-limited) and the GRANT_TOOLS `g*` tools. Checks first
+    /// that `d` cannot reach the listener without them, and afterwards that
+    /// the kernel holds at least 10,000 `GRANTS` entries. Returns the count.
+    fn make_grants(&self) -> Result<u64> {
+        self.expect_eperm(Config::D, self.listener.addr.port())?;
+        let tools = std::iter::once(RL_TOOL.to_owned()).chain(grant_tool_names());
+        for tool in tools {
+            control_request(
+                &self.guard_socket,
+                &json!({
+                    "op": "grant", "tenant": TENANT, "agent": AGENT_D, "tool": tool,
+                    "ttl_ms": GRANT_TTL_MS,
+                }),
+            )
+            .with_context(|| format!("granting {tool} to {TENANT}/{AGENT_D}"))?;
+        }
+        let status = daemon_status(&self.built.daemon, &self.guard_socket)?;
+        let entries = status["maps"]["GRANTS"].as_u64().with_context(|| {
+            format!(
+                "`status --json` has no maps.GRANTS count: {}",
+                status["maps"]
+            )
+        })?;
+        let want = u64::from(GRANT_TOOLS * GRANT_TOOL_ENDPOINTS);
+        if entries < want {
+            bail!(
+                "sanity check failed: {} grants made, but the kernel holds {entries} GRANTS \
+                 entries, fewer than {want}",
+                GRANT_TOOLS + 1
+            );
+        }
+        Ok(entries)
+    }
+}
+
+/// Waits (up to FOREIGN_WAIT) for other `agent-guard daemon` processes to
+/// exit; returns how many are still running.
+pub(crate) fn wait_for_foreign_daemons(our_socket: &Path) -> usize {
+    let waited = Instant::now();
+    let mut foreign_daemons = count_foreign_daemons(our_socket);
+    if foreign_daemons > 0 {
+        eprintln!(
+            "bench:   {foreign_daemons} other agent-guard daemon(s) running; waiting up \
+             to {} s for them to exit",
+            FOREIGN_WAIT.as_secs()
+        );
+    }
+    while foreign_daemons > 0 && waited.elapsed() < FOREIGN_WAIT {
+        std::thread::sleep(Duration::from_secs(1));
+        foreign_daemons = count_foreign_daemons(our_socket);
+    }
+    foreign_daemons
 }
 
 // ---------------------------------------------------------------------------
@@ -482,12 +619,12 @@ fn accept_loop(listener: &TcpListener, count: &AtomicU64) {
 /// stops the daemon (SIGTERM by pid, then SIGKILL), unmounts the pin
 /// directory if the daemon left it mounted, removes the cgroup subtree and
 /// the work directory.
-struct Guard {
-    dir: PathBuf,
+pub(crate) struct Guard {
+    pub(crate) dir: PathBuf,
     policy: PathBuf,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     pin_dir: PathBuf,
-    audit_dir: PathBuf,
+    pub(crate) audit_dir: PathBuf,
     log: PathBuf,
     cgroup_root: PathBuf,
     daemon: Option<Child>,
@@ -517,7 +654,7 @@ impl Guard {
         Ok(guard)
     }
 
-    fn start_daemon(&mut self, bin: &Path) -> Result<()> {
+    pub(crate) fn start_daemon(&mut self, bin: &Path) -> Result<()> {
         if self.daemon.is_some() {
             bail!("internal error: the bench daemon is already running");
         }
@@ -584,7 +721,7 @@ impl Guard {
 
     /// SIGTERM by pid and wait; an error if it does not exit in time or
     /// exits with a failure.
-    fn stop_daemon(&mut self) -> Result<()> {
+    pub(crate) fn stop_daemon(&mut self) -> Result<()> {
         let Some(mut child) = self.daemon.take() else {
             return Ok(());
         };
@@ -601,7 +738,7 @@ impl Guard {
 
     /// utime + stime of the running daemon from /proc/PID/stat (clock ticks
     /// of 10 ms, USER_HZ on Linux).
-    fn daemon_cpu(&self) -> Option<Duration> {
+    pub(crate) fn daemon_cpu(&self) -> Option<Duration> {
         let pid = self.daemon.as_ref()?.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Fields after the parenthesised command name; utime and stime are
@@ -706,7 +843,7 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(dir)
 }
 
-fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
+pub(crate) fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
     let mut cmd = Command::new(bin);
     cmd.arg("status").arg("--socket").arg(socket).arg("--json");
     let out = cmd
@@ -893,10 +1030,21 @@ fn utc_now() -> String {
 // Policy
 // ---------------------------------------------------------------------------
 
-/// The bench policy: agent `bench/a` holds the listener's endpoint plus
-/// `endpoints` distinct 10.x.y.z/32 entries (map keys only; nothing is ever
-/// sent to them), split into tools of ENDPOINTS_PER_TOOL.
-fn policy_toml(listener_port: u16, endpoints: u32) -> String {
+/// Names of the tools granted to agent `d` besides RL_TOOL.
+fn grant_tool_names() -> impl Iterator<Item = String> {
+    (0..GRANT_TOOLS).map(|i| format!("g{i:03}"))
+}
+
+/// The bench policy:
+/// - agent `bench/a` holds the listener's endpoint plus `endpoints` distinct
+///   10.x.y.z/32 entries (map keys only; nothing is ever sent to them),
+///   split into tools of ENDPOINTS_PER_TOOL;
+/// - tool `pay` (the second listener) is in no agent's tools: part 1 grants
+///   and revokes it for `a`;
+/// - agent `bench/d` has no tools; it is granted RL_TOOL (the listener
+///   again, with a rate limit that never limits) and the GRANT_TOOLS `g*`
+///   tools of GRANT_TOOL_ENDPOINTS distinct 10.x.y.z/32 entries each.
+fn policy_toml(listener_port: u16, pay_port: u16, endpoints: u32) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# generated by `cargo xtask bench`");
     let _ = writeln!(s, "default_mode = \"enforce\"\n");
@@ -922,11 +1070,37 @@ fn policy_toml(listener_port: u16, endpoints: u32) -> String {
         let _ = writeln!(s, "]\n");
         tools.push(name);
     }
+    let _ = writeln!(s, "[[tool]]\nname = \"{PAY_TOOL}\"");
+    let _ = writeln!(
+        s,
+        "endpoints = [{{ cidr = \"127.0.0.1/32\", port = {pay_port} }}]\n"
+    );
+    let _ = writeln!(s, "[[tool]]\nname = \"{RL_TOOL}\"");
+    let _ = writeln!(
+        s,
+        "endpoints = [{{ cidr = \"127.0.0.1/32\", port = {listener_port} }}]"
+    );
+    let _ = writeln!(s, "rate_limit = {{ calls = {RL_CALLS}, per = \"1s\" }}\n");
+    for (i, name) in (0u32..).zip(grant_tool_names()) {
+        let _ = writeln!(s, "[[tool]]\nname = \"{name}\"\nendpoints = [");
+        for j in 0..GRANT_TOOL_ENDPOINTS {
+            let k = i * GRANT_TOOL_ENDPOINTS + j;
+            let [_, _, y, z] = k.to_be_bytes();
+            // 10.200.0.0/16 and up, apart from `a`'s entries; ports spread.
+            let port = 1 + (u64::from(k) * 104_729 + 17) % 65_535;
+            let _ = writeln!(s, "  {{ cidr = \"10.200.{y}.{z}/32\", port = {port} }},");
+        }
+        let _ = writeln!(s, "]\n");
+    }
     let list: Vec<String> = tools.iter().map(|t| format!("\"{t}\"")).collect();
     let _ = writeln!(
         s,
-        "[[agent]]\ntenant = \"{TENANT}\"\nname = \"{AGENT}\"\ntools = [{}]",
+        "[[agent]]\ntenant = \"{TENANT}\"\nname = \"{AGENT}\"\ntools = [{}]\n",
         list.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "[[agent]]\ntenant = \"{TENANT}\"\nname = \"{AGENT_D}\"\ntools = []"
     );
     s
 }
@@ -935,7 +1109,7 @@ fn policy_toml(listener_port: u16, endpoints: u32) -> String {
 // Statistics and output
 // ---------------------------------------------------------------------------
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -1002,6 +1176,7 @@ impl Report {
                         Config::A => None,
                         Config::B => Some(TARGET_B),
                         Config::C => Some(TARGET_C),
+                        Config::D => Some(TARGET_D),
                     },
                 }
             })
@@ -1013,8 +1188,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nloopback TCP connect(), {rounds} rounds x (a b c c b a), {n} connects per sample, \
-             {endpoints} endpoint entries"
+            "\nloopback TCP connect(), {rounds} rounds x (a b c d d c b a), {n} connects per \
+             sample, {endpoints} endpoint entries (c), {} grant entries + rate limit (d)",
+            GRANT_TOOLS * GRANT_TOOL_ENDPOINTS + 1
         );
         let _ = writeln!(
             s,
@@ -1122,6 +1298,8 @@ fn results_json(
                 "allow_decisions": r.allow,
                 "daemon_cpu_ms": r.daemon_cpu.map(|d| d.as_millis()),
                 "events_lost": r.events_lost,
+                "grants_map_entries": r.grant_entries,
+                "grant_setup_ms": r.grant_setup.as_millis(),
             })
         })
         .collect();
@@ -1142,8 +1320,14 @@ fn results_json(
         "rounds": rounds,
         "connects_per_sample": n,
         "endpoint_entries": args.endpoints,
+        "d_grants": {
+            "grants": GRANT_TOOLS + 1,
+            "tools": format!("{RL_TOOL} (listener, rate_limit {RL_CALLS}/1s) + {GRANT_TOOLS} \
+                tools of {GRANT_TOOL_ENDPOINTS} endpoints"),
+            "ttl_ms": GRANT_TTL_MS,
+        },
         "pause_ms": args.pause_ms,
-        "order": "a, start daemon, b, c, c, b, stop daemon, a (per round)",
+        "order": "a, start daemon, grants for d, b, c, d, d, c, b, stop daemon, a (per round)",
         "configs": configs,
         "ratios_of_medians": ratios,
         "paired_ratios": paired,
@@ -1172,14 +1356,22 @@ mod tests {
 
     #[test]
     fn policy_has_distinct_endpoints() {
-        let p = policy_toml(4242, 2500);
+        let p = policy_toml(4242, 4343, 2500);
         assert!(p.contains("{ cidr = \"127.0.0.1/32\", port = 4242 }"));
+        assert!(p.contains("{ cidr = \"127.0.0.1/32\", port = 4343 }"));
         let cidrs: std::collections::BTreeSet<&str> = p
             .lines()
-            .filter(|l| l.contains("cidr = \"10."))
+            .filter(|l| l.contains("cidr = \"10.") && !l.contains("cidr = \"10.200."))
             .filter_map(|l| l.split('"').nth(1))
             .collect();
         assert_eq!(cidrs.len(), 2500);
+        let granted: std::collections::BTreeSet<&str> = p
+            .lines()
+            .filter(|l| l.contains("cidr = \"10.200."))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect();
+        assert_eq!(granted.len(), (GRANT_TOOLS * GRANT_TOOL_ENDPOINTS) as usize);
+        assert!(p.contains("tools = []"));
         assert!(p.contains("tools = [\"listener\", \"t0\", \"t1\", \"t2\"]"));
         assert!(!p.contains("port = 0 "));
     }

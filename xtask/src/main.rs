@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_grants;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &[
@@ -98,14 +99,18 @@ Examples:
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
-    /// Build --release, then measure loopback TCP connect() cost with
-    /// agent-guard-probe (root): (a) nothing attached, (b) daemon running and
-    /// an untagged process, (c) a tagged process with 10,000 endpoint
-    /// entries. Prints a table and writes target/bench/results.json.
+    /// Build --release, then measure (root) how soon grant/revoke are
+    /// enforced by the kernel, and loopback TCP connect() cost with
+    /// agent-guard-probe: (a) nothing attached, (b) daemon running and an
+    /// untagged process, (c) a tagged process with 10,000 endpoint entries,
+    /// (d) a tagged process reaching the listener through a rate-limited
+    /// grant among 10,000 grant entries. Prints tables and writes
+    /// target/bench/results.json.
     #[command(after_help = "\
 Examples:
-  sudo -E cargo xtask bench                 # 7 rounds of a b c c b a, 8000 connects each
+  sudo -E cargo xtask bench                 # 50 grant/revoke rounds; 7 rounds of a b c d d c b a
   sudo -E cargo xtask bench --quick         # smoke run: 2 rounds, 5000 connects
+  sudo -E cargo xtask bench --skip-grants   # connect cost only
   sudo -E cargo xtask bench --rounds 15 --connects 10000")]
     Bench(bench::BenchArgs),
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.

@@ -1,0 +1,667 @@
+//! `cargo xtask bench`, part 1: how long after `grant` / `revoke` returns
+//! does the kernel enforce it (issue 4, goal < 1 ms)?
+//!
+//! The daemon writes the kernel maps before it replies, so enforcement should
+//! come before the reply. This checks it from outside: one long-lived tagged
+//! `agent-guard-probe watch-connect` connects to the `pay` listener in a loop
+//! and records the CLOCK_MONOTONIC time of every verdict change, while the
+//! bench sends `grant` and `revoke` requests for `pay` straight to the control
+//! socket and records when each was sent and when its reply arrived (same
+//! clock). Afterwards each request is matched with the first change to its
+//! verdict after it was sent.
+
+use std::fmt::Write as _;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use crate::bench::{AGENT, Guard, TENANT, daemon_status, median, wait_for_foreign_daemons};
+use crate::{Built, describe};
+
+/// Goal: the kernel enforces a grant or revoke within 1 ms of the command
+/// returning.
+pub(crate) const TARGET_NS: i64 = 1_000_000;
+/// The tool granted and revoked; it is not among agent `a`'s own tools.
+pub(crate) const PAY_TOOL: &str = "pay";
+/// How long each grant would last if it were not revoked.
+const PAY_TTL_MS: u64 = 60_000;
+/// Time the probe gets to start (tagging, exec) before the first request.
+const PROBE_SETTLE: Duration = Duration::from_millis(300);
+/// Probe run time beyond the rounds' planned length.
+const PROBE_SLACK_MS: u64 = 3000;
+/// How long a control request may take before the bench gives up.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Current CLOCK_MONOTONIC in ns, the clock the probe stamps its lines with.
+pub(crate) fn mono_ns() -> u64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: std::ffi::c_long,
+        tv_nsec: std::ffi::c_long,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: std::ffi::c_int, tp: *mut Timespec) -> std::ffi::c_int;
+    }
+    const CLOCK_MONOTONIC: std::ffi::c_int = 1;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that we own; the struct
+    // matches the C layout on 64-bit Linux (two longs).
+    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// One request line to the control socket; the reply's `data` when `ok`.
+pub(crate) fn control_request(socket: &Path, request: &Value) -> Result<Value> {
+    let mut line = serde_json::to_string(request).context("serializing a control request")?;
+    line.push('\n');
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(CONTROL_TIMEOUT))
+        .context("setting a read timeout on the control socket")?;
+    stream
+        .write_all(line.as_bytes())
+        .context("writing to the control socket")?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("reading the control socket's reply")?;
+    let value: Value = serde_json::from_str(reply.trim())
+        .with_context(|| format!("the daemon replied {:?}, not JSON", reply.trim()))?;
+    if value["ok"] != Value::Bool(true) {
+        bail!(
+            "the daemon refused {}: {}",
+            line.trim(),
+            value["error"].as_str().unwrap_or("(no error text)")
+        );
+    }
+    Ok(value["data"].clone())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Op {
+    Grant,
+    Revoke,
+}
+
+/// One control request as the bench saw it.
+struct Request {
+    op: Op,
+    round: u32,
+    sent_ns: u64,
+    returned_ns: u64,
+}
+
+/// One verdict change the probe saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Change {
+    /// Start of the first connect with the new verdict.
+    at_ns: u64,
+    /// Start of the connect before it (old verdict), 0 for the first.
+    previous_ns: u64,
+    allow: bool,
+}
+
+/// What the probe printed.
+#[derive(Debug, Default)]
+struct ProbeLog {
+    changes: Vec<Change>,
+    attempts: u64,
+    errors: u64,
+    elapsed_ns: u64,
+    max_gap_ns: u64,
+    notes: Vec<String>,
+}
+
+fn parse_probe(text: &str) -> Result<ProbeLog> {
+    let mut log = ProbeLog::default();
+    let mut summary = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["#", "started", _] => {}
+            ["#", "previous_attempt_ns", p] => {
+                let p: u64 = p.parse().with_context(|| format!("probe line {line:?}"))?;
+                let Some(last) = log.changes.last_mut() else {
+                    bail!("probe line {line:?} before any verdict line");
+                };
+                last.previous_ns = p;
+            }
+            [
+                "#",
+                "attempts",
+                a,
+                "errors",
+                e,
+                "elapsed_ns",
+                x,
+                "max_gap_ns",
+                g,
+            ] => {
+                let num = |s: &str| -> Result<u64> {
+                    s.parse().with_context(|| format!("probe line {line:?}"))
+                };
+                log.attempts = num(a)?;
+                log.errors = num(e)?;
+                log.elapsed_ns = num(x)?;
+                log.max_gap_ns = num(g)?;
+                summary = true;
+            }
+            ["#", ..] => log.notes.push(line.trim_start_matches("# ").to_owned()),
+            [t, v @ ("allow" | "deny")] => log.changes.push(Change {
+                at_ns: t.parse().with_context(|| format!("probe line {line:?}"))?,
+                previous_ns: 0,
+                allow: *v == "allow",
+            }),
+            _ => bail!("unexpected probe line {line:?}"),
+        }
+    }
+    if !summary {
+        bail!("the probe printed no summary line; its output:\n{text}");
+    }
+    Ok(log)
+}
+
+/// A request matched with the first change to its verdict.
+struct Matched {
+    /// First connect seen with the new verdict minus the reply's arrival
+    /// (negative: enforced before the reply arrived).
+    after_return_ns: i64,
+    /// The same for the last connect that still saw the old verdict: the
+    /// change happened between the two.
+    previous_after_return_ns: i64,
+}
+
+/// For each request, the first change to its verdict at or after it was sent
+/// and before the next request was sent (or the probe ended).
+fn match_requests(
+    requests: &[Request],
+    changes: &[Change],
+    probe_end: u64,
+) -> Vec<Option<Matched>> {
+    requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let until = requests.get(i + 1).map_or(probe_end, |n| n.sent_ns);
+            let want_allow = r.op == Op::Grant;
+            changes
+                .iter()
+                .find(|c| c.allow == want_allow && c.at_ns >= r.sent_ns && c.at_ns < until)
+                .map(|c| Matched {
+                    after_return_ns: signed_diff(c.at_ns, r.returned_ns),
+                    previous_after_return_ns: signed_diff(c.previous_ns, r.returned_ns),
+                })
+        })
+        .collect()
+}
+
+fn signed_diff(a: u64, b: u64) -> i64 {
+    if a >= b {
+        i64::try_from(a - b).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from(b - a).unwrap_or(i64::MAX)
+    }
+}
+
+/// Nearest-rank percentile of `values` (p in 0..=100).
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// The measured figures for one operation (grant or revoke), in µs.
+struct OpStats {
+    requests: usize,
+    rtt_median_us: f64,
+    rtt_p99_us: f64,
+    rtt_max_us: f64,
+    seen: usize,
+    after_return_median_us: f64,
+    after_return_max_us: f64,
+    /// Rounds whose first connect with the new verdict started before the
+    /// reply arrived.
+    before_reply: usize,
+    /// Per seen change, the time between the last connect with the old
+    /// verdict and the first with the new one: the resolution.
+    bracket_median_us: f64,
+    bracket_max_us: f64,
+    per_round: Vec<Value>,
+}
+
+impl OpStats {
+    fn new(op: Op, requests: &[Request], matched: &[Option<Matched>]) -> Self {
+        let pairs: Vec<(&Request, &Option<Matched>)> = requests
+            .iter()
+            .zip(matched)
+            .filter(|(r, _)| r.op == op)
+            .collect();
+        let us = |ns: i64| ns as f64 / 1000.0;
+        let rtt: Vec<f64> = pairs
+            .iter()
+            .map(|(r, _)| us(signed_diff(r.returned_ns, r.sent_ns)))
+            .collect();
+        let seen: Vec<&Matched> = pairs.iter().filter_map(|(_, m)| m.as_ref()).collect();
+        let after: Vec<f64> = seen.iter().map(|m| us(m.after_return_ns)).collect();
+        let bracket: Vec<f64> = seen
+            .iter()
+            .map(|m| us(m.after_return_ns - m.previous_after_return_ns))
+            .collect();
+        let per_round = pairs
+            .iter()
+            .map(|(r, m)| {
+                json!({
+                    "round": r.round + 1,
+                    "rtt_us": us(signed_diff(r.returned_ns, r.sent_ns)),
+                    "first_connect_after_return_us": m.as_ref().map(|m| us(m.after_return_ns)),
+                    "last_old_connect_after_return_us":
+                        m.as_ref().map(|m| us(m.previous_after_return_ns)),
+                })
+            })
+            .collect();
+        Self {
+            requests: pairs.len(),
+            rtt_median_us: median(&rtt),
+            rtt_p99_us: percentile(&rtt, 99.0),
+            rtt_max_us: percentile(&rtt, 100.0),
+            seen: seen.len(),
+            after_return_median_us: median(&after),
+            after_return_max_us: percentile(&after, 100.0),
+            before_reply: seen.iter().filter(|m| m.after_return_ns < 0).count(),
+            bracket_median_us: median(&bracket),
+            bracket_max_us: percentile(&bracket, 100.0),
+            per_round,
+        }
+    }
+
+    fn met(&self) -> bool {
+        self.seen == self.requests && self.after_return_max_us * 1000.0 < TARGET_NS as f64
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "requests": self.requests,
+            "request_round_trip_us": {
+                "median": self.rtt_median_us, "p99": self.rtt_p99_us, "max": self.rtt_max_us,
+            },
+            "changes_seen": self.seen,
+            "first_connect_after_return_us": {
+                "median": self.after_return_median_us, "max": self.after_return_max_us,
+            },
+            "first_connect_before_reply": self.before_reply,
+            "resolution_us": { "median": self.bracket_median_us, "max": self.bracket_max_us },
+            "target_us": TARGET_NS as f64 / 1000.0,
+            "met": self.met(),
+            "per_round": self.per_round,
+        })
+    }
+}
+
+/// The result of part 1.
+pub(crate) struct GrantLatency {
+    rounds: u32,
+    spacing_ns: u64,
+    grant: OpStats,
+    revoke: OpStats,
+    probe: ProbeLog,
+    foreign_daemons: usize,
+    events_lost: u64,
+    decisions: Value,
+    daemon_cpu: Option<Duration>,
+}
+
+/// Kills a child (by its pid) and reaps it unless it was waited for.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs part 1 with a daemon of its own (started and stopped here).
+pub(crate) fn measure(
+    built: &Built,
+    guard: &mut Guard,
+    pay_port: u16,
+    rounds: u32,
+    spacing_ns: u64,
+    gap: Duration,
+) -> Result<GrantLatency> {
+    let foreign_daemons = wait_for_foreign_daemons(&guard.socket);
+    guard.start_daemon(&built.daemon)?;
+
+    // One round is a grant, a gap, a revoke and a gap; give the probe room.
+    let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+    let duration_ms = PROBE_SLACK_MS + u64::from(rounds) * (2 * gap_ms + 10);
+    let err_path = guard.dir.join("watch-connect.stderr");
+    let err_file = std::fs::File::create(&err_path)
+        .with_context(|| format!("creating {}", err_path.display()))?;
+    let mut cmd = Command::new(&built.daemon);
+    cmd.arg("run")
+        .arg("--socket")
+        .arg(&guard.socket)
+        .args(["--tenant", TENANT, "--agent", AGENT, "--"])
+        .arg(&built.probe)
+        .args(["watch-connect", "127.0.0.1"])
+        .arg(pay_port.to_string())
+        .arg(duration_ms.to_string())
+        .arg(spacing_ns.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_file);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+    let mut probe = ChildGuard(Some(child));
+    let stdout = probe
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("the probe's stdout was not captured")?;
+    let mut reader = BufReader::new(stdout);
+    let mut first = String::new();
+    reader
+        .read_line(&mut first)
+        .context("reading the probe's first line")?;
+    let started: u64 = first
+        .trim()
+        .strip_prefix("# started ")
+        .and_then(|t| t.parse().ok())
+        .with_context(|| {
+            format!(
+                "`{}` printed {:?} instead of `# started T`; stderr:\n{}",
+                describe(&cmd),
+                first.trim(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            )
+        })?;
+    let probe_end = started + duration_ms * 1_000_000;
+    std::thread::sleep(PROBE_SETTLE);
+
+    let mut requests = Vec::new();
+    for round in 0..rounds {
+        // Stop early rather than run past the probe.
+        if mono_ns() + 2 * (gap_ms + 50) * 1_000_000 > probe_end {
+            eprintln!(
+                "bench: warning: grant latency: the probe ends soon; stopping after {round} \
+                 of {rounds} rounds"
+            );
+            break;
+        }
+        let sent_ns = mono_ns();
+        let data = control_request(
+            &guard.socket,
+            &json!({
+                "op": "grant", "tenant": TENANT, "agent": AGENT, "tool": PAY_TOOL,
+                "ttl_ms": PAY_TTL_MS,
+            }),
+        )?;
+        let returned_ns = mono_ns();
+        let id = data["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .with_context(|| format!("the grant reply has no numeric id: {data}"))?;
+        requests.push(Request {
+            op: Op::Grant,
+            round,
+            sent_ns,
+            returned_ns,
+        });
+        std::thread::sleep(gap);
+        let sent_ns = mono_ns();
+        control_request(&guard.socket, &json!({ "op": "revoke", "grant": id }))?;
+        let returned_ns = mono_ns();
+        requests.push(Request {
+            op: Op::Revoke,
+            round,
+            sent_ns,
+            returned_ns,
+        });
+        std::thread::sleep(gap);
+    }
+
+    let status = daemon_status(&built.daemon, &guard.socket)?;
+    let daemon_cpu = guard.daemon_cpu();
+
+    let mut rest = String::new();
+    reader
+        .read_to_string(&mut rest)
+        .context("reading the probe's output")?;
+    let exit = probe
+        .0
+        .take()
+        .map(|mut c| c.wait())
+        .transpose()
+        .context("waiting for the probe")?;
+    guard.stop_daemon()?;
+    // The watch loop filled the audit log; the connect rounds start afresh.
+    if guard.audit_dir.exists() {
+        std::fs::remove_dir_all(&guard.audit_dir)
+            .with_context(|| format!("removing {}", guard.audit_dir.display()))?;
+    }
+    if exit.is_some_and(|s| !s.success()) {
+        bail!(
+            "`{}` failed ({}): {}\n{}",
+            describe(&cmd),
+            exit.map(|s| s.to_string()).unwrap_or_default(),
+            rest.trim(),
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+    }
+    let log = parse_probe(&rest)?;
+    // Before the first grant the probe must have been refused, or the
+    // grants did not change anything.
+    match log.changes.first() {
+        Some(c) if !c.allow => {}
+        other => bail!(
+            "sanity check failed: the tagged watch-connect probe should start denied (no `{PAY_TOOL}` \
+             grant yet), but its first verdict was {other:?}"
+        ),
+    }
+    let matched = match_requests(&requests, &log.changes, probe_end);
+    let events_lost = status["events_lost"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, v)| v.as_u64())
+        .sum();
+    Ok(GrantLatency {
+        rounds: u32::try_from(requests.len() / 2).unwrap_or(u32::MAX),
+        spacing_ns,
+        grant: OpStats::new(Op::Grant, &requests, &matched),
+        revoke: OpStats::new(Op::Revoke, &requests, &matched),
+        probe: log,
+        foreign_daemons,
+        events_lost,
+        decisions: status["decisions"].clone(),
+        daemon_cpu,
+    })
+}
+
+impl GrantLatency {
+    fn period_us(&self) -> f64 {
+        self.probe.elapsed_ns as f64 / self.probe.attempts.max(1) as f64 / 1000.0
+    }
+
+    pub(crate) fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\ngrant/revoke -> kernel enforcement, {} rounds; tagged probe connect loop: {} \
+             attempts, mean period {:.1} us, longest gap {:.0} us{}",
+            self.rounds,
+            self.probe.attempts,
+            self.period_us(),
+            self.probe.max_gap_ns as f64 / 1000.0,
+            if self.spacing_ns > 0 {
+                format!(", spaced {} ns", self.spacing_ns)
+            } else {
+                String::new()
+            }
+        );
+        let _ = writeln!(
+            s,
+            "{:<7} {:>10} {:>10} {:>7} {:>17} {:>14} {:>13} {:>17} {:>12}",
+            "op",
+            "rtt med",
+            "rtt p99",
+            "seen",
+            "after return med",
+            "after ret max",
+            "before reply",
+            "resolution med/max",
+            "goal <1ms"
+        );
+        for (name, st) in [("grant", &self.grant), ("revoke", &self.revoke)] {
+            let _ = writeln!(
+                s,
+                "{:<7} {:>8.1}us {:>8.1}us {:>7} {:>15.1}us {:>12.1}us {:>13} {:>11.1}/{:.1}us {:>12}",
+                name,
+                st.rtt_median_us,
+                st.rtt_p99_us,
+                format!("{}/{}", st.seen, st.requests),
+                st.after_return_median_us,
+                st.after_return_max_us,
+                format!("{}/{}", st.before_reply, st.seen),
+                st.bracket_median_us,
+                st.bracket_max_us,
+                if st.met() { "met" } else { "NOT SHOWN" }
+            );
+        }
+        let _ = writeln!(
+            s,
+            "(after return = first connect with the new verdict minus the reply's arrival; \
+             negative = enforced first)"
+        );
+        if self.probe.errors > 0 {
+            let _ = writeln!(
+                s,
+                "warning: {} probe connects failed otherwise: {}",
+                self.probe.errors,
+                self.probe.notes.join("; ")
+            );
+        }
+        s
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        json!({
+            "description": "time from a grant/revoke control request returning to the kernel \
+                enforcing it, seen by one tagged probe connecting in a loop",
+            "rounds": self.rounds,
+            "probe": {
+                "attempts": self.probe.attempts,
+                "errors": self.probe.errors,
+                "notes": self.probe.notes,
+                "elapsed_ns": self.probe.elapsed_ns,
+                "mean_period_us": self.period_us(),
+                "max_gap_us": self.probe.max_gap_ns as f64 / 1000.0,
+                "spacing_ns": self.spacing_ns,
+                "verdict_changes": self.probe.changes.len(),
+            },
+            "grant": self.grant.json(),
+            "revoke": self.revoke.json(),
+            "other_agent_guard_daemons": self.foreign_daemons,
+            "daemon": {
+                "events_lost": self.events_lost,
+                "decisions": self.decisions,
+                "cpu_ms": self.daemon_cpu.map(|d| d.as_millis()),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_output() {
+        let log = parse_probe(
+            "100 deny\n# previous_attempt_ns 0\n250 allow\n# previous_attempt_ns 240\n\
+             # error 2 x Connection refused\n\
+             # attempts 9 errors 2 elapsed_ns 1000 max_gap_ns 40\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            log.changes,
+            vec![
+                Change {
+                    at_ns: 100,
+                    previous_ns: 0,
+                    allow: false
+                },
+                Change {
+                    at_ns: 250,
+                    previous_ns: 240,
+                    allow: true
+                }
+            ]
+        );
+        assert_eq!((log.attempts, log.errors, log.max_gap_ns), (9, 2, 40));
+        assert_eq!(log.notes.len(), 1);
+        assert!(parse_probe("100 deny\n").is_err());
+        assert!(parse_probe("x allow\n# attempts 1 errors 0 elapsed_ns 1 max_gap_ns 0").is_err());
+    }
+
+    #[test]
+    fn matches_first_change_in_window() {
+        let req = |op, sent_ns, returned_ns| Request {
+            op,
+            round: 0,
+            sent_ns,
+            returned_ns,
+        };
+        let requests = [
+            req(Op::Grant, 1000, 1100),
+            req(Op::Revoke, 2000, 2100),
+            req(Op::Grant, 3000, 3100),
+        ];
+        let ch = |at_ns, previous_ns, allow| Change {
+            at_ns,
+            previous_ns,
+            allow,
+        };
+        // Grant seen before its reply, revoke never seen (so the second
+        // grant changes nothing either).
+        let changes = [ch(10, 0, false), ch(1050, 1040, true)];
+        let m = match_requests(&requests, &changes, 4000);
+        assert_eq!(m[0].as_ref().map(|m| m.after_return_ns), Some(-50));
+        assert_eq!(m[0].as_ref().map(|m| m.previous_after_return_ns), Some(-60));
+        assert!(m[1].is_none());
+        assert!(m[2].is_none());
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[5.0], 99.0), 5.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn clock_moves() {
+        let a = mono_ns();
+        let b = mono_ns();
+        assert!(a > 0 && b >= a);
+    }
+}
