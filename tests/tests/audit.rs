@@ -363,8 +363,34 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
         d.probe("acme", "writer", &["tcp", "127.0.0.1", &a]),
         probe::OK
     );
-    d.wait_audit("acme", "three connects", |r| {
-        r.iter().filter(|r| r["kind"] == "connect").count() >= 3
+    // A sub-agent of the researcher, started from inside it.
+    let bin = agent_guard_bin();
+    let probe = agent_guard_tests::probe_bin();
+    let out = d.run(
+        "acme",
+        "researcher",
+        &[
+            bin.to_str().expect("utf-8"),
+            "run",
+            "--socket",
+            d.socket.to_str().expect("utf-8"),
+            "--agent",
+            "summarizer",
+            "--",
+            probe.to_str().expect("utf-8"),
+            "tcp",
+            "127.0.0.1",
+            &a,
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(probe::OK),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.wait_audit("acme", "four connects", |r| {
+        r.iter().filter(|r| r["kind"] == "connect").count() >= 4
     });
     d.stop();
     let dir = d.audit_dir.clone();
@@ -373,7 +399,17 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
     assert!(all.iter().any(|r| r["agent"] == "writer"));
     let researcher = json_lines(&replay(&dir, &["--agent", "researcher", "--json"]));
     assert!(!researcher.is_empty());
-    assert!(researcher.iter().all(|r| r["subject"] == "acme/researcher"));
+    // An agent's records include its sub-agents'.
+    assert!(researcher.iter().all(|r| {
+        r["subject"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("acme/researcher"))
+    }));
+    assert!(
+        researcher
+            .iter()
+            .any(|r| r["subject"] == "acme/researcher/summarizer")
+    );
     let denied = json_lines(&replay(&dir, &["--verdict", "deny", "--json"]));
     assert_eq!(denied.len(), 1, "{denied:?}");
     let pid = denied[0]["pid"].as_u64().expect("pid").to_string();
@@ -390,7 +426,7 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
     );
     assert!(replay(&dir, &["--since", "2099-01-01T00:00:00Z", "--json"]).is_empty());
     let by_tool = json_lines(&replay(&dir, &["--tool", "search", "--json"]));
-    assert_eq!(by_tool.len(), 2);
+    assert_eq!(by_tool.len(), 3);
 
     let timeline = replay(&dir, &["--tenant", "acme", "--utc"]);
     assert!(timeline.starts_with("TIME"), "{timeline}");
@@ -402,6 +438,10 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
         "{tree}"
     );
     assert!(tree.contains("fork -> pid"), "{tree}");
+    assert!(
+        tree.contains("acme/researcher/summarizer"),
+        "sub-agent in the tree: {tree}"
+    );
     assert!(tree.contains(&format!("pid {pid} ")), "{tree}");
 
     // What-if: a policy that takes `search` from the writer.

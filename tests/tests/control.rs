@@ -282,6 +282,19 @@ fn metrics_are_valid_prometheus_text_with_bounded_labels() {
         assert!(body.contains(needle), "missing {needle} in:\n{body}");
     }
     assert!(!body.contains("127.0.0.1"), "no addresses in labels");
+    // The latency histograms are fed by real records.
+    for h in [
+        "agent_guard_event_delivery_seconds_count",
+        "agent_guard_audit_write_seconds_count",
+    ] {
+        let n: f64 = body
+            .lines()
+            .find(|l| l.starts_with(h))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 2.0, "{h} = {n}:\n{body}");
+    }
     // Real Prometheus tooling must accept the exposition.
     let promtool = Command::new("promtool").arg("--version").output();
     let required = std::env::var("AGENT_GUARD_REQUIRE_KERNEL_TESTS").is_ok_and(|v| v == "1");
