@@ -118,9 +118,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "MS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     grant_gap_ms: u64,
-    /// Space the part-1 probe's connect attempts this far apart (busy wait);
-    /// 0 is a tight loop. Every attempt is a decision event for the daemon.
-    #[arg(long, value_name = "NS", default_value_t = 0)]
+    /// Space the part-1 probe's connect attempts this far apart (busy wait),
+    /// which bounds the resolution; 0 is a tight loop. Every attempt is a
+    /// decision event the daemon must audit: a tight loop (~3.5 us per
+    /// attempt here) floods it with ~300k events/s, which slows its replies
+    /// (grant ~5 ms) and preempts the probe for milliseconds.
+    #[arg(long, value_name = "NS", default_value_t = 20_000)]
     watch_spacing_ns: u64,
 }
 

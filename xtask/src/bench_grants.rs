@@ -239,7 +239,31 @@ struct OpStats {
     /// verdict and the first with the new one: the resolution.
     bracket_median_us: f64,
     bracket_max_us: f64,
+    /// Rounds where a connect entered after the reply arrived still saw the
+    /// old verdict: enforcement provably lagged the reply.
+    proven_late: usize,
+    /// Largest such lag (lower bound), µs; 0 when none.
+    proven_late_max_us: f64,
     per_round: Vec<Value>,
+}
+
+/// Whether the goal was shown to be met, shown to be missed, or neither
+/// (a probe gap wider than the margin).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Verdict {
+    Met,
+    Missed,
+    NotResolved,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "MISSED",
+            Verdict::NotResolved => "not resolved",
+        }
+    }
 }
 
 impl OpStats {
@@ -283,12 +307,31 @@ impl OpStats {
             before_reply: seen.iter().filter(|m| m.after_return_ns < 0).count(),
             bracket_median_us: median(&bracket),
             bracket_max_us: percentile(&bracket, 100.0),
+            proven_late: seen
+                .iter()
+                .filter(|m| m.previous_after_return_ns > 0)
+                .count(),
+            proven_late_max_us: seen
+                .iter()
+                .map(|m| us(m.previous_after_return_ns))
+                .fold(0.0, f64::max),
             per_round,
         }
     }
 
-    fn met(&self) -> bool {
-        self.seen == self.requests && self.after_return_max_us * 1000.0 < TARGET_NS as f64
+    /// Met: every change seen, each within the goal even at the upper bound
+    /// (first connect with the new verdict). Missed: some round's lower
+    /// bound (last connect with the old verdict) is past the goal, or a
+    /// change was never seen. Otherwise the probe's gaps hide the answer.
+    fn verdict(&self) -> Verdict {
+        let target_us = TARGET_NS as f64 / 1000.0;
+        if self.seen < self.requests || self.proven_late_max_us >= target_us {
+            Verdict::Missed
+        } else if self.after_return_max_us < target_us {
+            Verdict::Met
+        } else {
+            Verdict::NotResolved
+        }
     }
 
     fn json(&self) -> Value {
@@ -303,8 +346,11 @@ impl OpStats {
             },
             "first_connect_before_reply": self.before_reply,
             "resolution_us": { "median": self.bracket_median_us, "max": self.bracket_max_us },
+            "old_verdict_after_reply": {
+                "rounds": self.proven_late, "max_lag_lower_bound_us": self.proven_late_max_us,
+            },
             "target_us": TARGET_NS as f64 / 1000.0,
-            "met": self.met(),
+            "goal": self.verdict().as_str(),
             "per_round": self.per_round,
         })
     }
@@ -518,21 +564,22 @@ impl GrantLatency {
         );
         let _ = writeln!(
             s,
-            "{:<7} {:>10} {:>10} {:>7} {:>17} {:>14} {:>13} {:>17} {:>12}",
+            "{:<7} {:>11} {:>11} {:>6} {:>13} {:>13} {:>7} {:>17} {:>14} {:>13}",
             "op",
             "rtt med",
             "rtt p99",
             "seen",
-            "after return med",
+            "after ret med",
             "after ret max",
-            "before reply",
+            "before",
             "resolution med/max",
+            "old after rep",
             "goal <1ms"
         );
         for (name, st) in [("grant", &self.grant), ("revoke", &self.revoke)] {
             let _ = writeln!(
                 s,
-                "{:<7} {:>8.1}us {:>8.1}us {:>7} {:>15.1}us {:>12.1}us {:>13} {:>11.1}/{:.1}us {:>12}",
+                "{:<7} {:>9.1}us {:>9.1}us {:>6} {:>11.1}us {:>11.1}us {:>7} {:>17} {:>14} {:>13}",
                 name,
                 st.rtt_median_us,
                 st.rtt_p99_us,
@@ -540,15 +587,17 @@ impl GrantLatency {
                 st.after_return_median_us,
                 st.after_return_max_us,
                 format!("{}/{}", st.before_reply, st.seen),
-                st.bracket_median_us,
-                st.bracket_max_us,
-                if st.met() { "met" } else { "NOT SHOWN" }
+                format!("{:.1}/{:.1}us", st.bracket_median_us, st.bracket_max_us),
+                format!("{} ({:.1}us)", st.proven_late, st.proven_late_max_us),
+                st.verdict().as_str()
             );
         }
         let _ = writeln!(
             s,
-            "(after return = first connect with the new verdict minus the reply's arrival; \
-             negative = enforced first)"
+            "(after ret = first connect with the new verdict minus the reply's arrival, negative = \
+             enforced first; before = rounds where that connect was entered before the reply \
+             arrived; resolution = gap to the last connect with the old verdict; old after rep = \
+             rounds (max lag) where a connect entered after the reply still saw the old verdict)"
         );
         if self.probe.errors > 0 {
             let _ = writeln!(

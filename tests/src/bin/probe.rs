@@ -285,9 +285,10 @@ fn run(args: &[String]) -> i32 {
 ///
 /// Output: `# started T_NS` at once (flushed, so the caller knows the loop
 /// runs), then at exit, for every verdict change, a line `T_NS allow|deny`
-/// (CLOCK_MONOTONIC ns at the start of the connect that first saw the new
+/// (CLOCK_MONOTONIC ns just before the connect(2) that first saw the new
 /// verdict; EPERM = deny, success = allow) followed by `# previous_attempt_ns
-/// P` (start of the attempt before it, which still saw the old verdict, or 0),
+/// P` (the same stamp of the attempt before it, which still saw the old
+/// verdict, or 0),
 /// and a summary line `# attempts N errors E elapsed_ns X max_gap_ns G`.
 /// Lines are kept in memory and printed at the end so that writing them does
 /// not stretch the loop. Connects are non-blocking and each socket is closed
@@ -312,8 +313,13 @@ mod watch {
     /// One non-blocking connect: Ok(true) when it was let through (connected
     /// or EINPROGRESS; the verdict is taken before the SYN is sent), Ok(false)
     /// for EPERM, Err(errno) else. Non-blocking, so a SYN dropped by a full
-    /// accept queue cannot stall the loop for a 1 s retransmit.
-    fn attempt(fam: libc::c_int, sa: &socket2_free::SockAddrBytes) -> Result<bool, i32> {
+    /// accept queue cannot stall the loop for a 1 s retransmit. `*stamp` is
+    /// set to CLOCK_MONOTONIC just before connect(2) is entered.
+    fn attempt(
+        fam: libc::c_int,
+        sa: &socket2_free::SockAddrBytes,
+        stamp: &mut u64,
+    ) -> Result<bool, i32> {
         // SAFETY: plain syscalls on an fd this function owns and closes.
         unsafe {
             let fd = libc::socket(
@@ -335,6 +341,7 @@ mod watch {
                 (&linger as *const libc::linger).cast(),
                 std::mem::size_of::<libc::linger>() as libc::socklen_t,
             );
+            *stamp = mono_ns();
             let rc = libc::connect(fd, sa.ptr(), sa.len());
             let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
             libc::close(fd);
@@ -387,19 +394,20 @@ mod watch {
             if start >= end {
                 break;
             }
-            match attempt(fam, &sa) {
+            let mut stamp = start;
+            match attempt(fam, &sa, &mut stamp) {
                 Ok(v) => {
                     if verdict != Some(v) {
-                        changes.push((start, prev_start, v));
+                        changes.push((stamp, prev_start, v));
                         verdict = Some(v);
                     }
                 }
                 Err(e) => *errors.entry(e).or_default() += 1,
             }
             if attempts > 0 {
-                max_gap = max_gap.max(start - prev_start);
+                max_gap = max_gap.max(stamp.saturating_sub(prev_start));
             }
-            prev_start = start;
+            prev_start = stamp;
             attempts += 1;
         }
         let elapsed = mono_ns() - t0;
