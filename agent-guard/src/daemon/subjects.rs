@@ -563,11 +563,28 @@ impl State {
             }
             installed.push(*rule);
         }
-        for (tool_id, limit) in limits {
-            kernel.set_tool_limit(tool_id, limit)?;
-        }
+        // What loosens (monitor mode, a laxer or no rate limit) is written
+        // before the flip and what tightens after it, so during the switch
+        // nothing is refused that both policies allow.
+        let mut tighten_subjects = Vec::new();
         for (id, s) in &subjects {
-            kernel.set_subject(*id, *s)?;
+            let stricter = s.mode == MODE_ENFORCE
+                && kernel
+                    .subject(*id)
+                    .is_some_and(|old| old.mode == MODE_MONITOR);
+            if stricter {
+                tighten_subjects.push((*id, *s));
+            } else {
+                kernel.set_subject(*id, *s)?;
+            }
+        }
+        let mut tighten_limits = Vec::new();
+        for (tool_id, limit) in limits {
+            if looser_or_equal(kernel.tool_limit(tool_id), limit) {
+                kernel.set_tool_limit(tool_id, limit)?;
+            } else {
+                tighten_limits.push((tool_id, limit));
+            }
         }
         for (ident, cgroup_id) in &roots {
             kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
@@ -576,6 +593,12 @@ impl State {
             generation,
             wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
         })?;
+        for (id, s) in tighten_subjects {
+            kernel.set_subject(id, s)?;
+        }
+        for (tool_id, limit) in tighten_limits {
+            kernel.set_tool_limit(tool_id, limit)?;
+        }
         for rules in reg.caps.values() {
             for r in rules {
                 kernel.remove_cap(r);
@@ -948,4 +971,51 @@ fn is_in_tree(p: u32, root: u32) -> bool {
         }
     }
     false
+}
+
+/// Does `new` allow at least as many calls per unit of time as `old`?
+fn looser_or_equal(old: Option<ToolLimit>, new: Option<ToolLimit>) -> bool {
+    match (old, new) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        // calls_new / per_new >= calls_old / per_old, in u128 to avoid overflow.
+        (Some(o), Some(n)) => {
+            u128::from(n.calls) * u128::from(o.per_ns) >= u128::from(o.calls) * u128::from(n.per_ns)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(calls: u32, per_ms: u64) -> Option<ToolLimit> {
+        Some(ToolLimit {
+            calls,
+            _pad: 0,
+            per_ns: per_ms * 1_000_000,
+        })
+    }
+
+    #[test]
+    fn a_limit_is_loosened_before_the_flip_and_tightened_after() {
+        assert!(
+            looser_or_equal(limit(10, 1000), None),
+            "dropping a limit loosens"
+        );
+        assert!(
+            !looser_or_equal(None, limit(10, 1000)),
+            "adding one tightens"
+        );
+        assert!(looser_or_equal(limit(10, 1000), limit(20, 1000)));
+        assert!(looser_or_equal(limit(10, 1000), limit(10, 1000)));
+        assert!(
+            !looser_or_equal(limit(10, 1000), limit(10, 2000)),
+            "same calls over a longer window is stricter"
+        );
+        assert!(
+            looser_or_equal(limit(10, 1000), limit(600, 60_000)),
+            "10/s == 600/min"
+        );
+    }
 }

@@ -164,6 +164,10 @@ impl KernelMaps {
         let _ = self.grant_state.remove(&id);
     }
 
+    pub fn tool_limit(&self, tool_id: u32) -> Option<ToolLimit> {
+        self.tools.get(&tool_id, 0).ok()
+    }
+
     pub fn set_tool_limit(
         &mut self,
         tool_id: u32,
