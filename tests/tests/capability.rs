@@ -896,3 +896,77 @@ fn a_tool_needing_two_person_approval_fails_closed() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("two-person approval"));
 }
+
+#[test]
+fn finished_tasks_and_sub_agents_are_retired_from_the_kernel() {
+    if !kernel_test("finished_tasks_and_sub_agents_are_retired_from_the_kernel") {
+        return;
+    }
+    let p = Ports::new();
+    let d = Daemon::start_with(&policy(&p, ""), &["--idle-subject-age", "1s"]);
+    let baseline = d.status()["maps"]["SUBJECTS"].as_u64().expect("subjects");
+    let caps = d.status()["maps"]["CAPS"].as_u64().expect("caps");
+    for _ in 0..3 {
+        let out = d.cli(&[
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--task",
+            "t",
+            "--tools",
+            "search",
+            "--",
+            probe_bin().to_str().expect("utf-8"),
+            "tcp",
+            "127.0.0.1",
+            &p.s(),
+        ]);
+        assert_eq!(out.status.code(), Some(probe::OK));
+    }
+    let (code, err) = sub_agent(&d, &["--agent", "helper"], &["tcp", "127.0.0.1", &p.s()]);
+    assert_eq!(code, probe::OK, "{err}");
+    assert_eq!(
+        d.status()["maps"]["SUBJECTS"].as_u64(),
+        Some(baseline + 4),
+        "one subject per launch"
+    );
+    // A live task is not retired.
+    let live = spawn_probe(
+        &d,
+        "acme",
+        "researcher",
+        &["after", "4000", "tcp", "127.0.0.1", &p.s()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = d.status();
+        if s["maps"]["SUBJECTS"].as_u64() == Some(baseline)
+            && s["maps"]["CAPS"].as_u64() == Some(caps)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle subjects were not retired: {:#}",
+            s["maps"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        wait_code(live),
+        probe::OK,
+        "the root agent's live process kept its rights"
+    );
+    let leftover: Vec<_> = std::fs::read_dir(d.cgroup_root.join("acme/researcher"))
+        .expect("agent cgroup")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftover.is_empty(),
+        "task and sub-agent cgroups removed: {leftover:?}"
+    );
+}

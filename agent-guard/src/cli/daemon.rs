@@ -69,6 +69,10 @@ pub struct Args {
     /// says how many.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     audit_buffer_records: usize,
+    /// Retire task and sub-agent subjects this long after their last
+    /// process exited.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    idle_subject_age: std::time::Duration,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -86,6 +90,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         ring_bytes: args.ring_bytes,
         dns_server: args.dns_server,
         dns_grace: args.dns_grace,
+        idle_subject_age: args.idle_subject_age,
         state_dir: args.state_dir,
         audit_max_file_bytes: args.audit_max_file_bytes,
         audit_retain_files: args.audit_retain_files,

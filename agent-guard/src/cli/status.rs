@@ -60,14 +60,83 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "decisions:   {} allow, {} deny, {} would_deny",
         dec["allow"], dec["deny"], dec["would_deny"]
     );
+    let suspended: Vec<&str> = s["suspended"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect();
+    if !suspended.is_empty() {
+        println!("suspended:   {}", suspended.join(", "));
+    }
+    let grants = s["grants"].as_array().cloned().unwrap_or_default();
+    println!("grants:      {} active", grants.len());
+    for g in &grants {
+        println!(
+            "  #{:<5} {}/{} tool={} left={:.0}s{}{}",
+            g["id"],
+            str_of(&g["tenant"]),
+            str_of(&g["agent"]),
+            str_of(&g["tool"]),
+            g["expires_in_seconds"].as_f64().unwrap_or(0.0),
+            g["uses"]
+                .as_u64()
+                .map_or(String::new(), |u| format!(" uses={u}")),
+            g["pid"]
+                .as_u64()
+                .map_or(String::new(), |p| format!(" pid={p}")),
+        );
+    }
+    if let Some(names) = s["dns"].as_object().filter(|m| !m.is_empty()) {
+        println!("dns:");
+        for (name, v) in names {
+            let addrs: Vec<&str> = v["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .collect();
+            let err = v["error"]
+                .as_str()
+                .map_or(String::new(), |e| format!(" (last error: {e})"));
+            println!(
+                "  {name} -> {}{err}",
+                if addrs.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    addrs.join(", ")
+                }
+            );
+        }
+    }
+    println!("unix fencing: {}", str_of(&s["unix_socket_fencing"]));
     println!("agents:");
     for a in s["agents"].as_array().into_iter().flatten() {
+        let task = a["task"]["text"]
+            .as_str()
+            .map_or(String::new(), |t| format!(" task={t:?}"));
+        let tools = a["tools"].as_array().map_or(String::new(), |t| {
+            format!(
+                " tools={}",
+                t.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        });
         println!(
-            "  {:<32} mode={:<8} hardening={:<7} processes={}",
+            "  {:<32} mode={:<8} hardening={:<7} processes={}{}{}{}",
             str_of(&a["subject"]),
             str_of(&a["mode"]),
             str_of(&a["hardening"]),
-            a["tracked_processes"]
+            a["tracked_processes"],
+            if a["suspended"] == true {
+                " SUSPENDED"
+            } else {
+                ""
+            },
+            task,
+            tools
         );
     }
     Ok(ExitCode::SUCCESS)

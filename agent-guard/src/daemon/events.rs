@@ -170,6 +170,10 @@ impl Pipeline {
                     if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                         self.account_lost();
                         self.state.expire_grants();
+                        let retired = self.state.retire_idle_subjects(self.state.idle_subject_age);
+                        if retired > 0 {
+                            tracing::debug!(retired, "retired idle task and sub-agent subjects");
+                        }
                         let swept = self.state.sweep_stale();
                         if swept > 0 {
                             tracing::debug!(swept, "removed entries of exited processes");

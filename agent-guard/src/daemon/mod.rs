@@ -40,6 +40,9 @@ pub struct Options {
     pub dns_server: Option<SocketAddr>,
     /// How long an address stays allowed after it left a name's answer.
     pub dns_grace: std::time::Duration,
+    /// Task and sub-agent subjects with no process left are retired after
+    /// this.
+    pub idle_subject_age: std::time::Duration,
     /// Holds the audit signing key (absolute).
     pub state_dir: PathBuf,
     /// Rotate an audit file before it grows past this many bytes.
@@ -182,7 +185,7 @@ async fn serve(
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
     let metrics = Metrics::new().context("creating metrics")?;
-    let state = Arc::new(state::State::new(
+    let mut state = state::State::new(
         maps,
         cgroup_mount,
         cgroup_root,
@@ -193,7 +196,9 @@ async fn serve(
         opts.ring_bytes,
         policy_path,
         crate::kernel::procs_pin(&opts.pin_dir),
-    ));
+    );
+    state.idle_subject_age = opts.idle_subject_age;
+    let state = Arc::new(state);
     let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
     // Servers stop first; the pipeline last, so it writes the final records.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -81,6 +81,8 @@ pub struct State {
     pub metrics_addr: RwLock<Option<std::net::SocketAddr>>,
     /// Size of the event ring buffer in bytes.
     pub ring_bytes: u32,
+    /// Idle task/sub-agent subjects are retired after this.
+    pub idle_subject_age: std::time::Duration,
     /// Modification stamp of the policy file as last read.
     pub policy_stamp: Mutex<Option<(std::time::SystemTime, u64)>>,
     /// Where `PROCS` is pinned (told to launchers).
@@ -131,6 +133,7 @@ impl State {
             policy_path,
             procs_pin,
             policy_stamp: Mutex::new(None),
+            idle_subject_age: std::time::Duration::from_secs(10),
             created_cgroups: Mutex::new(Vec::new()),
         }
     }

@@ -62,6 +62,9 @@ pub struct Identity {
     pub task: Option<Task>,
     /// Still in force (root in the policy, parent alive).
     pub active: bool,
+    /// When a derived subject was made (idle ones are retired after a
+    /// while); `None` for roots.
+    pub created: Option<std::time::Instant>,
 }
 
 impl Identity {
@@ -82,6 +85,7 @@ impl Identity {
             expires_at_ns: 0,
             task: None,
             active: false,
+            created: None,
         }
     }
 
@@ -441,6 +445,7 @@ impl State {
                     expires_at_ns: 0,
                     task: None,
                     active: true,
+                    created: None,
                 },
                 cgroup_id,
             ));
@@ -826,6 +831,7 @@ impl State {
             expires_at_ns: expires,
             task,
             active: true,
+            created: Some(std::time::Instant::now()),
         };
         reg.identities.insert(id, Arc::new(ident.clone()));
         let generation = reg.loaded.as_ref().map_or(0, |l| l.generation);
@@ -859,6 +865,80 @@ impl State {
             self.reinstall_grant(g).map_err(|e| e.to_string())?;
         }
         Ok(ident)
+    }
+
+    /// Retires derived subjects whose processes are all gone (no `PROCS`
+    /// entry, empty cgroup, no live child subject) and that are older than
+    /// `min_age`: their kernel entries and cgroup are removed, so task and
+    /// sub-agent launches do not fill the maps over time. The identity stays
+    /// (inactive) for enrichment of late records.
+    pub fn retire_idle_subjects(&self, min_age: std::time::Duration) -> usize {
+        let in_use: BTreeSet<u32> = self
+            .kernel()
+            .processes()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let mut reg = self.registry();
+        let parents: BTreeSet<u32> = reg
+            .identities
+            .values()
+            .filter(|i| i.active)
+            .filter_map(|i| i.parent)
+            .collect();
+        let idle: Vec<Arc<Identity>> = reg
+            .identities
+            .values()
+            .filter(|i| {
+                i.active
+                    && !i.is_root()
+                    && i.created.is_some_and(|c| c.elapsed() >= min_age)
+                    && !in_use.contains(&i.subject_id)
+                    && !parents.contains(&i.subject_id)
+                    && std::fs::read_to_string(i.cgroup_dir.join("cgroup.procs"))
+                        .map_or(true, |p| p.trim().is_empty())
+            })
+            .cloned()
+            .collect();
+        if idle.is_empty() {
+            return 0;
+        }
+        let mut caps = Vec::new();
+        for ident in &idle {
+            let mut r = (**ident).clone();
+            r.active = false;
+            reg.identities.insert(r.subject_id, Arc::new(r));
+            caps.extend(reg.caps.remove(&ident.subject_id).unwrap_or_default());
+            reg.divergences.remove(&ident.subject_id);
+        }
+        let grants: Vec<u32> = reg.grants.keys().copied().collect();
+        drop(reg);
+        {
+            let mut kernel = self.kernel();
+            for r in &caps {
+                kernel.remove_cap(r);
+            }
+            for ident in &idle {
+                let _ = kernel.remove_subject(ident.subject_id);
+                if let Ok(cg) = kfs::cgroup_id(&ident.cgroup_dir) {
+                    kernel.untag_cgroup(cg);
+                }
+            }
+        }
+        for ident in &idle {
+            // Only derived subjects with their own cgroup directory made one.
+            if ident.cgroup_dir.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .ends_with(&format!("-{}", ident.subject_id))
+            }) {
+                let _ = std::fs::remove_dir(&ident.cgroup_dir);
+            }
+        }
+        // Grant keys of retired subjects go with the grants' next install.
+        for g in grants {
+            let _ = self.reinstall_grant(g);
+        }
+        idle.len()
     }
 
     /// Moves `pid`, its threads and its descendants that share its subject

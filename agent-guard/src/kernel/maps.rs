@@ -126,6 +126,10 @@ impl KernelMaps {
         self.subjects.remove(&id).map_err(map_err(names::SUBJECTS))
     }
 
+    pub fn untag_cgroup(&mut self, cgroup_id: u64) {
+        let _ = self.cgroups.remove(&cgroup_id);
+    }
+
     pub fn subject(&self, id: u32) -> Option<Subject> {
         self.subjects.get(&id, 0).ok()
     }
