@@ -107,31 +107,30 @@ fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
     if uid != 0 {
         return Response::err("refused: the control socket is for root only");
     }
-    match req {
+    use serde_json::json;
+    let result: Result<serde_json::Value, String> = match req {
         Request::Register {
             tenant,
             agent,
             task,
             tools,
             ttl_ms,
-        } => {
-            let req = LaunchRequest {
-                tenant,
-                agent,
-                task,
-                tools,
-                ttl_ms,
-            };
-            match state.register(pid, &req) {
-                Ok(reg) => Response::ok(serde_json::to_value(reg).unwrap_or_default()),
-                Err(e) => Response::err(e),
-            }
-        }
-        Request::Status => Response::ok(state.status()),
-        Request::PolicyApply { text, origin } => match state.reload_from_text(&text, &origin) {
-            Ok(generation) => Response::ok(serde_json::json!({ "generation": generation })),
-            Err(e) => Response::err(e),
-        },
+        } => state
+            .register(
+                pid,
+                &LaunchRequest {
+                    tenant,
+                    agent,
+                    task,
+                    tools,
+                    ttl_ms,
+                },
+            )
+            .map(|reg| serde_json::to_value(reg).unwrap_or_default()),
+        Request::Status => Ok(state.status()),
+        Request::PolicyApply { text, origin } => state
+            .reload_from_text(&text, &origin)
+            .map(|generation| json!({ "generation": generation })),
         Request::Grant {
             tenant,
             agent,
@@ -139,34 +138,26 @@ fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
             ttl_ms,
             uses,
             pid,
-        } => {
-            match state.grant(&GrantRequest {
+        } => state
+            .grant(&GrantRequest {
                 tenant,
                 agent,
                 tool,
                 ttl_ms,
                 uses,
                 pid,
-            }) {
-                Ok(g) => Response::ok(g.status(mono_now_ns())),
-                Err(e) => Response::err(e),
-            }
-        }
-        Request::Revoke { grant } => match state.revoke(grant) {
-            Ok(g) => Response::ok(serde_json::json!({ "revoked": g.id })),
-            Err(e) => Response::err(e),
-        },
-        Request::Suspend { tenant, agent } => {
-            match state.set_suspended(&tenant, agent.as_deref(), true) {
-                Ok(n) => Response::ok(serde_json::json!({ "subjects": n })),
-                Err(e) => Response::err(e),
-            }
-        }
-        Request::Resume { tenant, agent } => {
-            match state.set_suspended(&tenant, agent.as_deref(), false) {
-                Ok(n) => Response::ok(serde_json::json!({ "subjects": n })),
-                Err(e) => Response::err(e),
-            }
-        }
+            })
+            .map(|g| g.status(mono_now_ns())),
+        Request::Revoke { grant } => state.revoke(grant).map(|g| json!({ "revoked": g.id })),
+        Request::Suspend { tenant, agent } => state
+            .set_suspended(&tenant, agent.as_deref(), true)
+            .map(|n| json!({ "subjects": n })),
+        Request::Resume { tenant, agent } => state
+            .set_suspended(&tenant, agent.as_deref(), false)
+            .map(|n| json!({ "subjects": n })),
+    };
+    match result {
+        Ok(data) => Response::ok(data),
+        Err(e) => Response::err(e),
     }
 }
