@@ -226,8 +226,15 @@ async fn serve(
         tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
 
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
-        let resolver = dns::resolver(opts.dns_server).context("setting up the DNS resolver")?;
-        let dns_task = tokio::spawn(dns::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()));
+        // A node without a resolver configuration still enforces; tools
+        // named by host then reach nothing (fail closed), loudly.
+        let dns_task = match dns::resolver(opts.dns_server) {
+            Ok(resolver) => Some(tokio::spawn(dns::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()))),
+            Err(e) => {
+                tracing::error!("no DNS resolver ({e:#}); tools named by host get no addresses");
+                None
+            }
+        };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -239,7 +246,9 @@ async fn serve(
             }
         }
         watch_task.abort();
-        dns_task.abort();
+        if let Some(t) = dns_task {
+            t.abort();
+        }
         let _ = shutdown_tx.send(true);
         let _ = control_task.await;
         let _ = metrics_task.await;
