@@ -33,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use crate::bench_audit;
 use crate::bench_grants::{self, GrantLatency, PAY_TOOL, control_request};
 use crate::{Built, Workspace, describe};
 
@@ -97,7 +98,7 @@ pub struct BenchArgs {
     connects: Option<u32>,
     /// Smoke run: 2 rounds of 5000 connects per sample.
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Endpoint entries (distinct 10.x.y.z/32, various ports) in the tagged
     /// agent's tools, besides the listener's own entry.
     #[arg(long, value_name = "E", default_value_t = 10_000,
@@ -125,6 +126,36 @@ pub struct BenchArgs {
     /// (grant ~5 ms) and preempts the probe for milliseconds.
     #[arg(long, value_name = "NS", default_value_t = 20_000)]
     watch_spacing_ns: u64,
+    /// Do not pin the connect probe to CPU 0 and the listener's threads to
+    /// CPU 1 (pinning needs 2+ CPUs and is skipped otherwise).
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip part 3, `audit verify` / `audit replay` speed.
+    #[arg(long)]
+    pub(crate) skip_audit: bool,
+    /// Records generated for part 3 [default: 1000000, or 100000 with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..=100_000_000))]
+    pub(crate) audit_records: Option<u64>,
+    /// Timed runs of each audit command in part 3 (the median is reported).
+    #[arg(long, value_name = "K", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(crate) audit_runs: u32,
+    /// Skip part 4, the deny flood through the event pipeline.
+    #[arg(long)]
+    pub(crate) skip_flood: bool,
+    /// Attempts per flood probe = what one probe alone does in this many
+    /// seconds (calibrated before the flood; with every core flooding and
+    /// the daemon busy the flood lasts ~3x longer) [default: 3, or 1 with
+    /// --quick].
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub(crate) flood_seconds: Option<u64>,
+    /// Attempts per flood probe, instead of calibrating to --flood-seconds.
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub(crate) flood_attempts: Option<u32>,
+    /// Run the deny flood at the default ring size only, even if events
+    /// were lost (no retries with 16 and 64 MiB rings).
+    #[arg(long)]
+    pub(crate) flood_default_ring_only: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -162,6 +193,8 @@ struct Sample {
     config: Config,
     round: u32,
     ns_per_connect: f64,
+    /// The probe's own CPU time (user + sys) per connect.
+    cpu_ns_per_connect: f64,
     /// Probe runs needed (more than 1 when the listener dropped a connection).
     attempts: u32,
     /// Listen queue overflows during the kept run (0 unless every attempt
@@ -200,11 +233,12 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         );
     }
     let cgroup2 = cgroup2_mount()?;
-    let listener = Listener::start()?;
+    let pin = Pinning::choose(args.no_pin);
+    let listener = Listener::start(pin.listener_cpu)?;
     let port = listener.addr.port();
     // The `pay` tool's listener for part 1 (granted and revoked).
-    let pay_listener = Listener::start()?;
-    let mut guard = Guard::create(&cgroup2)?;
+    let pay_listener = Listener::start(None)?;
+    let mut guard = Guard::create(&cgroup2, "")?;
 
     let policy = policy_toml(port, pay_listener.addr.port(), args.endpoints);
     std::fs::write(&guard.policy, &policy)
@@ -253,12 +287,14 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         Some(g)
     };
 
+    eprintln!("bench: part 2: {}", pin.describe());
     let runner = Runner {
         built,
         guard_socket: guard.socket.clone(),
         listener: &listener,
         n,
         pause,
+        probe_cpu: pin.probe_cpu,
     };
 
     // Warm up caches, the probe binary and the listener; not recorded.
@@ -318,16 +354,74 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     }
     drop(guard);
 
-    let report = Report::new(&samples, rounds);
-    print!("{}", report.table(rounds, n, args.endpoints));
+    let wall = Report::new(&samples, rounds, Metric::Wall);
+    let cpu = Report::new(&samples, rounds, Metric::Cpu);
+    let judged = if cpu.spread() < wall.spread() {
+        Metric::Cpu
+    } else {
+        Metric::Wall
+    };
+    let mut table = wall.table(rounds, n, args.endpoints, judged);
+    table += &cpu.table(rounds, n, args.endpoints, judged);
+    let _ = writeln!(
+        table,
+        "stability: mean paired-ratio spread (max - min, over b, c, d): wall x{:.4}, probe CPU \
+         x{:.4}; targets judged on {} (the more stable)",
+        wall.spread(),
+        cpu.spread(),
+        judged.name()
+    );
+    print!("{table}");
+
+    let audit_speed = if args.skip_audit {
+        None
+    } else {
+        let records = args
+            .audit_records
+            .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        eprintln!(
+            "bench: part 3: audit generate / verify / replay at {records} records, {} runs each",
+            args.audit_runs
+        );
+        let a = bench_audit::audit_speed(built, records, args.audit_runs)?;
+        print!("{}", a.table());
+        Some(a)
+    };
+    let flood = if args.skip_flood {
+        None
+    } else {
+        let f = bench_audit::flood(built, &cgroup2, args)?;
+        print!("{}", f.table());
+        Some(f)
+    };
+
+    // Everything once more at the end, where it is easy to find.
+    print!("{table}");
     if let Some(g) = &grant_latency {
         print!("{}", g.table());
     }
+    if let Some(a) = &audit_speed {
+        print!("{}", a.table());
+    }
+    if let Some(f) = &flood {
+        print!("{}", f.table());
+    }
 
-    let mut results = results_json(ws, &report, &samples, &statuses, rounds, n, args);
+    let mut results = results_json(
+        ws, &wall, &cpu, judged, &samples, &statuses, rounds, n, args,
+    );
+    results["pinning"] = pin.json();
     results["grant_latency"] = grant_latency
         .as_ref()
         .map_or(json!({ "skipped": "--skip-grants" }), GrantLatency::json);
+    results["audit_speed"] = audit_speed.as_ref().map_or(
+        json!({ "skipped": "--skip-audit" }),
+        bench_audit::AuditSpeed::json,
+    );
+    results["deny_flood"] = flood.as_ref().map_or(
+        json!({ "skipped": "--skip-flood" }),
+        bench_audit::Flood::json,
+    );
     let dir = ws.target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("results.json");
@@ -347,10 +441,20 @@ struct Runner<'a> {
     listener: &'a Listener,
     n: u32,
     pause: Duration,
+    /// CPU the probe (and `agent-guard run` before it) is pinned to.
+    probe_cpu: Option<usize>,
 }
 
 impl Runner<'_> {
     fn probe_command(&self, config: Config, args: &[String]) -> Command {
+        let mut cmd = self.probe_command_unpinned(config, args);
+        if let Some(cpu) = self.probe_cpu {
+            pin_command(&mut cmd, cpu);
+        }
+        cmd
+    }
+
+    fn probe_command_unpinned(&self, config: Config, args: &[String]) -> Command {
         match config {
             Config::A | Config::B => {
                 let mut cmd = Command::new(&self.built.probe);
@@ -371,8 +475,8 @@ impl Runner<'_> {
         }
     }
 
-    /// One probe run of `n` connects; returns ns per connect.
-    fn probe_once(&self, config: Config, n: u32) -> Result<f64> {
+    /// One probe run of `n` connects; returns wall and CPU ns per connect.
+    fn probe_once(&self, config: Config, n: u32) -> Result<(f64, f64)> {
         let args = [
             "bench-connect".to_owned(),
             self.listener.addr.ip().to_string(),
@@ -395,15 +499,20 @@ impl Runner<'_> {
             );
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let ns: f64 = stdout.trim().parse().with_context(|| {
-            format!(
-                "`{}` printed {:?}, not a number of ns",
+        let mut words = stdout.split_whitespace().map(str::parse::<f64>);
+        let (Some(Ok(ns)), Some(Ok(cpu_ns)), None) = (words.next(), words.next(), words.next())
+        else {
+            bail!(
+                "`{}` printed {:?}, not `WALL_NS CPU_NS` per connect",
                 describe(&cmd),
                 stdout.trim()
-            )
-        })?;
-        if !ns.is_finite() || ns <= 0.0 {
-            bail!("`{}` reported {ns} ns per connect", describe(&cmd));
+            );
+        };
+        if !ns.is_finite() || ns <= 0.0 || !cpu_ns.is_finite() || cpu_ns < 0.0 {
+            bail!(
+                "`{}` reported {ns} wall ns and {cpu_ns} CPU ns per connect",
+                describe(&cmd)
+            );
         }
         // Let the accept threads drain the queue so the next run starts
         // with it empty.
@@ -419,7 +528,7 @@ impl Runner<'_> {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(ns)
+        Ok((ns, cpu_ns))
     }
 
     /// One recorded sample; re-run (up to MAX_ATTEMPTS) when the listen
@@ -432,7 +541,7 @@ impl Runner<'_> {
             let foreign_daemons = wait_for_foreign_daemons(&self.guard_socket);
             let time_wait_before = time_wait_sockets();
             let overflows_before = listen_overflows();
-            let ns = self.probe_once(config, self.n)?;
+            let (ns, cpu_ns) = self.probe_once(config, self.n)?;
             let listen_overflows = listen_overflows().saturating_sub(overflows_before);
             if listen_overflows > 0 && attempts < MAX_ATTEMPTS {
                 eprintln!(
@@ -455,11 +564,15 @@ impl Runner<'_> {
                      their programs add to every configuration"
                 );
             }
-            eprintln!("bench:   {}: {ns:.1} ns/connect", config.key());
+            eprintln!(
+                "bench:   {}: {ns:.1} ns/connect, probe CPU {cpu_ns:.1} ns/connect",
+                config.key()
+            );
             return Ok(Sample {
                 config,
                 round,
                 ns_per_connect: ns,
+                cpu_ns_per_connect: cpu_ns,
                 attempts,
                 listen_overflows,
                 time_wait_before,
@@ -554,6 +667,103 @@ pub(crate) fn wait_for_foreign_daemons(our_socket: &Path) -> usize {
 }
 
 // ---------------------------------------------------------------------------
+// CPU pinning
+// ---------------------------------------------------------------------------
+
+/// Where part 2 pins the probe and the listener's accept threads.
+struct Pinning {
+    probe_cpu: Option<usize>,
+    listener_cpu: Option<usize>,
+    why_not: Option<&'static str>,
+}
+
+impl Pinning {
+    /// Probe on CPU 0, listener on CPU 1, when this process may run on 2+
+    /// CPUs and pinning was not turned off.
+    fn choose(no_pin: bool) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let why_not = if no_pin {
+            Some("--no-pin")
+        } else if cpus < 2 {
+            Some("fewer than 2 CPUs")
+        } else {
+            None
+        };
+        match why_not {
+            Some(_) => Self {
+                probe_cpu: None,
+                listener_cpu: None,
+                why_not,
+            },
+            None => Self {
+                probe_cpu: Some(0),
+                listener_cpu: Some(1),
+                why_not,
+            },
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (self.probe_cpu, self.listener_cpu, self.why_not) {
+            (Some(p), Some(l), _) => {
+                format!("probe pinned to CPU {p}, listener threads to CPU {l}")
+            }
+            (_, _, Some(why)) => format!("no CPU pinning ({why})"),
+            _ => "no CPU pinning".to_owned(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "probe_cpu": self.probe_cpu,
+            "listener_cpu": self.listener_cpu,
+            "not_pinned_because": self.why_not,
+        })
+    }
+}
+
+/// sched_setaffinity(2) for `pid` (0: the calling thread) to one CPU.
+/// xtask does not depend on libc; std links it, so declare the function.
+/// The mask is a 1024-bit cpu_set_t.
+fn set_affinity(pid: i32, cpu: usize) -> std::io::Result<()> {
+    unsafe extern "C" {
+        fn sched_setaffinity(
+            pid: std::ffi::c_int,
+            cpusetsize: usize,
+            mask: *const std::ffi::c_ulong,
+        ) -> std::ffi::c_int;
+    }
+    const WORDS: usize = 1024 / 64;
+    if cpu >= WORDS * 64 {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let mut mask: [std::ffi::c_ulong; WORDS] = [0; WORDS];
+    mask[cpu / 64] = 1 << (cpu % 64);
+    // SAFETY: the mask is an owned array of exactly `cpusetsize` bytes
+    // that outlives the call; the kernel only reads it.
+    let rc = unsafe { sched_setaffinity(pid, std::mem::size_of_val(&mask), mask.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    set_affinity(0, cpu)
+}
+
+/// Pins the child to `cpu` between fork and exec; the affinity is inherited
+/// by what it execs and spawns (`agent-guard run` and then the probe).
+fn pin_command(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure makes one async-signal-safe system call and does
+    // not allocate (the mask lives on the stack).
+    unsafe {
+        cmd.pre_exec(move || set_affinity(0, cpu));
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Listener
 // ---------------------------------------------------------------------------
 
@@ -565,7 +775,8 @@ struct Listener {
 }
 
 impl Listener {
-    fn start() -> Result<Self> {
+    /// `cpu`: pin the accept threads to it.
+    fn start(cpu: Option<usize>) -> Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("binding a listener on 127.0.0.1")?;
         let addr = listener.local_addr().context("listener address")?;
@@ -576,7 +787,16 @@ impl Listener {
             let count = Arc::clone(&accepted);
             std::thread::Builder::new()
                 .name(format!("bench-accept-{i}"))
-                .spawn(move || accept_loop(&l, &count))
+                .spawn(move || {
+                    if let Some(cpu) = cpu
+                        && let Err(e) = pin_current_thread(cpu)
+                    {
+                        eprintln!(
+                            "bench: warning: could not pin an accept thread to CPU {cpu}: {e}"
+                        );
+                    }
+                    accept_loop(&l, &count)
+                })
                 .context("starting an accept thread")?;
         }
         Ok(Self { addr, accepted })
@@ -624,19 +844,23 @@ fn accept_loop(listener: &TcpListener, count: &AtomicU64) {
 /// the work directory.
 pub(crate) struct Guard {
     pub(crate) dir: PathBuf,
-    policy: PathBuf,
+    pub(crate) policy: PathBuf,
     pub(crate) socket: PathBuf,
     pin_dir: PathBuf,
     pub(crate) audit_dir: PathBuf,
     log: PathBuf,
     cgroup_root: PathBuf,
     daemon: Option<Child>,
+    /// More `agent-guard daemon` arguments (e.g. `--ring-bytes`).
+    pub(crate) extra_args: Vec<std::ffi::OsString>,
 }
 
 impl Guard {
-    fn create(cgroup2: &Path) -> Result<Self> {
+    /// `tag` tells apart the work directories (and cgroup roots) of several
+    /// guards in one run; "" for the first.
+    pub(crate) fn create(cgroup2: &Path, tag: &str) -> Result<Self> {
         let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("agent-guard-bench-{pid}"));
+        let dir = std::env::temp_dir().join(format!("agent-guard-bench-{pid}{tag}"));
         if dir.exists() {
             bail!(
                 "{} exists already (left over from an earlier run?); remove it",
@@ -650,9 +874,10 @@ impl Guard {
             pin_dir: dir.join("bpf"),
             audit_dir: dir.join("audit"),
             log: dir.join("daemon.log"),
-            cgroup_root: cgroup2.join(format!("ag-bench-{pid}")),
+            cgroup_root: cgroup2.join(format!("ag-bench-{pid}{tag}")),
             dir,
             daemon: None,
+            extra_args: Vec::new(),
         };
         Ok(guard)
     }
@@ -680,6 +905,7 @@ impl Guard {
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -739,6 +965,11 @@ impl Guard {
         }
     }
 
+    /// The running daemon's pid.
+    pub(crate) fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// utime + stime of the running daemon from /proc/PID/stat (clock ticks
     /// of 10 ms, USER_HZ on Linux).
     pub(crate) fn daemon_cpu(&self) -> Option<Duration> {
@@ -753,7 +984,7 @@ impl Guard {
         Some(Duration::from_millis((utime + stime) * 10))
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let from = lines.len().saturating_sub(30);
@@ -1146,17 +1377,50 @@ struct PerConfig {
     target: Option<f64>,
 }
 
+/// Which per-connect figure a report is about.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Metric {
+    /// Mean wall time per connect.
+    Wall,
+    /// The probe process's CPU time (user + sys, getrusage) per connect.
+    Cpu,
+}
+
+impl Metric {
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Wall => "wall time",
+            Metric::Cpu => "probe CPU time",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Metric::Wall => "wall",
+            Metric::Cpu => "cpu",
+        }
+    }
+
+    fn of(self, s: &Sample) -> f64 {
+        match self {
+            Metric::Wall => s.ns_per_connect,
+            Metric::Cpu => s.cpu_ns_per_connect,
+        }
+    }
+}
+
 struct Report {
+    metric: Metric,
     configs: Vec<PerConfig>,
 }
 
 impl Report {
-    fn new(samples: &[Sample], rounds: u32) -> Self {
+    fn new(samples: &[Sample], rounds: u32, metric: Metric) -> Self {
         let of = |c: Config, round: Option<u32>| -> Vec<f64> {
             samples
                 .iter()
                 .filter(|s| s.config == c && round.is_none_or(|r| s.round == r))
-                .map(|s| s.ns_per_connect)
+                .map(|s| metric.of(s))
                 .collect()
         };
         let median_a = median(&of(Config::A, None));
@@ -1184,21 +1448,49 @@ impl Report {
                 }
             })
             .collect();
-        Self { configs }
+        Self { metric, configs }
     }
 
-    fn table(&self, rounds: u32, n: u32, endpoints: u32) -> String {
+    /// Mean over b, c, d of the paired ratios' max - min: how much the
+    /// same comparison swings between rounds.
+    fn spread(&self) -> f64 {
+        let spreads: Vec<f64> = self
+            .configs
+            .iter()
+            .filter(|c| c.target.is_some())
+            .map(|c| {
+                let (lo, hi) = min_max(&c.paired);
+                hi - lo
+            })
+            .collect();
+        mean(&spreads)
+    }
+
+    fn table(&self, rounds: u32, n: u32, endpoints: u32, judged: Metric) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nloopback TCP connect(), {rounds} rounds x (a b c d d c b a), {n} connects per \
+            "\nloopback TCP connect(), {}: {rounds} rounds x (a b c d d c b a), {n} connects per \
              sample, {endpoints} endpoint entries (c), {} grant entries + rate limit (d)",
+            match self.metric {
+                Metric::Wall => "mean wall time per connect",
+                Metric::Cpu => "probe CPU time (user+sys) per connect",
+            },
             GRANT_TOOLS * GRANT_TOOL_ENDPOINTS + 1
         );
         let _ = writeln!(
             s,
             "{:<3} {:<32} {:>12} {:>9} {:>13} {:>19} {:>16}",
-            "", "configuration", "median ns", "vs a", "paired median", "paired min..max", "target"
+            "",
+            "configuration",
+            match self.metric {
+                Metric::Wall => "median ns",
+                Metric::Cpu => "median CPU ns",
+            },
+            "vs a",
+            "paired median",
+            "paired min..max",
+            "target"
         );
         for c in &self.configs {
             let (lo, hi) = min_max(&c.paired);
@@ -1209,7 +1501,9 @@ impl Report {
                     format!("x{lo:.4}..x{hi:.4}"),
                     format!(
                         "<= x{t} {}",
-                        if c.paired_median <= t {
+                        if self.metric != judged {
+                            "(info)"
+                        } else if c.paired_median <= t {
                             "met"
                         } else {
                             "MISSED"
@@ -1229,23 +1523,20 @@ impl Report {
                 target
             );
         }
-        let _ = writeln!(
-            s,
-            "(targets are judged on the median of the per-round paired ratios)"
-        );
+        if self.metric == judged {
+            let _ = writeln!(
+                s,
+                "(targets are judged on the median of the per-round paired ratios of {})",
+                self.metric.name()
+            );
+        }
         s
     }
 }
 
-fn results_json(
-    ws: &Workspace,
-    report: &Report,
-    samples: &[Sample],
-    statuses: &[RoundStatus],
-    rounds: u32,
-    n: u32,
-    args: &BenchArgs,
-) -> Value {
+/// `configs`, `ratios_of_medians`, `paired_ratios` and `targets` of one
+/// metric's report.
+fn report_json(report: &Report, judged: Metric) -> serde_json::Map<String, Value> {
     let mut configs = serde_json::Map::new();
     let mut ratios = serde_json::Map::new();
     let mut paired = serde_json::Map::new();
@@ -1273,10 +1564,44 @@ fn results_json(
             );
             targets.insert(
                 format!("{}/a", c.config.key()),
-                json!({ "max": t, "paired_median": c.paired_median, "met": c.paired_median <= t }),
+                json!({
+                    "max": t,
+                    "paired_median": c.paired_median,
+                    "met": c.paired_median <= t,
+                    "metric": report.metric.key(),
+                    "judged": report.metric == judged,
+                }),
             );
         }
     }
+    let mut out = serde_json::Map::new();
+    out.insert("configs".into(), Value::Object(configs));
+    out.insert("ratios_of_medians".into(), Value::Object(ratios));
+    out.insert("paired_ratios".into(), Value::Object(paired));
+    out.insert("paired_spread_mean".into(), json!(report.spread()));
+    out.insert("targets".into(), Value::Object(targets));
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn results_json(
+    ws: &Workspace,
+    wall: &Report,
+    cpu: &Report,
+    judged: Metric,
+    samples: &[Sample],
+    statuses: &[RoundStatus],
+    rounds: u32,
+    n: u32,
+    args: &BenchArgs,
+) -> Value {
+    let wall_json = report_json(wall, judged);
+    let cpu_json = report_json(cpu, judged);
+    let judged_json = if judged == Metric::Cpu {
+        &cpu_json
+    } else {
+        &wall_json
+    };
     let sample_log: Vec<Value> = samples
         .iter()
         .map(|s| {
@@ -1284,6 +1609,7 @@ fn results_json(
                 "round": s.round + 1,
                 "config": s.config.key(),
                 "ns_per_connect": s.ns_per_connect,
+                "cpu_ns_per_connect": s.cpu_ns_per_connect,
                 "attempts": s.attempts,
                 "listen_overflows": s.listen_overflows,
                 "time_wait_before": s.time_wait_before,
@@ -1331,10 +1657,18 @@ fn results_json(
         },
         "pause_ms": args.pause_ms,
         "order": "a, start daemon, grants for d, b, c, d, d, c, b, stop daemon, a (per round)",
-        "configs": configs,
-        "ratios_of_medians": ratios,
-        "paired_ratios": paired,
-        "targets": targets,
+        "configs": wall_json.get("configs").cloned().unwrap_or_default(),
+        "ratios_of_medians": wall_json.get("ratios_of_medians").cloned().unwrap_or_default(),
+        "paired_ratios": wall_json.get("paired_ratios").cloned().unwrap_or_default(),
+        "probe_cpu": Value::Object(cpu_json.clone()),
+        "stability": {
+            "paired_spread_mean_wall": wall.spread(),
+            "paired_spread_mean_cpu": cpu.spread(),
+            "judged_on": judged.key(),
+            "rule": "targets are judged on the metric whose paired ratios (b/a, c/a, d/a) \
+                     have the smaller mean max-min spread in this run",
+        },
+        "targets": judged_json.get("targets").cloned().unwrap_or_default(),
         "samples": sample_log,
         "daemon_rounds": daemon_rounds,
     })

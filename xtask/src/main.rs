@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_audit;
 mod bench_grants;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
@@ -104,13 +105,15 @@ Examples:
     /// agent-guard-probe: (a) nothing attached, (b) daemon running and an
     /// untagged process, (c) a tagged process with 10,000 endpoint entries,
     /// (d) a tagged process reaching the listener through a rate-limited
-    /// grant among 10,000 grant entries. Prints tables and writes
-    /// target/bench/results.json.
+    /// grant among 10,000 grant entries; then `audit verify` / `replay`
+    /// speed at 1 M records and a deny flood from every core through the
+    /// event pipeline (attempts vs audited vs lost). Prints tables and
+    /// writes target/bench/results.json.
     #[command(after_help = "\
 Examples:
   sudo -E cargo xtask bench                 # 50 grant/revoke rounds; 7 rounds of a b c d d c b a
   sudo -E cargo xtask bench --quick         # smoke run: 2 rounds, 5000 connects
-  sudo -E cargo xtask bench --skip-grants   # connect cost only
+  sudo -E cargo xtask bench --skip-grants --skip-audit --skip-flood   # connect cost only
   sudo -E cargo xtask bench --rounds 15 --connects 10000")]
     Bench(bench::BenchArgs),
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.

@@ -22,6 +22,8 @@ use tokio::{
 use super::state::{PipelineMsg, State, ppid_of};
 use crate::audit::{AuditRecord, AuditWriter, NODE_LOG, writer::Appended};
 
+/// Records taken from the ring buffer between two flushes.
+const DRAIN_BATCH: usize = 8192;
 /// How often the daemon drains the ring buffer without a kernel wakeup.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often lost-event counters become gap records and stale pids are swept.
@@ -258,15 +260,29 @@ impl Pipeline {
         while let Ok(msg) = self.rx.try_recv() {
             self.message(msg);
         }
-        let mut batch = Vec::new();
-        {
-            let ring = self.ring.get_mut();
-            while let Some(item) = ring.next() {
-                batch.push(item.to_vec());
+        // In bounded batches, each flushed before the next is taken: a
+        // deep ring (a flood, a large --ring-bytes) must not pile up more
+        // records in memory than the writer's buffer is meant to hold.
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(DRAIN_BATCH);
+        loop {
+            {
+                let ring = self.ring.get_mut();
+                while batch.len() < DRAIN_BATCH {
+                    let Some(item) = ring.next() else { break };
+                    batch.push(item.to_vec());
+                }
             }
-        }
-        for bytes in batch {
-            self.handle(&bytes);
+            if batch.is_empty() {
+                return;
+            }
+            let full = batch.len() == DRAIN_BATCH;
+            for bytes in batch.drain(..) {
+                self.handle(&bytes);
+            }
+            if !full {
+                return;
+            }
+            self.flush();
         }
     }
 
