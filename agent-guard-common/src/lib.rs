@@ -39,7 +39,7 @@ pub mod capacity {
     pub const TOOLS: u32 = 4_096;
     pub const RATE: u32 = 16_384;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
-    pub const EVENTS_BYTES: u32 = 1 << 22;
+    pub const EVENTS_BYTES: u32 = 1 << 24;
 }
 
 /// Global configuration written by the daemon into `CONFIG[0]`.

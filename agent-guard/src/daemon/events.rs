@@ -126,6 +126,18 @@ pub struct Pipeline {
     /// Records appended since the last flush, and the time spent on them.
     batch_records: u64,
     batch_time: Duration,
+    /// Per-record lookups cached between housekeeping ticks (identities,
+    /// tool names and metric children only change with policy, launches
+    /// and retirements; a second of staleness only affects enrichment).
+    cache: Cache,
+}
+
+#[derive(Default)]
+struct Cache {
+    identities: HashMap<u32, Arc<super::subjects::Identity>>,
+    tools: HashMap<u32, Option<String>>,
+    decisions: HashMap<(u32, u32, u8, u8), prometheus::IntCounter>,
+    events: HashMap<u8, prometheus::IntCounter>,
 }
 
 impl Pipeline {
@@ -148,6 +160,7 @@ impl Pipeline {
             delivered: Vec::new(),
             batch_records: 0,
             batch_time: Duration::ZERO,
+            cache: Cache::default(),
         })
     }
 
@@ -171,6 +184,7 @@ impl Pipeline {
                     ticks += 1;
                     if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                         self.account_lost();
+                        self.cache = Cache::default();
                         self.state.expire_grants();
                         let retired = self.state.retire_idle_subjects(self.state.idle_subject_age);
                         if retired > 0 {
@@ -294,10 +308,11 @@ impl Pipeline {
         // SAFETY: length checked; Event is plain data, read unaligned.
         let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let kind_name = kind::name(ev.kind);
-        self.state
-            .metrics
+        let metrics = &self.state.metrics;
+        self.cache
             .events
-            .with_label_values(&[kind_name])
+            .entry(ev.kind)
+            .or_insert_with(|| metrics.events.with_label_values(&[kind_name]))
             .inc();
 
         match ev.kind {
@@ -318,13 +333,29 @@ impl Pipeline {
             _ => {}
         }
 
-        let Some(ident) = self.state.identity(ev.subject) else {
+        let ident = match self.cache.identities.get(&ev.subject) {
+            Some(i) => Some(i.clone()),
+            None => {
+                let i = self.state.identity(ev.subject);
+                if let Some(known) = &i {
+                    self.cache.identities.insert(ev.subject, known.clone());
+                }
+                i
+            }
+        };
+        let ident = ident.unwrap_or_else(|| {
+            // Never dropped: recorded in the node log under a placeholder.
             tracing::warn!(
                 subject = ev.subject,
                 kind = kind_name,
                 "record for an unknown subject"
             );
-            return;
+            Arc::new(super::subjects::Identity::unknown(ev.subject))
+        });
+        let log = if ident.tenant.is_empty() {
+            NODE_LOG.to_string()
+        } else {
+            ident.tenant.clone()
         };
         let mut rec = AuditRecord::new(kind_name);
         rec.ts = wall_clock(ev.ts_ns);
@@ -348,28 +379,32 @@ impl Pipeline {
                 rec.dst = Some(address(&ev).to_string());
                 rec.port = Some(ev.port);
                 rec.proto = Some(proto_name(ev.proto));
-                self.decision(&mut rec, &ev, &ident.tenant, &ident.agent);
+                self.decision(&mut rec, &ev, &ident);
             }
             kind::SOCKET => {
                 rec.proto = Some(proto_name(ev.proto));
                 rec.detail = Some(format!("socket type {} family {}", ev.aux, ev.family));
-                self.decision(&mut rec, &ev, &ident.tenant, &ident.agent);
+                self.decision(&mut rec, &ev, &ident);
             }
             kind::FORK => rec.child = Some(ev.aux),
             _ => {}
         }
-        let tenant = ident.tenant.clone();
         if ev.ts_ns != 0 {
             self.delivered.push(ev.ts_ns);
         }
-        self.write(&tenant, rec);
+        self.write(&log, rec);
     }
 
-    fn decision(&self, rec: &mut AuditRecord, ev: &Event, tenant: &str, agent: &str) {
+    fn decision(&mut self, rec: &mut AuditRecord, ev: &Event, ident: &super::subjects::Identity) {
         let v = verdict::name(ev.verdict);
         let r = reason::name(ev.reason);
+        let state = &self.state;
         let tool = if ev.tool_id != 0 {
-            self.state.tool_name(ev.tool_id)
+            self.cache
+                .tools
+                .entry(ev.tool_id)
+                .or_insert_with(|| state.tool_name(ev.tool_id))
+                .clone()
         } else {
             None
         };
@@ -380,17 +415,28 @@ impl Pipeline {
         }
         // Calling outside the declared tools is divergence for a scoped
         // process (task or sub-agent); the state decides and may act.
-        if ev.verdict != verdict::ALLOW
+        let scoped = ident.requested_tools.is_some() || ident.task.is_some();
+        if scoped
+            && ev.verdict != verdict::ALLOW
             && ev.reason == reason::NO_CAPABILITY
             && ev.kind != kind::SOCKET
             && self.state.divergence(ev.subject)
         {
             rec.divergence = Some(true);
         }
-        self.state
-            .metrics
+        let metrics = &self.state.metrics;
+        self.cache
             .decisions
-            .with_label_values(&[tenant, agent, tool.as_deref().unwrap_or("none"), v, r])
+            .entry((ev.subject, ev.tool_id, ev.verdict, ev.reason))
+            .or_insert_with(|| {
+                metrics.decisions.with_label_values(&[
+                    &ident.tenant,
+                    &ident.agent,
+                    tool.as_deref().unwrap_or("none"),
+                    v,
+                    r,
+                ])
+            })
             .inc();
         rec.tool = tool;
     }
