@@ -9,14 +9,18 @@ use agent_guard_common::{
 };
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// tgid -> subject id. Written by the daemon (launch) and the fork
 /// tracepoint (inheritance); removed by the exit tracepoint. Read per call.
+/// The daemon sizes it to the kernel's pid_max at load (every pid and tid
+/// fits, so an agent cannot fill it to have a child go untagged); not
+/// preallocated, so the size costs memory only as entries are used.
 #[map]
-pub static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::PROCS, 0);
+pub static PROCS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::PROCS, BPF_F_NO_PREALLOC);
 
 /// cgroup id -> subject id. Written by the daemon when it creates an agent
 /// cgroup. Read per call when `PROCS` misses.

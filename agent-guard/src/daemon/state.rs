@@ -217,7 +217,7 @@ impl State {
                 .set(decisions[i] as i64);
         }
         for (name, cap) in [
-            (map_names::PROCS, capacity::PROCS),
+            (map_names::PROCS, crate::kernel::procs_capacity()),
             (map_names::CGROUPS, capacity::CGROUPS),
             (map_names::SUBJECTS, capacity::SUBJECTS),
             (map_names::CAPS, capacity::CAPS),

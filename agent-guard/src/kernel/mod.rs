@@ -102,6 +102,7 @@ impl Kernel {
             .override_global("EXEC_OLD_PID_OFF", &offsets.exec_old_pid, true)
             .override_global("EXIT_GROUP_DEAD_OFF", &offsets.exit_group_dead, true);
         loader.map_max_entries(agent_guard_common::maps::EVENTS, ring_bytes);
+        loader.map_max_entries(agent_guard_common::maps::PROCS, procs_capacity());
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let root = File::open(cgroup2_root).map_err(|source| KernelError::CgroupRoot {
@@ -191,4 +192,14 @@ pub fn pinned_process_subject(pin: &std::path::Path, pid: u32) -> Result<Option<
         Err(aya::maps::MapError::KeyNotFound) => Ok(None),
         Err(source) => Err(KernelError::Map { name, source }),
     }
+}
+
+/// `PROCS` holds every pid and tid the kernel can hand out: at least
+/// `capacity::PROCS`, else the kernel's `pid_max` (at most 2^22).
+pub fn procs_capacity() -> u32 {
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(agent_guard_common::capacity::PROCS);
+    pid_max.clamp(agent_guard_common::capacity::PROCS, 1 << 22)
 }
