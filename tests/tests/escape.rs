@@ -904,3 +904,43 @@ fn a_strict_agent_cannot_open_non_ip_sockets() {
         probe::EPERM
     );
 }
+
+#[test]
+fn a_connection_left_by_an_exited_child_cannot_carry_control_verbs() {
+    if !kernel_test("a_connection_left_by_an_exited_child_cannot_carry_control_verbs") {
+        return;
+    }
+    let s = setup();
+    let d = &s.d;
+    let sock = path_str(&d.socket);
+    // Sanity: the trick really reaches the daemon (untagged it is allowed).
+    let out = Command::new(probe_bin())
+        .args([
+            "control-dead-peer",
+            sock,
+            r#"{"op":"status"}"#,
+            "parent-writes",
+        ])
+        .output()
+        .expect("probe");
+    assert_eq!(
+        out.status.code(),
+        Some(probe::EPERM),
+        "a dead peer is refused even untagged: {}",
+        text(&out.stdout)
+    );
+    for mode in ["parent-writes", "child-writes"] {
+        for req in [r#"{"op":"status"}"#, r#"{"op":"suspend","tenant":"acme"}"#] {
+            for agent in ["researcher", "lab"] {
+                let code = run_probe(d, "acme", agent, &["control-dead-peer", sock, req, mode]);
+                assert_eq!(code, probe::EPERM, "{agent} {mode} {req}");
+            }
+        }
+    }
+    assert!(
+        d.status()["suspended"]
+            .as_array()
+            .is_some_and(|a| a.is_empty()),
+        "nothing was suspended"
+    );
+}

@@ -68,8 +68,62 @@ pub async fn serve(listener: UnixListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
+/// The process that connected, held by a pidfd (SO_PEERPIDFD, Linux 6.5+)
+/// so it cannot be confused with a later process that reuses its pid.
+struct Peer {
+    pid: u32,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream, pid: u32) -> Peer {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        const SO_PEERPIDFD: libc::c_int = 77;
+        let mut fd: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `fd`.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&raw mut fd).cast(),
+                &mut len,
+            )
+        };
+        // SAFETY: on success the kernel handed us a new pidfd we now own.
+        let pidfd = (rc == 0 && fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        Peer { pid, pidfd }
+    }
+
+    /// Is the connecting process still running? A tagged agent could
+    /// otherwise connect from a child, let the child exit, and send verbs
+    /// on the inherited connection while the daemon sees no tagged peer.
+    fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        match &self.pidfd {
+            // pidfd_send_signal with signal 0 only checks the process.
+            // SAFETY: plain syscall on a pidfd we own.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    0,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                ) == 0
+            },
+            None => std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
+        }
+    }
+}
+
 async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
-    let peer = stream.peer_cred()?;
+    let peer_cred = stream.peer_cred()?;
+    let peer = peer_cred
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .map(|pid| Peer::of(&stream, pid));
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let n = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1))
@@ -80,9 +134,20 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
     } else {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::err(format!("bad request: {e}")),
-            Ok(req) => match peer.pid().and_then(|p| u32::try_from(p).ok()) {
+            Ok(req) => match &peer {
                 None => Response::err("cannot identify the calling process (no SO_PEERCRED pid)"),
-                Some(pid) => dispatch(state, pid, peer.uid(), req),
+                Some(p) => {
+                    // Look the caller up first, then prove with the pidfd
+                    // that the pid still named the connecting process: a
+                    // child that writes a request and exits at once would
+                    // otherwise be looked up as untagged.
+                    let tagged = state.process_identity(p.pid);
+                    if p.alive() {
+                        dispatch(state, p.pid, peer_cred.uid(), req, tagged)
+                    } else {
+                        Response::err("refused: the process that opened this connection has exited")
+                    }
+                }
             },
         }
     };
@@ -92,10 +157,16 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
     write.shutdown().await
 }
 
-fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
+fn dispatch(
+    state: &State,
+    pid: u32,
+    uid: u32,
+    req: Request,
+    tagged: Option<std::sync::Arc<crate::daemon::subjects::Identity>>,
+) -> Response {
     // A tagged process may only register itself under its own identity;
     // every other verb could widen its rights or read other tenants' state.
-    if let Some(ident) = state.process_identity(pid)
+    if let Some(ident) = &tagged
         && !matches!(req, Request::Register { .. })
     {
         tracing::warn!(pid, subject = %ident.chain, "tagged process tried a control request");
@@ -125,6 +196,7 @@ fn dispatch(state: &State, pid: u32, uid: u32, req: Request) -> Response {
                     tools,
                     ttl_ms,
                 },
+                tagged.as_ref().map(|i| i.subject_id),
             )
             .map(|reg| serde_json::to_value(reg).unwrap_or_default()),
         Request::Status => Ok(state.status()),

@@ -662,8 +662,15 @@ impl State {
     /// Tags `pid` (the peer of the control connection) before the launcher
     /// execs: as a root agent, a task scope of one, or (from inside a tagged
     /// process) a sub-agent of the caller. Never wider than the caller.
-    pub fn register(&self, pid: u32, req: &LaunchRequest) -> Result<Registration, String> {
-        let caller = self.process_subject(pid);
+    ///
+    /// `caller` is the subject the peer was judged under, looked up by the
+    /// control server while it proved the peer alive (see server.rs).
+    pub fn register(
+        &self,
+        pid: u32,
+        req: &LaunchRequest,
+        caller: Option<u32>,
+    ) -> Result<Registration, String> {
         let mut reg = self.registry();
         let now = mono_now_ns();
         let ttl_ns = req.ttl_ms.map(|ms| ms.saturating_mul(1_000_000));

@@ -183,6 +183,63 @@ fn run(args: &[String]) -> i32 {
             }
             run(rest)
         }
+        "control-dead-peer" => {
+            // Connect to the daemon's control socket from a child that then
+            // exits, and use the inherited connection (MODE `parent-writes`)
+            // or let the child write the request and exit at once
+            // (`child-writes`). 0: the daemon answered ok, 10: refused.
+            use std::io::{BufRead, BufReader};
+            use std::os::unix::net::UnixStream;
+            let (Some(sock), Some(req), Some(mode)) = (rest.first(), rest.get(1), rest.get(2))
+            else {
+                return usage();
+            };
+            let child_writes = mode == "child-writes";
+            let mut pair = [0i32; 2];
+            // A channel to pass the connected fd from child to parent.
+            if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) }
+                != 0
+            {
+                return OTHER;
+            }
+            let _ = std::io::stdout().flush();
+            match unsafe { libc::fork() } {
+                0 => {
+                    let Ok(mut conn) = UnixStream::connect(sock) else {
+                        unsafe { libc::_exit(OTHER) }
+                    };
+                    if child_writes {
+                        let _ = conn.write_all(format!("{req}\n").as_bytes());
+                    }
+                    // Hand the connection to the parent, then exit.
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&conn);
+                    let _ = pass_fd(pair[1], fd);
+                    unsafe { libc::_exit(0) }
+                }
+                -1 => OTHER,
+                child => {
+                    let Some(fd) = recv_fd(pair[0]) else {
+                        return OTHER;
+                    };
+                    let mut status = 0;
+                    unsafe { libc::waitpid(child, &mut status, 0) };
+                    std::thread::sleep(Duration::from_millis(100));
+                    let mut conn =
+                        unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                    if !child_writes && conn.write_all(format!("{req}\n").as_bytes()).is_err() {
+                        return OTHER;
+                    }
+                    let mut reply = String::new();
+                    let _ = BufReader::new(&conn).read_line(&mut reply);
+                    println!("probe: control reply: {}", reply.trim());
+                    if reply.contains("\"ok\":true") {
+                        OK
+                    } else {
+                        EPERM
+                    }
+                }
+            }
+        }
         "after" => {
             // Sleep MS milliseconds, then run the rest (a process that was
             // started earlier and calls later).
@@ -456,6 +513,56 @@ mod watch {
         } else {
             OK
         })
+    }
+}
+
+/// Sends `fd` over the Unix socket `over` (SCM_RIGHTS).
+fn pass_fd(over: i32, fd: i32) -> bool {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u8; 64];
+    // SAFETY: standard SCM_RIGHTS message construction in local buffers.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        libc::sendmsg(over, &msg, 0) >= 0
+    }
+}
+
+/// Receives one fd sent by [`pass_fd`].
+fn recv_fd(over: i32) -> Option<i32> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u8; 64];
+    // SAFETY: standard SCM_RIGHTS message parsing in local buffers.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = cbuf.len();
+        if libc::recvmsg(over, &mut msg, 0) < 0 {
+            return None;
+        }
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() {
+            return None;
+        }
+        Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()))
     }
 }
 
