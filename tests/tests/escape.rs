@@ -789,6 +789,30 @@ fn a_strict_agent_cannot_signal_the_daemon() {
             assert_eq!(code, probe::EPERM, "kill({target}, {sig})");
         }
     }
+    // Any of its threads (a signal to one kills the process), and through
+    // a pidfd from open("/proc/PID").
+    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{daemon}/task"))
+        .expect("daemon tasks")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tids.len() >= 2, "the daemon has worker threads: {tids:?}");
+    for tid in &tids {
+        let code = run_probe(
+            d,
+            "acme",
+            "researcher",
+            &["tkill", tid, "9", "tcp", "127.0.0.1", &s.o],
+        );
+        assert_eq!(code, probe::EPERM, "tkill({tid}, 9)");
+    }
+    let code = run_probe(
+        d,
+        "acme",
+        "researcher",
+        &["pidfd-kill", &daemon, "9", "tcp", "127.0.0.1", &s.o],
+    );
+    assert_eq!(code, probe::EPERM, "pidfd_send_signal");
     // The daemon is still there and still fencing.
     assert!(d.cli(&["status"]).status.success(), "daemon survived");
     assert_eq!(

@@ -96,10 +96,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
     }
     // From here on this process is tagged: whatever fails, it stays fenced.
-    let protect: Vec<u32> = Some(registration.daemon_pid)
+    let mut protect: Vec<u32> = Some(registration.daemon_pid)
         .filter(|p| *p > 1)
         .into_iter()
         .collect();
+    for tid in &registration.daemon_tids {
+        if *tid > 1 && !protect.contains(tid) {
+            protect.push(*tid);
+        }
+    }
     if let Err(e) = harden::apply_protecting(registration.hardening, &protect) {
         eprintln!("agent-guard run: hardening the agent process failed: {e}");
         eprintln!("agent-guard run: nothing was started");

@@ -101,6 +101,10 @@ pub struct Registration {
     /// The daemon's pid, so the launcher can keep the agent from signalling it.
     #[serde(default)]
     pub daemon_pid: u32,
+    /// Every thread id of the daemon (a signal to any of them, e.g.
+    /// `tkill(tid, SIGKILL)`, would stop the whole daemon).
+    #[serde(default)]
+    pub daemon_tids: Vec<u32>,
     /// Where `PROCS` is pinned, so the launcher can check with the kernel
     /// that it was really tagged before it execs.
     #[serde(default)]

@@ -1004,6 +1004,7 @@ impl State {
             cgroup: ident.cgroup_dir.display().to_string(),
             task_id: task.map(|t| t.id),
             daemon_pid: std::process::id(),
+            daemon_tids: own_tids(),
             procs_pin: Some(self.procs_pin.display().to_string()),
         })
     }
@@ -1105,4 +1106,16 @@ mod tests {
             "10/s == 600/min"
         );
     }
+}
+
+/// The daemon's thread ids (its tokio workers are fixed at start; it uses
+/// no blocking pool, so no threads appear later).
+fn own_tids() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -834,6 +834,36 @@ mod escape {
                 std::thread::sleep(Duration::from_millis(1500));
                 run_cmd(&rest[2..])
             }
+            "tkill" | "pidfd-kill" => {
+                // tkill(TID, SIG), or open("/proc/PID") + pidfd_send_signal.
+                let pid = pid_arg(rest)?;
+                let sig: libc::c_int = rest.get(1)?.parse().ok()?;
+                let r = if cmd == "tkill" {
+                    // SAFETY: plain syscall.
+                    cvt(unsafe { libc::syscall(libc::SYS_tkill, pid, sig) }).map(drop)
+                } else {
+                    std::fs::File::open(format!("/proc/{pid}")).and_then(|f| {
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                        // SAFETY: plain syscall on a pidfd we own.
+                        cvt(unsafe {
+                            libc::syscall(
+                                libc::SYS_pidfd_send_signal,
+                                fd,
+                                sig,
+                                std::ptr::null::<libc::siginfo_t>(),
+                                0,
+                            )
+                        })
+                        .map(drop)
+                    })
+                };
+                let code = report(&format!("{cmd}({pid}, {sig})"), r);
+                if code != OK {
+                    return Some(code);
+                }
+                std::thread::sleep(Duration::from_millis(1500));
+                run_cmd(&rest[2..])
+            }
             "write-file" => {
                 let (path, value) = (rest.first()?, rest.get(1)?);
                 let code = report(&format!("write {path}"), std::fs::write(path, value));
