@@ -571,10 +571,17 @@ fn divergence_is_counted_and_on_divergence_revokes() {
     let pp = probe.to_str().expect("utf-8");
     // One task process: search (declared), other (divergent) twice, then
     // search again, which the revoke has taken away.
+    // After the revoke, a sub-agent started to get the rights back is
+    // refused too.
+    let ag = agent_guard_bin();
     let script = format!(
-        "{pp} tcp 127.0.0.1 {s}; {pp} tcp 127.0.0.1 {o}; {pp} tcp 127.0.0.1 {o}; sleep 0.5; exec {pp} tcp 127.0.0.1 {s}",
+        "{pp} tcp 127.0.0.1 {s}; {pp} tcp 127.0.0.1 {o}; {pp} tcp 127.0.0.1 {o}; sleep 0.5; \
+         {ag} run --socket {sock} --agent escapee -- {pp} tcp 127.0.0.1 {s}; echo sub=$?; \
+         exec {pp} tcp 127.0.0.1 {s}",
         s = p.s(),
-        o = p.o()
+        o = p.o(),
+        ag = ag.display(),
+        sock = d.socket.display()
     );
     let out = d.cli(&[
         "run",
@@ -595,6 +602,11 @@ fn divergence_is_counted_and_on_divergence_revokes() {
         out.status.code(),
         Some(probe::EPERM),
         "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sub=125"),
+        "a revoked task cannot start a sub-agent: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     let recs = d.wait_audit(

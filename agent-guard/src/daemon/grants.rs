@@ -337,8 +337,11 @@ impl State {
         if ident.requested_tools.is_none() && ident.task.is_none() {
             return false;
         }
+        // Counted, and acted on, at the outermost scoped subject, so a
+        // fresh sub-agent neither resets the count nor escapes the action.
+        let scope = reg.scope_root(subject_id);
         let n = {
-            let c = reg.divergences.entry(subject_id).or_insert(0);
+            let c = reg.divergences.entry(scope).or_insert(0);
             *c += 1;
             *c
         };
@@ -357,7 +360,7 @@ impl State {
         }
         match rule.action {
             DivergenceAction::Revoke => {
-                let ids = reg.subtree(subject_id);
+                let ids = reg.subtree(scope);
                 reg.revoked_subjects.extend(ids.iter().copied());
                 drop(reg);
                 let _ = self.rewrite_subjects(&ids);

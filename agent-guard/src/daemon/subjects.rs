@@ -343,7 +343,7 @@ impl Registry {
         if self.is_suspended(&ident.tenant, &ident.agent) {
             flags |= FLAG_SUSPENDED;
         }
-        if self.revoked_subjects.contains(&ident.subject_id) {
+        if self.revoked_in_chain(ident.subject_id) {
             flags |= FLAG_REVOKED;
         }
         Subject {
@@ -360,6 +360,39 @@ impl Registry {
             _pad: 0,
             expires_at_ns: ident.expires_at_ns,
         }
+    }
+
+    /// The outermost ancestor of `id` (or `id` itself) that is scoped (a
+    /// task or narrowed tools).
+    pub fn scope_root(&self, id: u32) -> u32 {
+        let mut best = id;
+        let mut cur = id;
+        for _ in 0..64 {
+            let Some(ident) = self.identities.get(&cur) else {
+                break;
+            };
+            if ident.requested_tools.is_some() || ident.task.is_some() {
+                best = cur;
+            }
+            match ident.parent {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        best
+    }
+
+    /// Is `id` or any of its ancestors revoked (on_divergence)?
+    pub fn revoked_in_chain(&self, id: u32) -> bool {
+        let mut cur = Some(id);
+        for _ in 0..64 {
+            let Some(c) = cur else { return false };
+            if self.revoked_subjects.contains(&c) {
+                return true;
+            }
+            cur = self.identities.get(&c).and_then(|i| i.parent);
+        }
+        true
     }
 
     /// Active subjects derived (transitively) from `id`, `id` included.
@@ -695,6 +728,12 @@ impl State {
                 let parent = reg.identities.get(&subject).cloned().filter(|i| i.active).ok_or(
                     "refused: this process is tagged with a subject that is no longer in force; it can start nothing",
                 )?;
+                if reg.revoked_in_chain(parent.subject_id) {
+                    return Err(format!(
+                        "refused: the capabilities of {} were revoked (on_divergence); it can start nothing",
+                        parent.chain
+                    ));
+                }
                 if let Some(t) = &req.tenant
                     && *t != parent.tenant
                 {
