@@ -132,13 +132,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 /// A launcher that already runs under seccomp was started inside a strict
 /// agent: it is tagged by inheritance and cannot call bpf(); skipped there.
 fn verify_tagged(reg: &Registration) -> Result<(), String> {
-    let under_seccomp = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Seccomp:") && l.trim_end() != "Seccomp:\t0")
-        })
-        .unwrap_or(false);
-    if under_seccomp {
+    // Only our own filter (proven by its canary, which no other policy
+    // answers the same way) means "started inside a strict agent".
+    if harden::under_strict_filter() {
         return Ok(());
     }
     let refuse = |why: String| {

@@ -246,6 +246,21 @@ fn ns_bit_rules(index: u8) -> Result<Vec<SeccompRule>, seccompiler::BackendError
         .collect()
 }
 
+/// `getpriority(CANARY_WHICH, 0)` fails with [`CANARY_ERRNO`] only under
+/// agent-guard's own filter (the kernel itself answers EINVAL for this
+/// `which`): a launcher started inside a strict agent can tell that it is
+/// there, and one under some other seccomp policy (a container runtime's)
+/// cannot be fooled into thinking so.
+pub const CANARY_WHICH: u32 = 0x4147_4744;
+pub const CANARY_ERRNO: libc::c_int = libc::ENOTRECOVERABLE;
+
+/// Is the calling process under agent-guard's strict filter?
+pub fn under_strict_filter() -> bool {
+    // SAFETY: plain syscall with an invalid `which`; it changes nothing.
+    let rc = unsafe { libc::syscall(libc::SYS_getpriority, CANARY_WHICH as libc::c_long, 0) };
+    rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(CANARY_ERRNO)
+}
+
 /// "arg `index` equals `value`" (32-bit compare, as for pids).
 fn arg_eq(index: u8, value: u32) -> Result<SeccompRule, seccompiler::BackendError> {
     SeccompRule::new(vec![SeccompCondition::new(
@@ -366,6 +381,11 @@ fn build_filters(protect: &[u32]) -> Result<Vec<NamedFilter>, HardenError> {
             "clone3",
             Ok(BTreeMap::from([(libc::SYS_clone3, Vec::new())])),
             libc::ENOSYS,
+        )?,
+        compile(
+            "canary",
+            arg_eq(0, CANARY_WHICH).map(|r| BTreeMap::from([(libc::SYS_getpriority, vec![r])])),
+            CANARY_ERRNO,
         )?,
     ];
     if let Some(x32) = x32_filter() {
@@ -865,6 +885,21 @@ mod tests {
             }
             0
         });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn the_canary_tells_our_filter_from_none() {
+        assert!(!under_strict_filter(), "the test process is not hardened");
+        if !is_root() {
+            return;
+        }
+        let code = in_child(
+            Hardening::Strict,
+            || if under_strict_filter() { 0 } else { 1 },
+        );
+        assert_eq!(code, 0);
+        let code = in_child(Hardening::Off, || if under_strict_filter() { 1 } else { 0 });
         assert_eq!(code, 0);
     }
 
