@@ -56,6 +56,7 @@ pub mod reason {
     pub const RATE_LIMITED: u8 = 9;
     pub const ICMP_SOCKET: u8 = 10;
     pub const APPROVAL_REQUIRED: u8 = 11;
+    pub const UNSUPPORTED_PROTOCOL: u8 = 12;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -70,6 +71,7 @@ pub mod reason {
             RATE_LIMITED => "rate_limited",
             ICMP_SOCKET => "icmp_socket",
             APPROVAL_REQUIRED => "approval_required",
+            UNSUPPORTED_PROTOCOL => "unsupported_protocol",
             _ => "none",
         }
     }

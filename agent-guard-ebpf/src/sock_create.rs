@@ -14,7 +14,12 @@ use crate::{
     maps::{DECISIONS, SUBJECTS, bump},
 };
 
+const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_UDPLITE: u32 = 136;
+const IPPROTO_MPTCP: u32 = 262;
 const SOCK_RAW: u32 = 3;
 const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_ICMPV6: u32 = 58;
@@ -36,7 +41,18 @@ pub fn sock_create(ctx: SockContext) -> i32 {
     // ICMP "ping" sockets (SOCK_DGRAM + IPPROTO_ICMP/ICMPV6) send through
     // a path with no cgroup sendmsg hook, so they are refused like raw ones.
     let icmp = sock_type == SOCK_DGRAM && (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6);
-    if sock_type != SOCK_RAW && sock_type != SOCK_PACKET && !icmp {
+    // Only protocols whose sends pass the connect/sendmsg hooks: TCP and
+    // MPTCP streams, UDP and UDP-Lite datagrams. SCTP (implicit association
+    // setup on sendmsg), SOCK_SEQPACKET and others are refused.
+    let known = match sock_type {
+        SOCK_STREAM => protocol == 0 || protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP,
+        SOCK_DGRAM => {
+            protocol == 0 || protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE || icmp
+        }
+        _ => false,
+    };
+    let other = !known && sock_type != SOCK_RAW && sock_type != SOCK_PACKET;
+    if sock_type != SOCK_RAW && sock_type != SOCK_PACKET && !icmp && !other {
         return ALLOW;
     }
     let Some(subject_id) = current_subject() else {
@@ -59,6 +75,8 @@ pub fn sock_create(ctx: SockContext) -> i32 {
             ev.verdict = v;
             ev.reason = if icmp {
                 reason::ICMP_SOCKET
+            } else if other {
+                reason::UNSUPPORTED_PROTOCOL
             } else {
                 reason::RAW_SOCKET
             };

@@ -968,3 +968,35 @@ fn a_connection_left_by_an_exited_child_cannot_carry_control_verbs() {
         "nothing was suspended"
     );
 }
+
+#[test]
+fn protocols_that_bypass_the_send_hooks_are_refused() {
+    if !kernel_test("protocols_that_bypass_the_send_hooks_are_refused") {
+        return;
+    }
+    let s = setup();
+    let d = &s.d;
+    // SCTP (132) sets up associations on sendmsg without the cgroup
+    // sendmsg hook; SOCK_SEQPACKET likewise. Refused in sock_create (with
+    // hardening off, so the kernel hook alone is tested). A kernel without
+    // SCTP (like this test machine's) says "not supported" before the hook
+    // runs, so here this shows only that they are not reachable; the
+    // refusal path itself runs only where SCTP is built.
+    for (ty, proto) in [("stream", "132"), ("seqpacket", "132"), ("dgram", "255")] {
+        let code = run_probe(d, "acme", "lab", &["socket-family", "2", ty, proto]);
+        assert_ne!(code, probe::OK, "{ty} {proto} must not be creatable");
+    }
+    // TCP, MPTCP, UDP and UDP-Lite stay usable.
+    for (ty, proto) in [
+        ("stream", "6"),
+        ("stream", "262"),
+        ("dgram", "17"),
+        ("dgram", "136"),
+    ] {
+        assert_eq!(
+            run_probe(d, "acme", "lab", &["socket-family", "2", ty, proto]),
+            probe::OK,
+            "{ty} {proto}"
+        );
+    }
+}

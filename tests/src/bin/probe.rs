@@ -254,12 +254,13 @@ fn run(args: &[String]) -> i32 {
             let Some(family) = rest.first().and_then(|f| f.parse::<i32>().ok()) else {
                 return usage();
             };
-            let ty = if rest.get(1).is_some_and(|t| t == "dgram") {
-                libc::SOCK_DGRAM
-            } else {
-                libc::SOCK_STREAM
+            let ty = match rest.get(1).map(String::as_str) {
+                Some("dgram") => libc::SOCK_DGRAM,
+                Some("seqpacket") => libc::SOCK_SEQPACKET,
+                _ => libc::SOCK_STREAM,
             };
-            let fd = unsafe { libc::socket(family, ty, 0) };
+            let proto = rest.get(2).and_then(|p| p.parse::<i32>().ok()).unwrap_or(0);
+            let fd = unsafe { libc::socket(family, ty, proto) };
             let r = if fd >= 0 {
                 unsafe { libc::close(fd) };
                 Ok(())
