@@ -41,6 +41,8 @@ pub struct NameState {
     pub leaving: BTreeMap<IpAddr, Instant>,
     pub next_refresh: Instant,
     pub last_error: Option<String>,
+    /// When the name last resolved (errors keep the answer only so long).
+    pub last_ok: Option<Instant>,
 }
 
 /// Every resolved name of the policy.
@@ -75,6 +77,7 @@ impl DnsTable {
                 leaving: BTreeMap::new(),
                 next_refresh: now,
                 last_error: None,
+                last_ok: None,
             });
         }
     }
@@ -111,6 +114,7 @@ impl DnsTable {
             state.leaving.remove(back);
         }
         state.current = answer;
+        state.last_ok = Some(now);
         // Refresh at 80% of the TTL, within bounds.
         state.next_refresh = now + (ttl.mul_f64(0.8)).clamp(MIN_REFRESH, MAX_REFRESH);
         state.last_error = None;
@@ -123,11 +127,32 @@ impl DnsTable {
         describe(name, &before, &after)
     }
 
-    pub fn failed(&mut self, name: &str, error: String, now: Instant) {
-        if let Some(s) = self.names.get_mut(name) {
-            s.last_error = Some(error);
+    /// A lookup failed (timeout, SERVFAIL). The previous answer is kept
+    /// for `grace` after the last success, then the name counts as not
+    /// resolving: its addresses leave (fail closed). Returns a description
+    /// when that changed the installed set.
+    pub fn failed(
+        &mut self,
+        name: &str,
+        error: String,
+        grace: Duration,
+        now: Instant,
+    ) -> Option<String> {
+        let stale = {
+            let s = self.names.get_mut(name)?;
+            s.last_error = Some(error.clone());
             s.next_refresh = now + RETRY;
+            s.last_ok.is_none_or(|t| now.duration_since(t) >= grace)
+        };
+        if !stale {
+            return None;
         }
+        let change = self.update(name, BTreeSet::new(), RETRY, grace, now);
+        if let Some(s) = self.names.get_mut(name) {
+            // Keep reporting the error; the empty answer was not a success.
+            s.last_error = Some(error);
+        }
+        change
     }
 
     /// Drops addresses whose grace ran out; returns a description if any.
@@ -260,12 +285,16 @@ pub async fn run(
                 Err(e) => {
                     tracing::warn!(
                         name,
-                        "resolving tool host: {e}; keeping the previous answer"
+                        "resolving tool host: {e}; keeping the previous answer for the grace period"
                     );
-                    state
-                        .registry()
-                        .dns
-                        .failed(&name, e.to_string(), Instant::now());
+                    if let Some(c) =
+                        state
+                            .registry()
+                            .dns
+                            .failed(&name, e.to_string(), grace, Instant::now())
+                    {
+                        changes.push(c);
+                    }
                 }
             }
         }
@@ -322,6 +351,42 @@ mod tests {
         assert!(t.expire(t0 + Duration::from_secs(5)).is_none());
         assert_eq!(t.expire(t0 + grace).as_deref(), Some("a.example -10.0.0.1"));
         assert_eq!(t.addresses("a.example").len(), 1);
+    }
+
+    #[test]
+    fn a_name_whose_server_keeps_failing_loses_its_addresses_after_grace() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let mut t = DnsTable::default();
+        t.set_names(["a.example".to_string()].into(), t0);
+        t.update(
+            "a.example",
+            ips(&["10.0.0.1"]),
+            Duration::from_secs(60),
+            grace,
+            t0,
+        );
+        assert!(
+            t.failed(
+                "a.example",
+                "timeout".into(),
+                grace,
+                t0 + Duration::from_secs(5)
+            )
+            .is_none()
+        );
+        assert_eq!(t.addresses("a.example").len(), 1, "kept within grace");
+        let late = t0 + Duration::from_secs(11);
+        assert!(
+            t.failed("a.example", "timeout".into(), grace, late)
+                .is_none(),
+            "leaving, still installed"
+        );
+        assert_eq!(
+            t.expire(late + grace).as_deref(),
+            Some("a.example -10.0.0.1")
+        );
+        assert!(t.addresses("a.example").is_empty(), "fail closed");
     }
 
     #[test]

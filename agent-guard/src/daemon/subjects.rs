@@ -604,33 +604,49 @@ impl State {
         // What loosens (monitor mode, a laxer or no rate limit) is written
         // before the flip and what tightens after it, so during the switch
         // nothing is refused that both policies allow.
-        let mut tighten_subjects = Vec::new();
-        for (id, s) in &subjects {
-            let stricter = s.mode == MODE_ENFORCE
-                && kernel
-                    .subject(*id)
-                    .is_some_and(|old| old.mode == MODE_MONITOR);
-            if stricter {
-                tighten_subjects.push((*id, *s));
-            } else {
-                kernel.set_subject(*id, *s)?;
+        // Until the flip, a failure rolls this generation back: the old one
+        // stays in force and no new entry is left behind.
+        let before_flip = (|| -> Result<_, crate::kernel::KernelError> {
+            let mut tighten_subjects = Vec::new();
+            for (id, s) in &subjects {
+                let stricter = s.mode == MODE_ENFORCE
+                    && kernel
+                        .subject(*id)
+                        .is_some_and(|old| old.mode == MODE_MONITOR);
+                if stricter {
+                    tighten_subjects.push((*id, *s));
+                } else {
+                    kernel.set_subject(*id, *s)?;
+                }
             }
-        }
-        let mut tighten_limits = Vec::new();
-        for (tool_id, limit) in limits {
-            if looser_or_equal(kernel.tool_limit(tool_id), limit) {
-                kernel.set_tool_limit(tool_id, limit)?;
-            } else {
-                tighten_limits.push((tool_id, limit));
+            let mut tighten_limits = Vec::new();
+            for (tool_id, limit) in limits {
+                if looser_or_equal(kernel.tool_limit(tool_id), limit) {
+                    kernel.set_tool_limit(tool_id, limit)?;
+                } else {
+                    tighten_limits.push((tool_id, limit));
+                }
             }
-        }
-        for (ident, cgroup_id) in &roots {
-            kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
-        }
-        kernel.set_config(Config {
-            generation,
-            wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
-        })?;
+            for (ident, cgroup_id) in &roots {
+                kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
+            }
+            kernel.set_config(Config {
+                generation,
+                wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
+            })?;
+            Ok((tighten_subjects, tighten_limits))
+        })();
+        let (tighten_subjects, tighten_limits) = match before_flip {
+            Ok(t) => t,
+            Err(e) => {
+                for r in &installed {
+                    kernel.remove_cap(r);
+                }
+                drop(kernel);
+                reg.loaded = old;
+                return Err(e.into());
+            }
+        };
         for (id, s) in tighten_subjects {
             kernel.set_subject(id, s)?;
         }
@@ -890,23 +906,51 @@ impl State {
             .filter(|g| reg.grant_reaches(g, id))
             .map(|g| g.id)
             .collect();
-        drop(reg);
 
         let made_cgroup =
             cgroup && kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
         if made_cgroup {
             self.created_cgroup(ident.cgroup_dir.clone());
         }
-        {
+        // The kernel image is written while the registry is still held, so
+        // a reload cannot flip generations (and clean up) in between and
+        // leave this subject with stale entries.
+        let written = {
             let mut kernel = self.kernel();
+            let mut installed = Vec::new();
+            let mut result = Ok(());
             for (rule, value) in &caps {
-                kernel.insert_cap(rule, *value).map_err(|e| e.to_string())?;
+                if let Err(e) = kernel.insert_cap(rule, *value) {
+                    result = Err(e.to_string());
+                    break;
+                }
+                installed.push(*rule);
             }
-            kernel.set_subject(id, subject).map_err(|e| e.to_string())?;
-            if made_cgroup && let Ok(cg) = kfs::cgroup_id(&ident.cgroup_dir) {
-                kernel.tag_cgroup(cg, id).map_err(|e| e.to_string())?;
+            if result.is_ok() {
+                result = kernel.set_subject(id, subject).map_err(|e| e.to_string());
             }
+            if result.is_ok()
+                && made_cgroup
+                && let Ok(cg) = kfs::cgroup_id(&ident.cgroup_dir)
+            {
+                result = kernel.tag_cgroup(cg, id).map_err(|e| e.to_string());
+            }
+            if result.is_err() {
+                for r in &installed {
+                    kernel.remove_cap(r);
+                }
+                let _ = kernel.remove_subject(id);
+            }
+            result
+        };
+        if let Err(e) = written {
+            let mut gone = ident.clone();
+            gone.active = false;
+            reg.identities.insert(id, Arc::new(gone));
+            reg.caps.remove(&id);
+            return Err(format!("installing subject {id}: {e}"));
         }
+        drop(reg);
         for g in grants {
             self.reinstall_grant(g).map_err(|e| e.to_string())?;
         }

@@ -128,6 +128,7 @@ const ALWAYS_REFUSED: &[(&str, libc::c_long)] = &[
     ("fsopen", libc::SYS_fsopen),
     ("fsmount", libc::SYS_fsmount),
     ("fsconfig", libc::SYS_fsconfig),
+    ("fspick", libc::SYS_fspick),
     ("move_mount", libc::SYS_move_mount),
     ("open_tree", libc::SYS_open_tree),
     ("open_tree_attr", SYS_OPEN_TREE_ATTR),
