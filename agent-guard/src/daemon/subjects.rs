@@ -1156,6 +1156,18 @@ fn looser_or_equal(old: Option<ToolLimit>, new: Option<ToolLimit>) -> bool {
     }
 }
 
+/// The daemon's thread ids (its tokio workers are fixed at start; it uses
+/// no blocking pool, so no threads appear later).
+fn own_tids() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1189,16 +1201,4 @@ mod tests {
             "10/s == 600/min"
         );
     }
-}
-
-/// The daemon's thread ids (its tokio workers are fixed at start; it uses
-/// no blocking pool, so no threads appear later).
-fn own_tids() -> Vec<u32> {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
