@@ -179,6 +179,11 @@ fn a_grant_with_one_use_allows_exactly_once() {
     let d = Daemon::start(&policy(&p, ""));
     let id = grant(&d, &["--tool", "payments", "--ttl", "5m", "--uses", "1"]);
     assert_eq!(
+        d.status()["grants"][0]["uses_left"],
+        1,
+        "uses left, as the kernel counts them"
+    );
+    assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
         probe::OK
     );

@@ -79,9 +79,10 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             str_of(&g["agent"]),
             str_of(&g["tool"]),
             g["expires_in_seconds"].as_f64().unwrap_or(0.0),
-            g["uses"]
-                .as_u64()
-                .map_or(String::new(), |u| format!(" uses={u}")),
+            g["uses"].as_u64().map_or(String::new(), |u| format!(
+                " uses left={}/{u}",
+                g["uses_left"].as_u64().unwrap_or(u)
+            )),
             g["pid"]
                 .as_u64()
                 .map_or(String::new(), |p| format!(" pid={p}")),

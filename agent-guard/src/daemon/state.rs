@@ -294,7 +294,22 @@ impl State {
             (a["subject"].as_str(), a["subject_id"].as_u64())
                 .cmp(&(b["subject"].as_str(), b["subject_id"].as_u64()))
         });
-        let grants: Vec<serde_json::Value> = reg.grants.values().map(|g| g.status(now)).collect();
+        let grants: Vec<serde_json::Value> = {
+            let kernel = self.kernel();
+            reg.grants
+                .values()
+                .map(|g| {
+                    let mut v = g.status(now);
+                    // Uses are counted by the kernel; show what is left.
+                    if g.uses.is_some()
+                        && let Some(st) = kernel.grant_state(g.id)
+                    {
+                        v["uses_left"] = serde_json::json!(st.uses_left.max(0));
+                    }
+                    v
+                })
+                .collect()
+        };
         let dns = reg.dns.status();
         let suspended: Vec<String> = reg
             .suspended
