@@ -399,3 +399,89 @@ fn ring_buffer_overflow_is_counted_and_written_as_gap_records() {
     let node = std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
     assert!(node.contains("\"kind\":\"gap\""));
 }
+
+#[test]
+fn the_policy_file_is_reloaded_when_it_changes_and_on_sighup() {
+    if !kernel_test("the_policy_file_is_reloaded_when_it_changes_and_on_sighup") {
+        return;
+    }
+    let allowed = Listener::tcp_dual();
+    let d = Daemon::start(&policy(allowed.port));
+    let port = allowed.port.to_string();
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    // Edit the file in place: the watcher picks it up within seconds.
+    std::fs::write(
+        &d.policy_path,
+        policy(allowed.port).replace(r#"tools = ["search"]"#, "tools = []"),
+    )
+    .expect("write");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.status()["policy"]["generation"] != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file change not picked up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    // A broken edit is refused and the last good policy stays.
+    std::fs::write(&d.policy_path, "default_mode = \"enforce\"\n[[bogus]]\n").expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(d.status()["policy"]["generation"], 2);
+    // SIGHUP re-reads the file.
+    std::fs::write(&d.policy_path, policy(allowed.port)).expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("hup");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.status()["policy"]["generation"] != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP reload not seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    // One refused reload, counted once (watcher and SIGHUP do not double up).
+    assert!(
+        d.metrics()
+            .contains(r#"agent_guard_policy_reloads_total{result="error"} 1"#),
+        "{}",
+        d.metrics()
+    );
+}
+
+#[test]
+fn doctor_reports_what_the_node_offers() {
+    if !kernel_test("doctor_reports_what_the_node_offers") {
+        return;
+    }
+    let d = Daemon::start(&policy(1));
+    let out = d.cli(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for line in [
+        "cgroup v2",
+        "bpf() syscall",
+        "BPF LSM",
+        "cgroup/connect_unix",
+        "daemon",
+    ] {
+        assert!(text.contains(line), "doctor mentions {line}: {text}");
+    }
+    assert!(
+        text.contains("running at"),
+        "doctor finds the daemon: {text}"
+    );
+}
