@@ -198,6 +198,7 @@ async fn serve(
         crate::kernel::procs_pin(&opts.pin_dir),
     );
     state.idle_subject_age = opts.idle_subject_age;
+    state.program_ids = kernel.program_ids.clone();
     let state = Arc::new(state);
     let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
     // Servers stop first; the pipeline last, so it writes the final records.

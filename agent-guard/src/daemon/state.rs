@@ -76,6 +76,8 @@ pub struct State {
     pub audit_tx: mpsc::UnboundedSender<PipelineMsg>,
     pub metrics: Metrics,
     pub attached: Vec<String>,
+    /// (name, kernel program id) of our programs, for run statistics.
+    pub program_ids: Vec<(String, u32)>,
     pub started: Instant,
     pub socket: PathBuf,
     pub metrics_addr: RwLock<Option<std::net::SocketAddr>>,
@@ -126,6 +128,7 @@ impl State {
             audit_tx,
             metrics,
             attached,
+            program_ids: Vec::new(),
             started: Instant::now(),
             socket,
             metrics_addr: RwLock::new(None),
@@ -327,6 +330,12 @@ impl State {
                         "metrics_addr": self.metrics_addr.read().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()),
                         "ring_bytes": self.ring_bytes },
             "programs": self.attached,
+            // Per-program calls and run time (kernel.bpf_stats_enabled=1).
+            "program_stats": crate::kernel::program_stats(&self.program_ids)
+                .into_iter()
+                .map(|(n, (count, ns))| (n, serde_json::json!({ "run_count": count, "run_time_ns": ns })))
+                .collect::<serde_json::Map<_, _>>(),
+            "bpf_stats_enabled": std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").map(|s| s.trim() == "1").unwrap_or(false),
             "unix_socket_fencing": "not supported by this build (cgroup/connect_unix needs a newer aya)",
             "policy": { "generation": generation, "origin": origin, "sha256": hash },
             "tracked_processes": procs.len(),

@@ -79,6 +79,8 @@ pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     _ebpf: Ebpf,
     pub attached: Vec<String>,
+    /// (name, kernel program id) of every loaded program, for run stats.
+    pub program_ids: Vec<(String, u32)>,
 }
 
 impl Kernel {
@@ -152,10 +154,15 @@ impl Kernel {
                 source: e,
             })?;
         let maps = KernelMaps::take(&mut ebpf)?;
+        let program_ids = ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id())))
+            .collect();
         Ok((
             Self {
                 _ebpf: ebpf,
                 attached,
+                program_ids,
             },
             maps,
             ring,
@@ -202,4 +209,23 @@ pub fn procs_capacity() -> u32 {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(agent_guard_common::capacity::PROCS);
     pid_max.clamp(agent_guard_common::capacity::PROCS, 1 << 22)
+}
+
+/// Calls and total run time of our programs since load, as the kernel
+/// counts them while `kernel.bpf_stats_enabled` is 1 (off by default: it
+/// adds two clock reads per run).
+pub fn program_stats(ids: &[(String, u32)]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if let Some((name, _)) = ids.iter().find(|(_, id)| *id == info.id()) {
+            out.insert(
+                name.clone(),
+                (
+                    info.run_count(),
+                    u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                ),
+            );
+        }
+    }
+    out
 }
