@@ -485,3 +485,73 @@ fn doctor_reports_what_the_node_offers() {
         "doctor finds the daemon: {text}"
     );
 }
+
+#[test]
+fn a_reload_the_kernel_cannot_hold_is_rolled_back_whole() {
+    if !kernel_test("a_reload_the_kernel_cannot_hold_is_rolled_back_whole") {
+        return;
+    }
+    let allowed = Listener::tcp_dual();
+    let d = Daemon::start(&policy(allowed.port));
+    // 600 agents x 500 endpoints = 300,000 capability entries: more than
+    // the CAPS map holds (262,144), so the install fails part-way.
+    let mut big = String::from(
+        "default_mode = \"enforce\"\n[[tenant]]\nname = \"acme\"\n[[tool]]\nname = \"wide\"\nendpoints = [\n",
+    );
+    for i in 0..500 {
+        big.push_str(&format!(
+            "  {{ cidr = \"10.9.{}.{}/32\", port = 443 }},\n",
+            i / 250,
+            i % 250
+        ));
+    }
+    big.push_str("]\n");
+    for a in 0..600 {
+        big.push_str(&format!(
+            "[[agent]]\ntenant = \"acme\"\nname = \"bulk{a}\"\ntools = [\"wide\"]\n"
+        ));
+    }
+    let file = d.dir.path().join("big.toml");
+    std::fs::write(&file, big).expect("write");
+    let out = d.cli(&["policy", "apply", file.to_str().expect("utf-8")]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("current policy stays in force") && err.contains("CAPS"),
+        "refused by the kernel map, not the parser: {err}"
+    );
+    // Everything is as before: generation, agents, entries, enforcement.
+    let s = d.status();
+    assert_eq!(s["policy"]["generation"], 1);
+    let agents: Vec<&str> = s["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .filter_map(|a| a["subject"].as_str())
+        .collect();
+    assert_eq!(
+        agents,
+        vec!["acme/researcher"],
+        "the refused policy's agents are not registrable"
+    );
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["tcp", "127.0.0.1", &allowed.port.to_string()]
+        ),
+        probe::OK
+    );
+    let out = d.run("acme", "bulk1", &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        s["maps"]["GRANTS"].as_u64() == Some(0) && s["maps"]["CAPS"].as_u64() == Some(1),
+        "{:#}",
+        s["maps"]
+    );
+}

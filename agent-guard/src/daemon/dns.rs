@@ -46,7 +46,7 @@ pub struct NameState {
 }
 
 /// Every resolved name of the policy.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DnsTable {
     pub names: BTreeMap<String, NameState>,
 }

@@ -489,6 +489,8 @@ impl State {
             .flatten()
             .map(|h| h.name.clone())
             .collect();
+        // What a failure before the flip must put back.
+        let undo = (reg.identities.clone(), reg.dns.clone());
         reg.dns.set_names(names, std::time::Instant::now());
         let old = reg.loaded.replace(Loaded {
             policy,
@@ -597,6 +599,7 @@ impl State {
                 }
                 drop(kernel);
                 reg.loaded = old;
+                (reg.identities, reg.dns) = undo;
                 return Err(e.into());
             }
             installed.push(*rule);
@@ -644,6 +647,7 @@ impl State {
                 }
                 drop(kernel);
                 reg.loaded = old;
+                (reg.identities, reg.dns) = undo;
                 return Err(e.into());
             }
         };
