@@ -210,6 +210,22 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// Polls `status --json` (up to `secs`) until `pred` holds; returns that
+    /// status, or fails the test naming `what` and the last status.
+    pub fn wait_status(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {secs} s waiting for {what}; status:\n{s:#}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Every record of a tenant's log, parsed.
     pub fn audit(&self, tenant: &str) -> Vec<Value> {
         let path = self.audit_dir.join(tenant).join("audit.jsonl");

@@ -956,21 +956,9 @@ fn finished_tasks_and_sub_agents_are_retired_from_the_kernel() {
         "researcher",
         &["after", "4000", "tcp", "127.0.0.1", &p.s()],
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = d.status();
-        if s["maps"]["SUBJECTS"].as_u64() == Some(baseline)
-            && s["maps"]["CAPS"].as_u64() == Some(caps)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "idle subjects were not retired: {:#}",
-            s["maps"]
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    d.wait_status("idle subjects to be retired", 15, |s| {
+        s["maps"]["SUBJECTS"].as_u64() == Some(baseline) && s["maps"]["CAPS"].as_u64() == Some(caps)
+    });
     assert_eq!(
         wait_code(live),
         probe::OK,

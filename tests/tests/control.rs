@@ -202,14 +202,9 @@ fn status_reports_programs_policy_agents_and_tracked_processes() {
         .args(["--", "/bin/sleep", "30"])
         .spawn()
         .expect("spawn");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let status = loop {
-        let s = d.status();
-        if s["tracked_processes"].as_u64() >= Some(1) || std::time::Instant::now() > deadline {
-            break s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = d.wait_status("a tracked process", 10, |s| {
+        s["tracked_processes"].as_u64() >= Some(1)
+    });
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status["tracked_processes"], 1, "{status:#}");
@@ -418,14 +413,9 @@ fn the_policy_file_is_reloaded_when_it_changes_and_on_sighup() {
         policy(allowed.port).replace(r#"tools = ["search"]"#, "tools = []"),
     )
     .expect("write");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while d.status()["policy"]["generation"] != 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "file change not picked up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    d.wait_status("the file change to be picked up", 10, |s| {
+        s["policy"]["generation"] == 2
+    });
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
         probe::EPERM
@@ -441,14 +431,7 @@ fn the_policy_file_is_reloaded_when_it_changes_and_on_sighup() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .expect("hup");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while d.status()["policy"]["generation"] != 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGHUP reload not seen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    d.wait_status("the SIGHUP reload", 10, |s| s["policy"]["generation"] == 3);
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
         probe::OK

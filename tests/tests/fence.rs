@@ -458,13 +458,7 @@ fn a_thread_exiting_does_not_untag_its_process() {
     );
     // Thread entries are cleaned up with their threads; the process
     // entry with its process.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while d.status()["maps"]["PROCS"].as_u64() != Some(0) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(
-        d.status()["maps"]["PROCS"],
-        0,
-        "no stale PROCS entries once the processes exited"
-    );
+    d.wait_status("no stale PROCS entries once the processes exited", 5, |s| {
+        s["maps"]["PROCS"] == 0
+    });
 }
