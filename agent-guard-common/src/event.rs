@@ -149,3 +149,15 @@ impl Event {
         }
     }
 }
+
+/// A decision on a Unix socket call (`family` = `AF_UNIX`): the common
+/// [`Event`] (`tool_id`, `grant_id` as usual; `addr` holds the path id, 0
+/// when the path is not in `UNIX_PATHS`; `aux` the path length) followed by
+/// the path the caller named, as the kernel compared it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UnixEvent {
+    pub event: Event,
+    pub path: [u8; crate::unix::SUN_PATH_LEN],
+    pub _pad: u32,
+}

@@ -10,6 +10,7 @@
 pub mod event;
 pub mod grant;
 pub mod subject;
+pub mod unix;
 
 /// Names of the maps, shared so the loader and the programs cannot disagree.
 pub mod maps {
@@ -25,6 +26,7 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
     pub const DECISIONS: &str = "DECISIONS";
+    pub const UNIX_PATHS: &str = "UNIX_PATHS";
 }
 
 /// Capacities of the maps; the daemon reports them as
@@ -38,6 +40,9 @@ pub mod capacity {
     pub const GRANT_STATE: u32 = 16_384;
     pub const TOOLS: u32 = 4_096;
     pub const RATE: u32 = 16_384;
+    /// Distinct Unix socket paths named by the policy, plus the control
+    /// socket.
+    pub const UNIX_PATHS: u32 = 4_096;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 24;
 }
@@ -53,7 +58,16 @@ pub struct Config {
     pub generation: u32,
     /// Force a consumer wakeup when this many bytes wait in the ring buffer.
     pub wakeup_bytes: u32,
+    /// Offsets of `uaddr` and `uaddrlen` in the kernel's
+    /// `struct bpf_sock_addr_kern` (read from the kernel's BTF), for the
+    /// Unix socket hooks; [`UNIX_OFFSETS_UNKNOWN`] when not known, and then
+    /// the Unix hooks deny every tagged call.
+    pub unix_uaddr_off: u32,
+    pub unix_uaddrlen_off: u32,
 }
+
+/// [`Config::unix_uaddr_off`] when the layout is not known.
+pub const UNIX_OFFSETS_UNKNOWN: u32 = u32::MAX;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -66,4 +80,5 @@ mod pod {
     unsafe impl aya::Pod for super::grant::GrantState {}
     unsafe impl aya::Pod for super::grant::ToolLimit {}
     unsafe impl aya::Pod for super::grant::RateWindow {}
+    unsafe impl aya::Pod for super::unix::UnixPath {}
 }

@@ -185,17 +185,21 @@ fn take_use(grant_id: u32) -> bool {
     }
 }
 
-/// Judges one connect/sendmsg call of kind `kind`. Untagged callers cost
-/// two hash lookups and nothing else.
-#[inline(always)]
-pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
-    let Some(subject_id) = current_subject() else {
-        return ALLOW;
-    };
-    let proto = ctx_u32!(ctx.sock_addr, protocol) as u8;
-    let (family, addr, port) = destination(ctx, v6);
-    let now = unsafe { bpf_ktime_get_ns() };
+/// The verdict on one call: what matched, and whether it proceeds.
+pub struct Judgement {
+    pub tool_id: u32,
+    pub grant_id: u32,
+    pub reason: u8,
+    pub verdict: u8,
+    /// [`ALLOW`] or [`DENY`], the program's return value.
+    pub ret: i32,
+}
 
+/// Judges a call of `subject_id` to the capability key (proto, port,
+/// addr) at `now`: subject state, base set, grants, rate limit, uses.
+/// Counts the verdict.
+#[inline(always)]
+pub fn judge(subject_id: u32, proto: u8, port: u16, addr: [u8; 16], now: u64) -> Judgement {
     // Fail closed: a tagged process whose subject vanished reaches nothing.
     let mut m = Match {
         tool_id: 0,
@@ -224,34 +228,54 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
             }
         }
     }
+    settle(m.tool_id, m.grant_id, m.reason, mode)
+}
 
-    let (v, ret) = if m.reason == reason::GRANTED {
+/// Turns a reason into a verdict under `mode` and counts it.
+#[inline(always)]
+pub fn settle(tool_id: u32, grant_id: u32, reason: u8, mode: u8) -> Judgement {
+    let (verdict, ret) = if reason == reason::GRANTED {
         (verdict::ALLOW, ALLOW)
     } else if mode == MODE_MONITOR {
         (verdict::WOULD_DENY, ALLOW)
     } else {
         (verdict::DENY, DENY)
     };
-    bump(&DECISIONS, v as u32);
+    bump(&DECISIONS, verdict as u32);
+    Judgement {
+        tool_id,
+        grant_id,
+        reason,
+        verdict,
+        ret,
+    }
+}
+
+/// Judges one connect/sendmsg call of kind `kind`. Untagged callers cost
+/// two hash lookups and nothing else.
+#[inline(always)]
+pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
+    let Some(subject_id) = current_subject() else {
+        return ALLOW;
+    };
+    let proto = ctx_u32!(ctx.sock_addr, protocol) as u8;
+    let (family, addr, port) = destination(ctx, v6);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let j = judge(subject_id, proto, port, addr, now);
 
     if let Some(mut entry) = emit::reserve::<Event>(kind) {
         let ev = entry.as_mut_ptr();
         // SAFETY: the reservation is sizeof(Event) bytes; fully written below.
         unsafe {
             ev.write(Event::zeroed());
+            emit::fill_decision(&mut *ev, kind, subject_id, now, &j);
             let ev = &mut *ev;
-            emit::fill_caller(ev, kind, subject_id);
-            ev.ts_ns = now;
-            ev.verdict = v;
-            ev.reason = m.reason;
             ev.proto = proto;
             ev.family = family;
             ev.port = port;
             ev.addr = addr;
-            ev.tool_id = m.tool_id;
-            ev.grant_id = m.grant_id;
         }
         entry.submit(emit::submit_flags());
     }
-    ret
+    j.ret
 }

@@ -13,7 +13,10 @@ use aya_ebpf::{
     maps::ring_buf::RingBufEntry,
 };
 
-use crate::maps::{CONFIG, EVENTS, LOST, bump};
+use crate::{
+    decide::Judgement,
+    maps::{CONFIG, EVENTS, LOST, bump},
+};
 
 /// Fills the caller-identity fields every record shares.
 #[inline(always)]
@@ -27,6 +30,17 @@ pub fn fill_caller(ev: &mut Event, kind: u8, subject: u32) {
     ev.tid = pid_tgid as u32;
     ev.uid = bpf_get_current_uid_gid() as u32;
     ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// Fills the caller and the verdict of a decision record.
+#[inline(always)]
+pub fn fill_decision(ev: &mut Event, kind: u8, subject: u32, now: u64, j: &Judgement) {
+    fill_caller(ev, kind, subject);
+    ev.ts_ns = now;
+    ev.verdict = j.verdict;
+    ev.reason = j.reason;
+    ev.tool_id = j.tool_id;
+    ev.grant_id = j.grant_id;
 }
 
 /// Reserves a record of type `T`, or counts it as lost for `kind`.

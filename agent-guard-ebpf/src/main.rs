@@ -19,6 +19,7 @@ mod maps;
 mod process;
 mod sendmsg;
 mod sock_create;
+mod unix;
 
 #[cfg(not(test))]
 #[panic_handler]

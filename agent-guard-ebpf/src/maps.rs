@@ -6,6 +6,7 @@ use agent_guard_common::{
     event::{kind, verdict},
     grant::{GrantKey, GrantState, GrantValue, RateWindow, ToolLimit},
     subject::Subject,
+    unix::UnixPath,
 };
 use aya_ebpf::{
     Global,
@@ -55,6 +56,12 @@ pub static TOOLS: HashMap<u32, ToolLimit> = HashMap::with_max_entries(capacity::
 /// (agent, tool) -> current rate window. Written by the programs.
 #[map]
 pub static RATE: LruHashMap<u64, RateWindow> = LruHashMap::with_max_entries(capacity::RATE, 0);
+
+/// Unix socket path -> path id (exact match). Written by the daemon at
+/// policy load (before the generation flip that uses the ids) and for its
+/// control socket; read by the Unix socket hooks for tagged callers.
+#[map]
+pub static UNIX_PATHS: HashMap<UnixPath, u32> = HashMap::with_max_entries(capacity::UNIX_PATHS, 0);
 
 /// Index 0: [`Config`]. Written by the daemon.
 #[map]

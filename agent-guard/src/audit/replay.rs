@@ -273,6 +273,9 @@ impl WhatIf {
             .as_deref()
             .and_then(|s| s.split('/').nth(1))
             .or(r.agent.as_deref())?;
+        if r.proto.as_deref() == Some("unix") {
+            return self.judge_unix(tenant, root, r.dst.as_deref()?);
+        }
         let addr: IpAddr = r.dst.as_deref()?.parse().ok()?;
         let port = r.port?;
         let proto = match r.proto.as_deref()? {
@@ -315,6 +318,43 @@ impl WhatIf {
             Some((_, tool_id)) => Judgement {
                 verdict: "allow",
                 tool: self.policy.tool_name(tool_id).map(str::to_string),
+                reason: "granted",
+            },
+            None => Judgement {
+                verdict: match agent.mode {
+                    Mode::Enforce => "deny",
+                    Mode::Monitor => "would_deny",
+                },
+                tool: None,
+                reason: "no_capability",
+            },
+        })
+    }
+
+    /// A Unix socket call: the exact address against the agent's tools'
+    /// `unix` endpoints. (The control socket, always reachable, is judged
+    /// as the policy sees it: not covered by a tool.)
+    fn judge_unix(&self, tenant: &str, root: &str, dst: &str) -> Option<Judgement> {
+        let Some(idx) = self.policy.agent_index(tenant, root) else {
+            return Some(Judgement {
+                verdict: "deny",
+                tool: None,
+                reason: "unknown_subject",
+            });
+        };
+        let agent = &self.policy.agents[idx];
+        let key = crate::policy::unix_key(dst);
+        let tool = agent.tool_ids.iter().copied().find(|&id| {
+            usize::try_from(id)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| self.policy.tool_unix.get(i))
+                .is_some_and(|paths| paths.contains(&key))
+        });
+        Some(match tool {
+            Some(id) => Judgement {
+                verdict: "allow",
+                tool: self.policy.tool_name(id).map(str::to_string),
                 reason: "granted",
             },
             None => Judgement {
@@ -404,6 +444,31 @@ tenant = "acme"
 name = "researcher"
 tools = ["search", "search-local"]
 "#;
+
+    #[test]
+    fn what_if_judges_unix_socket_calls_by_exact_path() {
+        let policy = format!(
+            "{POLICY}[[tool]]\nname = \"proxy\"\nendpoints = [{{ unix = \"/run/proxy.sock\" }}, {{ unix = \"@px\" }}]\n"
+        )
+        .replace(r#"tools = ["search", "search-local"]"#, r#"tools = ["search", "proxy"]"#);
+        let w = WhatIf::new(
+            Policy::from_str(&policy, "p.toml")
+                .expect("policy")
+                .compile()
+                .expect("compile"),
+        );
+        let unix = |dst: &str| {
+            let mut r = call("researcher", dst, 0, "deny");
+            r.port = None;
+            r.proto = Some("unix".into());
+            r
+        };
+        let j = w.judge(&unix("/run/proxy.sock")).expect("judged");
+        assert_eq!((j.verdict, j.tool.as_deref()), ("allow", Some("proxy")));
+        assert_eq!(w.judge(&unix("@px")).expect("judged").verdict, "allow");
+        let j = w.judge(&unix("/run//proxy.sock")).expect("judged");
+        assert_eq!((j.verdict, j.reason), ("deny", "no_capability"));
+    }
 
     #[test]
     fn what_if_matches_like_the_kernel() {

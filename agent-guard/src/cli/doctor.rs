@@ -20,6 +20,8 @@ pub struct Args {
 enum Level {
     Ok,
     Info,
+    /// Works, but with a gap the operator should know about.
+    Warn,
     Fail,
 }
 
@@ -27,6 +29,7 @@ fn line(level: Level, what: &str, detail: impl AsRef<str>) -> bool {
     let tag = match level {
         Level::Ok => "ok  ",
         Level::Info => "info",
+        Level::Warn => "WARN",
         Level::Fail => "FAIL",
     };
     println!("[{tag}] {what:<28} {}", detail.as_ref());
@@ -143,16 +146,27 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             "not mounted; the daemon mounts it at start"
         },
     );
+    // The Unix hooks need the hook (6.7+) and the kernel's BTF to find the
+    // caller's address; without them Unix socket endpoints are not fenced.
     let unix_hook = kernel_version().is_some_and(|v| v >= (6, 7));
-    line(
-        Level::Info,
-        "cgroup/connect_unix",
-        if unix_hook {
-            "available (kernel >= 6.7); Unix socket fencing is not implemented yet"
-        } else {
-            "not available (kernel < 6.7)"
-        },
-    );
+    let layout = crate::kernel::unix::Layout::from_kernel();
+    let _ = match (unix_hook, &layout) {
+        (true, Ok(_)) => line(
+            Level::Ok,
+            "cgroup/connect_unix",
+            "available (kernel >= 6.7, BTF layout found): Unix socket endpoints are fenced",
+        ),
+        (true, Err(e)) => line(
+            Level::Warn,
+            "cgroup/connect_unix",
+            format!("hook present but {e}: tagged processes' Unix socket calls are NOT fenced"),
+        ),
+        (false, _) => line(
+            Level::Warn,
+            "cgroup/connect_unix",
+            "not available (kernel < 6.7): tagged processes can reach any Unix socket their file permissions allow; `unix` endpoints are accepted but not enforced",
+        ),
+    };
     match client::call(&args.socket.socket, &Request::Status) {
         Ok(s) => {
             line(
@@ -164,6 +178,18 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                     s["policy"]["generation"]
                 ),
             );
+            if s["unix_socket_fencing"]["enforced"] == false {
+                line(
+                    Level::Warn,
+                    "unix sockets",
+                    format!(
+                        "the running daemon does not fence Unix sockets: {}",
+                        s["unix_socket_fencing"]["why"]
+                            .as_str()
+                            .unwrap_or("unknown")
+                    ),
+                );
+            }
         }
         Err(_) => {
             line(

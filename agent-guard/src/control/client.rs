@@ -44,7 +44,10 @@ pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Clien
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    // Absolute, as the daemon registered it: from inside a tagged process
+    // the kernel lets only the control socket's exact path through.
+    let absolute = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let mut stream = UnixStream::connect(&absolute).map_err(|source| ClientError::Connect {
         path: socket.to_path_buf(),
         source,
     })?;

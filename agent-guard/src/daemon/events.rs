@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use agent_guard_common::event::{AF_INET, EXEC_PATH_LEN, Event, ExecEvent, kind, reason, verdict};
+use agent_guard_common::{
+    event::{AF_INET, EXEC_PATH_LEN, Event, ExecEvent, UnixEvent, kind, reason, verdict},
+    unix::AF_UNIX,
+};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::Interest,
@@ -375,6 +378,18 @@ impl Pipeline {
         rec.exe = info.exe;
         rec.cgroup = Some(ev.cgroup_id);
         match ev.kind {
+            kind::CONNECT | kind::SENDMSG if ev.family == AF_UNIX => {
+                // The path the caller named, as the kernel compared it.
+                let path = (bytes.len() >= size_of::<UnixEvent>()).then(|| {
+                    // SAFETY: length checked; UnixEvent is plain data.
+                    let u: UnixEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                    let n = (ev.aux as usize).min(u.path.len());
+                    crate::policy::unix_display(&u.path[..n])
+                });
+                rec.dst = Some(path.unwrap_or_else(|| "?".to_string()));
+                rec.proto = Some("unix".to_string());
+                self.decision(&mut rec, &ev, &ident);
+            }
             kind::CONNECT | kind::SENDMSG => {
                 rec.dst = Some(address(&ev).to_string());
                 rec.port = Some(ev.port);

@@ -23,6 +23,33 @@ use crate::{
     policy::{DEFAULT_POLICY, DEFAULT_POLICY_ORIGIN, Policy},
 };
 
+/// Lets every tagged process reach the control socket (a sub-agent is
+/// started through it), under the path it was given and its canonical one.
+fn allow_control_socket(state: &state::State, socket: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut spellings = vec![socket.to_path_buf()];
+    if let Ok(c) = std::fs::canonicalize(socket)
+        && c != socket
+    {
+        spellings.push(c);
+    }
+    let mut kernel = state.kernel();
+    for p in spellings {
+        let key = agent_guard_common::unix::UnixPath::new(p.as_os_str().as_bytes()).with_context(
+            || {
+                format!(
+                    "control socket path {} is too long for sun_path",
+                    p.display()
+                )
+            },
+        )?;
+        kernel
+            .insert_unix_path(&key, agent_guard_common::unix::CONTROL_PATH_ID)
+            .context("registering the control socket with the kernel")?;
+    }
+    Ok(())
+}
+
 /// Default policy path; when absent the embedded default policy is used.
 pub const DEFAULT_POLICY_PATH: &str = "/etc/agent-guard/policy.toml";
 
@@ -199,6 +226,8 @@ async fn serve(
     );
     state.idle_subject_age = opts.idle_subject_age;
     state.program_ids = kernel.program_ids.clone();
+    state.unix_support = kernel.unix.clone();
+    allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);
     let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
     // Servers stop first; the pipeline last, so it writes the final records.

@@ -58,6 +58,10 @@ pub struct Registry {
     pub next_task: u32,
     /// Addresses of the policy's `host` endpoints.
     pub dns: super::dns::DnsTable,
+    /// Path ids of the policy's Unix socket addresses (in `UNIX_PATHS`).
+    /// Ids are never reused, so a stale key can never name another path.
+    pub unix_ids: BTreeMap<Vec<u8>, u32>,
+    pub next_unix_id: u32,
 }
 
 /// A message for the event pipeline.
@@ -93,6 +97,8 @@ pub struct State {
     pub policy_path: Option<PathBuf>,
     /// Cgroup directories this daemon created, removed at shutdown.
     pub created_cgroups: Mutex<Vec<PathBuf>>,
+    /// Whether Unix socket calls are fenced on this kernel.
+    pub unix_support: crate::kernel::UnixSupport,
 }
 
 /// Monotonic nanoseconds, the clock `bpf_ktime_get_ns()` reads.
@@ -138,6 +144,7 @@ impl State {
             policy_stamp: Mutex::new(None),
             idle_subject_age: std::time::Duration::from_secs(10),
             created_cgroups: Mutex::new(Vec::new()),
+            unix_support: crate::kernel::UnixSupport::Unavailable("not loaded".into()),
         }
     }
 
@@ -226,6 +233,7 @@ impl State {
             (map_names::CAPS, capacity::CAPS),
             (map_names::GRANTS, capacity::GRANTS),
             (map_names::GRANT_STATE, capacity::GRANT_STATE),
+            (map_names::UNIX_PATHS, capacity::UNIX_PATHS),
         ] {
             self.metrics
                 .map_capacity
@@ -336,7 +344,10 @@ impl State {
                 .map(|(n, (count, ns))| (n, serde_json::json!({ "run_count": count, "run_time_ns": ns })))
                 .collect::<serde_json::Map<_, _>>(),
             "bpf_stats_enabled": std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").map(|s| s.trim() == "1").unwrap_or(false),
-            "unix_socket_fencing": "not supported by this build (cgroup/connect_unix needs a newer aya)",
+            "unix_socket_fencing": match &self.unix_support {
+                crate::kernel::UnixSupport::Enforced => serde_json::json!({ "enforced": true }),
+                crate::kernel::UnixSupport::Unavailable(why) => serde_json::json!({ "enforced": false, "why": why }),
+            },
             "policy": { "generation": generation, "origin": origin, "sha256": hash },
             "tracked_processes": procs.len(),
             "agents": agents,

@@ -17,6 +17,7 @@ use agent_guard_common::{
     Config,
     grant::{APPROVAL_REQUIRED, GrantValue, ToolLimit},
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR, Subject},
+    unix::{PROTO_UNIX, UnixPath, path_addr},
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -272,6 +273,20 @@ impl Registry {
             .get(i)
             .cloned()
             .unwrap_or_default();
+        for path in loaded.compiled.tool_unix.get(i).into_iter().flatten() {
+            // Every path of the policy has an id (apply_generation).
+            if let Some(id) = self.unix_ids.get(path) {
+                let k = ToolEndpoint {
+                    proto: PROTO_UNIX,
+                    port: 0,
+                    addr: path_addr(*id),
+                    prefix_len: 128,
+                };
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
         for h in loaded.compiled.tool_hosts.get(i).into_iter().flatten() {
             for addr in self.dns.addresses(&h.name) {
                 let addr = match addr {
@@ -489,9 +504,26 @@ impl State {
             .flatten()
             .map(|h| h.name.clone())
             .collect();
+        // Unix socket addresses get path ids before the flip; ids of paths
+        // the new policy drops are removed after it.
+        let unix_paths: BTreeSet<Vec<u8>> = compiled.tool_unix.iter().flatten().cloned().collect();
         // What a failure before the flip must put back.
-        let undo = (reg.identities.clone(), reg.dns.clone());
+        let undo = (
+            reg.identities.clone(),
+            reg.dns.clone(),
+            reg.unix_ids.clone(),
+            reg.next_unix_id,
+        );
         reg.dns.set_names(names, std::time::Instant::now());
+        let mut new_unix = Vec::new();
+        for p in &unix_paths {
+            if !reg.unix_ids.contains_key(p) {
+                reg.next_unix_id += 1;
+                let id = reg.next_unix_id;
+                reg.unix_ids.insert(p.clone(), id);
+                new_unix.push((p.clone(), id));
+            }
+        }
         let old = reg.loaded.replace(Loaded {
             policy,
             text: text.to_string(),
@@ -591,18 +623,40 @@ impl State {
 
         let mut kernel = self.kernel();
         let mut installed = Vec::new();
-        for (rule, value) in &all_caps {
-            if let Err(e) = kernel.insert_cap(rule, *value) {
-                // Roll back this generation; the old one is still in force.
-                for r in &installed {
-                    kernel.remove_cap(r);
+        let mut installed_paths = Vec::new();
+        let mut failed = None;
+        for (path, id) in &new_unix {
+            let key = UnixPath::new(path)
+                .ok_or_else(|| anyhow::anyhow!("unix path {path:?} does not fit sun_path"));
+            match key.and_then(|k| Ok(kernel.insert_unix_path(&k, *id).map(|()| k)?)) {
+                Ok(k) => installed_paths.push(k),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
-                drop(kernel);
-                reg.loaded = old;
-                (reg.identities, reg.dns) = undo;
-                return Err(e.into());
             }
-            installed.push(*rule);
+        }
+        if failed.is_none() {
+            for (rule, value) in &all_caps {
+                if let Err(e) = kernel.insert_cap(rule, *value) {
+                    failed = Some(e.into());
+                    break;
+                }
+                installed.push(*rule);
+            }
+        }
+        if let Some(e) = failed {
+            // Roll back this generation; the old one is still in force.
+            for r in &installed {
+                kernel.remove_cap(r);
+            }
+            for k in &installed_paths {
+                kernel.remove_unix_path(k);
+            }
+            drop(kernel);
+            reg.loaded = old;
+            (reg.identities, reg.dns, reg.unix_ids, reg.next_unix_id) = undo;
+            return Err(e);
         }
         // What loosens (monitor mode, a laxer or no rate limit) is written
         // before the flip and what tightens after it, so during the switch
@@ -636,6 +690,9 @@ impl State {
             kernel.set_config(Config {
                 generation,
                 wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
+                // Filled in by set_config.
+                unix_uaddr_off: 0,
+                unix_uaddrlen_off: 0,
             })?;
             Ok((tighten_subjects, tighten_limits))
         })();
@@ -645,9 +702,12 @@ impl State {
                 for r in &installed {
                     kernel.remove_cap(r);
                 }
+                for k in &installed_paths {
+                    kernel.remove_unix_path(k);
+                }
                 drop(kernel);
                 reg.loaded = old;
-                (reg.identities, reg.dns) = undo;
+                (reg.identities, reg.dns, reg.unix_ids, reg.next_unix_id) = undo;
                 return Err(e.into());
             }
         };
@@ -664,6 +724,18 @@ impl State {
         }
         for id in &retired {
             let _ = kernel.remove_subject(*id);
+        }
+        let gone: Vec<Vec<u8>> = reg
+            .unix_ids
+            .keys()
+            .filter(|p| !unix_paths.contains(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(k) = UnixPath::new(&p) {
+                kernel.remove_unix_path(&k);
+            }
+            reg.unix_ids.remove(&p);
         }
         drop(kernel);
         reg.caps = new_caps;

@@ -6,6 +6,7 @@ use agent_guard_common::{
     grant::{FIXED_PREFIX_BITS, GrantKey, GrantState, GrantValue, ToolLimit},
     maps as names,
     subject::Subject,
+    unix::UnixPath,
 };
 use aya::{
     Ebpf,
@@ -68,6 +69,9 @@ pub struct KernelMaps {
     config: Array<MapData, Config>,
     lost: PerCpuArray<MapData, u64>,
     decisions: PerCpuArray<MapData, u64>,
+    unix_paths: HashMap<MapData, UnixPath, u32>,
+    /// Where the Unix hooks find the address; `None` = not attached.
+    unix_layout: Option<super::unix::Layout>,
 }
 
 impl KernelMaps {
@@ -83,6 +87,8 @@ impl KernelMaps {
             config: take(ebpf, names::CONFIG)?,
             lost: take(ebpf, names::LOST)?,
             decisions: take(ebpf, names::DECISIONS)?,
+            unix_paths: take(ebpf, names::UNIX_PATHS)?,
+            unix_layout: None,
         })
     }
 
@@ -189,10 +195,36 @@ impl KernelMaps {
         }
     }
 
-    pub fn set_config(&mut self, config: Config) -> Result<(), KernelError> {
+    /// Writes `CONFIG[0]`; the Unix hook offsets are filled in here.
+    pub fn set_config(&mut self, mut config: Config) -> Result<(), KernelError> {
+        let (a, l) = self.unix_layout.map_or(
+            (
+                agent_guard_common::UNIX_OFFSETS_UNKNOWN,
+                agent_guard_common::UNIX_OFFSETS_UNKNOWN,
+            ),
+            |l| (l.uaddr_off, l.uaddrlen_off),
+        );
+        config.unix_uaddr_off = a;
+        config.unix_uaddrlen_off = l;
         self.config
             .set(0, config, 0)
             .map_err(map_err(names::CONFIG))
+    }
+
+    pub(super) fn set_unix_layout(&mut self, layout: Option<super::unix::Layout>) {
+        self.unix_layout = layout;
+    }
+
+    /// Maps a Unix socket address (as [`UnixPath::new`] takes it) to a
+    /// path id.
+    pub fn insert_unix_path(&mut self, path: &UnixPath, id: u32) -> Result<(), KernelError> {
+        self.unix_paths
+            .insert(path, id, 0)
+            .map_err(map_err(names::UNIX_PATHS))
+    }
+
+    pub fn remove_unix_path(&mut self, path: &UnixPath) {
+        let _ = self.unix_paths.remove(path);
     }
 
     /// Records lost per kind, summed over CPUs.
@@ -206,7 +238,7 @@ impl KernelMaps {
     }
 
     /// Entry counts for `agent_guard_map_entries{map}`.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 6] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 7] {
         [
             (names::PROCS, self.procs.keys().count()),
             (names::CGROUPS, self.cgroups.keys().count()),
@@ -214,6 +246,7 @@ impl KernelMaps {
             (names::CAPS, self.caps.keys().count()),
             (names::GRANTS, self.grants.keys().count()),
             (names::GRANT_STATE, self.grant_state.keys().count()),
+            (names::UNIX_PATHS, self.unix_paths.keys().count()),
         ]
     }
 }

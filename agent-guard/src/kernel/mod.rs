@@ -4,11 +4,13 @@
 //! every process on the node is covered, whichever cgroup its sockets were
 //! created in. Dropping the [`Kernel`] detaches everything it attached.
 
+pub mod btf;
 pub mod fs;
 pub mod maps;
 pub mod tracefs;
+pub mod unix;
 
-use std::{fs::File, path::PathBuf};
+use std::{fs::File, os::fd::AsFd, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -62,6 +64,15 @@ pub enum KernelError {
     Tracefs(#[from] tracefs::TracefsError),
 }
 
+/// Whether tagged processes' Unix socket calls are fenced on this kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixSupport {
+    /// `cgroup/connect_unix` and `cgroup/sendmsg_unix` are attached.
+    Enforced,
+    /// Not attached, and why (kernel before 6.7, no BTF, load refused).
+    Unavailable(String),
+}
+
 /// The cgroup socket programs: (name in the object, what it guards).
 pub const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The sched tracepoints that keep identity across fork, exec and exit.
@@ -78,6 +89,9 @@ pub type Ring = aya::maps::RingBuf<aya::maps::MapData>;
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     _ebpf: Ebpf,
+    /// The Unix socket hooks, when this kernel has them.
+    _unix: Option<unix::UnixHooks>,
+    pub unix: UnixSupport,
     pub attached: Vec<String>,
     /// (name, kernel program id) of every loaded program, for run stats.
     pub program_ids: Vec<(String, u32)>,
@@ -141,6 +155,24 @@ impl Kernel {
             attached.push(format!("tracepoint/sched/{name}"));
         }
 
+        // Unix socket hooks: relocated against the maps just created, so
+        // before any map is taken out of `ebpf`.
+        let (unix_hooks, unix_support) = match unix::Layout::from_kernel() {
+            Err(e) => (None, UnixSupport::Unavailable(e.to_string())),
+            Ok(layout) => match unix::attach(&ebpf, EBPF_OBJECT, root.as_fd()) {
+                Ok(h) => {
+                    attached.extend(h.attached.iter().cloned());
+                    (Some((h, layout)), UnixSupport::Enforced)
+                }
+                Err(e) => (None, UnixSupport::Unavailable(e.to_string())),
+            },
+        };
+        if let UnixSupport::Unavailable(why) = &unix_support {
+            tracing::warn!(
+                "Unix socket endpoints are not fenced on this kernel: {why}; tagged processes can reach any Unix socket their file permissions allow"
+            );
+        }
+
         let ring = maps::take(&mut ebpf, agent_guard_common::maps::EVENTS)?;
         // PROCS is pinned so a launcher can check with the kernel (not just
         // the socket's word) that it really was tagged.
@@ -153,14 +185,21 @@ impl Kernel {
                 path: pin.clone(),
                 source: e,
             })?;
-        let maps = KernelMaps::take(&mut ebpf)?;
-        let program_ids = ebpf
+        let mut maps = KernelMaps::take(&mut ebpf)?;
+        let mut program_ids: Vec<(String, u32)> = ebpf
             .programs()
             .filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id())))
             .collect();
+        let unix_hooks = unix_hooks.map(|(h, layout)| {
+            maps.set_unix_layout(Some(layout));
+            program_ids.extend(h.ids.iter().cloned());
+            h
+        });
         Ok((
             Self {
                 _ebpf: ebpf,
+                _unix: unix_hooks,
+                unix: unix_support,
                 attached,
                 program_ids,
             },

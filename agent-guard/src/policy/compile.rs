@@ -3,9 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::{
-    DEFAULT_MAX_DELEGATION_DEPTH, Endpoint, Hardening, Location, Mode, Policy, PolicyError,
-};
+use super::{DEFAULT_MAX_DELEGATION_DEPTH, Endpoint, Hardening, Mode, Policy, PolicyError};
 
 /// Policy flattened to numeric ids. Ids are 1-based positions in declaration
 /// order (0 means "none" in the maps), so they are stable as long as the file
@@ -25,6 +23,10 @@ pub struct CompiledPolicy {
     /// `tool_hosts[i]`: names of tool id `i + 1` that the daemon resolves
     /// and installs as address entries.
     pub tool_hosts: Vec<Vec<HostEndpoint>>,
+    /// `tool_unix[i]`: Unix socket addresses of tool id `i + 1`, as the
+    /// kernel compares them (a path's bytes, or `\0name` for an abstract
+    /// socket).
+    pub tool_unix: Vec<Vec<Vec<u8>>>,
     /// `tool_limits[i]`: rate limit of tool id `i + 1` as (calls, per).
     pub tool_limits: Vec<Option<(u32, std::time::Duration)>>,
 }
@@ -103,38 +105,13 @@ fn position_id(names: &[String], name: &str) -> Option<u32> {
 
 impl Policy {
     /// Compiles to map entries. `host` endpoints become names for the
-    /// daemon to resolve (`tool_hosts`). Refuses `unix` endpoints (not yet
-    /// enforceable) anywhere in the file, even in tools no agent uses, so a
-    /// policy that loads today keeps its meaning when support lands.
+    /// daemon to resolve (`tool_hosts`); `unix` endpoints become socket
+    /// addresses the daemon gives path ids (`tool_unix`).
     ///
     /// Rules are de-duplicated per agent: when the same tool is listed twice,
     /// or two tools share an identical endpoint (same proto, port, network),
     /// only the first rule is kept, so the first listed tool wins attribution.
     pub fn compile(&self) -> Result<CompiledPolicy, PolicyError> {
-        for tool in &self.tools {
-            for (i, ep) in tool.endpoints.iter().enumerate() {
-                let loc = tool
-                    .endpoint_locations
-                    .get(i)
-                    .copied()
-                    .unwrap_or(Location { line: 1, col: 1 });
-                match ep {
-                    Endpoint::Cidr { .. } | Endpoint::Host { .. } => {}
-                    Endpoint::Unix { path } => {
-                        return Err(PolicyError::at(
-                            &self.origin,
-                            loc,
-                            format!(
-                                "tool {:?}: unix endpoints ({:?}) are not yet supported",
-                                tool.name,
-                                path.display().to_string()
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-
         let tenants: Vec<String> = self.tenants.iter().map(|t| t.name.clone()).collect();
         let tools: Vec<String> = self.tools.iter().map(|t| t.name.clone()).collect();
         let mut agents = Vec::with_capacity(self.agents.len());
@@ -230,6 +207,22 @@ impl Policy {
                 hosts
             })
             .collect();
+        let tool_unix = self
+            .tools
+            .iter()
+            .map(|tool| {
+                let mut paths: Vec<Vec<u8>> = Vec::new();
+                for ep in &tool.endpoints {
+                    if let Endpoint::Unix { path } = ep {
+                        let k = unix_key(path);
+                        if !paths.contains(&k) {
+                            paths.push(k);
+                        }
+                    }
+                }
+                paths
+            })
+            .collect();
         let tool_limits = self
             .tools
             .iter()
@@ -242,8 +235,31 @@ impl Policy {
             rules,
             tool_endpoints,
             tool_hosts,
+            tool_unix,
             tool_limits,
         })
+    }
+}
+
+/// A Unix socket address as the kernel hook compares it: `@name` (an
+/// abstract socket) becomes `\0name`, a path its bytes.
+pub fn unix_key(path: &str) -> Vec<u8> {
+    match path.strip_prefix('@') {
+        Some(name) => {
+            let mut k = vec![0u8];
+            k.extend_from_slice(name.as_bytes());
+            k
+        }
+        None => path.as_bytes().to_vec(),
+    }
+}
+
+/// How a Unix socket address prints in audit records and status:
+/// `@name` for an abstract socket (NULs inside shown as `@`), else the path.
+pub fn unix_display(key: &[u8]) -> String {
+    match key.split_first() {
+        Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest).replace('\0', "@")),
+        _ => String::from_utf8_lossy(key).into_owned(),
     }
 }
 

@@ -13,13 +13,15 @@ mod tests;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-pub use compile::{CompiledAgent, CompiledPolicy, CompiledRule, HostEndpoint, ToolEndpoint};
+pub use compile::{
+    CompiledAgent, CompiledPolicy, CompiledRule, HostEndpoint, ToolEndpoint, unix_display, unix_key,
+};
 pub use error::{Location, PolicyError};
 
 /// The policy used when no policy file exists: monitor mode, so installing the
@@ -99,8 +101,42 @@ pub enum Endpoint {
         port: u16,
         proto: Proto,
     },
-    /// Parsed but refused by [`Policy::compile`] until unix sockets are fenced.
-    Unix { path: PathBuf },
+    /// A Unix socket: an absolute, normalised path, or `@name` for an
+    /// abstract socket. Matched byte for byte.
+    Unix { path: String },
+}
+
+/// Checks a `unix` endpoint: the kernel hook compares the address the
+/// caller passes byte for byte, so a path must be spelled the one way
+/// callers will spell it.
+fn check_unix_path(p: &str) -> Result<(), String> {
+    const MAX: usize = agent_guard_common::unix::SUN_PATH_LEN - 1;
+    if p.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    if let Some(name) = p.strip_prefix('@') {
+        if name.is_empty() {
+            return Err("names no abstract socket (write @name)".into());
+        }
+        if name.len() > MAX {
+            return Err(format!("is longer than {MAX} bytes"));
+        }
+        return Ok(());
+    }
+    if !p.starts_with('/') {
+        return Err(
+            "is not absolute (write /path/to.sock, or @name for an abstract socket)".into(),
+        );
+    }
+    if p.len() > MAX {
+        return Err(format!(
+            "is longer than {MAX} bytes (sun_path holds {MAX} and a NUL)"
+        ));
+    }
+    if p.ends_with('/') || p.contains("//") || p.split('/').any(|c| c == "." || c == "..") {
+        return Err("is not normalised (no //, /./, /../ or trailing /): agents are matched on the exact bytes they pass".into());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -560,14 +596,11 @@ impl Validator<'_> {
             if let Some(p) = &r.proto {
                 return self.err(p.span(), "proto is not used with unix endpoints");
             }
-            let pb = PathBuf::from(path.get_ref());
-            if !pb.is_absolute() {
-                return self.err(
-                    path.span(),
-                    format!("unix path {:?} is not absolute", path.get_ref()),
-                );
+            let p = path.get_ref();
+            if let Err(why) = check_unix_path(p) {
+                return self.err(path.span(), format!("unix path {p:?} {why}"));
             }
-            return Ok(Endpoint::Unix { path: pb });
+            return Ok(Endpoint::Unix { path: p.clone() });
         }
 
         let port = match &r.port {

@@ -597,8 +597,8 @@ fn host_endpoint_compiles_to_a_name_the_daemon_resolves() {
 }
 
 #[test]
-fn unix_endpoint_parses_but_compile_refuses() {
-    let ep = "{ unix = \"/run/tool.sock\" }";
+fn unix_endpoints_compile_to_kernel_socket_addresses() {
+    let ep = "{ unix = \"/run/tool.sock\" }, { unix = \"@agent-proxy\" }";
     let p = parse(&endpoint_case(ep)).unwrap();
     assert_eq!(
         p.tools[1].endpoints[0],
@@ -606,12 +606,37 @@ fn unix_endpoint_parses_but_compile_refuses() {
             path: "/run/tool.sock".into()
         }
     );
-    refused(
-        &endpoint_case(ep),
-        9,
-        col_of(ep, "{"),
-        "unix endpoints (\"/run/tool.sock\") are not yet supported",
+    let c = p.compile().unwrap();
+    assert_eq!(
+        c.tool_unix[1],
+        vec![b"/run/tool.sock".to_vec(), b"\0agent-proxy".to_vec()]
     );
+    assert!(c.tool_endpoints[1].is_empty(), "no IP endpoint");
+    assert_eq!(super::unix_display(&c.tool_unix[1][1]), "@agent-proxy");
+}
+
+#[test]
+fn unix_paths_must_be_spelled_the_one_way_callers_spell_them() {
+    for (path, why) in [
+        ("/run//tool.sock", "is not normalised"),
+        ("/run/./tool.sock", "is not normalised"),
+        ("/run/../tool.sock", "is not normalised"),
+        ("/run/tool.sock/", "is not normalised"),
+        ("@", "names no abstract socket"),
+    ] {
+        let ep = format!("{{ unix = \"{path}\" }}");
+        refused(&endpoint_case(&ep), 9, col_of(&ep, "\""), why);
+    }
+    let long = format!("/{}", "x".repeat(107));
+    let ep = format!("{{ unix = \"{long}\" }}");
+    refused(
+        &endpoint_case(&ep),
+        9,
+        col_of(&ep, "\""),
+        "is longer than 107 bytes",
+    );
+    let ok = format!("/{}", "x".repeat(106));
+    assert!(parse(&endpoint_case(&format!("{{ unix = \"{ok}\" }}"))).is_ok());
 }
 
 #[test]

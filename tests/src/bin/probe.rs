@@ -57,9 +57,30 @@ fn cpu_time_ns() -> u64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Connects a stream socket to (`stream`), or sends one datagram from an
+/// unbound socket to, the Unix socket `path` (`@name`: abstract).
+fn unix_call(stream: bool, path: &str) -> std::io::Result<()> {
+    use std::os::{
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr as UnixAddr, UnixDatagram, UnixStream},
+    };
+    let addr = match path.strip_prefix('@') {
+        Some(name) => UnixAddr::from_abstract_name(name.as_bytes())?,
+        None => UnixAddr::from_pathname(path)?,
+    };
+    if stream {
+        UnixStream::connect_addr(&addr).map(drop)
+    } else {
+        UnixDatagram::unbound()?
+            .send_to_addr(b"probe", &addr)
+            .map(drop)
+    }
+}
+
 fn usage() -> i32 {
     eprintln!(
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
+         unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
          repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
@@ -93,6 +114,10 @@ fn run(args: &[String]) -> i32 {
                         .map(drop),
                 )
             }
+            None => usage(),
+        },
+        "unix" | "unix-dgram" => match rest.first() {
+            Some(path) => report(&format!("{cmd} {path}"), unix_call(cmd == "unix", path)),
             None => usage(),
         },
         "udp-connect" => match addr(rest) {

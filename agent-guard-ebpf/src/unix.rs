@@ -1,0 +1,155 @@
+//! `cgroup/connect_unix` and `cgroup/sendmsg_unix` (kernel 6.7+): tagged
+//! processes reach only the Unix socket paths their tools list, plus the
+//! daemon's control socket.
+//!
+//! aya 0.14 knows neither attach type, so these programs sit in a section
+//! aya parses (`cgroup/connect4`) and the daemon loads them itself with the
+//! right expected attach type (agent-guard/src/kernel/unix.rs); aya never
+//! loads them.
+//!
+//! The path is not in `bpf_sock_addr`'s user-visible fields. The program's
+//! context is really a `struct bpf_sock_addr_kern` whose `uaddr` points at
+//! the kernel's copy of the caller's address; the daemon reads the field
+//! offsets from the kernel's BTF into `CONFIG`, and the program copies the
+//! fields with `bpf_probe_read_kernel` (allowed for privileged loaders).
+
+use agent_guard_common::{
+    UNIX_OFFSETS_UNKNOWN,
+    event::{Event, UnixEvent, kind, reason},
+    subject::MODE_ENFORCE,
+    unix::{AF_UNIX, CONTROL_PATH_ID, PROTO_UNIX, SUN_PATH_LEN, UnixPath, path_addr},
+};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+
+use crate::{
+    decide::{ALLOW, Judgement, current_subject, judge, settle},
+    emit,
+    maps::{CONFIG, UNIX_PATHS},
+};
+
+/// Bytes copied from the start of `bpf_sock_addr_kern` (40 bytes on 6.7+;
+/// a power of two so indexes can be masked); both fields must lie inside.
+const HEAD: usize = 64;
+
+// Section `cgroup/connect4` only so aya 0.14 parses the object; loaded with
+// expected attach type BPF_CGROUP_UNIX_CONNECT by the daemon.
+#[cgroup_sock_addr(connect4)]
+pub fn connect_unix(ctx: SockAddrContext) -> i32 {
+    decide_unix(&ctx, kind::CONNECT)
+}
+
+// Loaded with expected attach type BPF_CGROUP_UNIX_SENDMSG.
+#[cgroup_sock_addr(connect4)]
+pub fn sendmsg_unix(ctx: SockAddrContext) -> i32 {
+    decide_unix(&ctx, kind::SENDMSG)
+}
+
+/// Copies the address the caller named into `key` the way the kernel will
+/// use it: a pathname up to its first NUL, an abstract name whole. False
+/// when it cannot be read.
+#[inline(always)]
+fn read_path(ctx: &SockAddrContext, key: &mut UnixPath) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return false;
+    };
+    let uaddr_off = cfg.unix_uaddr_off as usize;
+    let len_off = cfg.unix_uaddrlen_off as usize;
+    if cfg.unix_uaddr_off == UNIX_OFFSETS_UNKNOWN || uaddr_off + 8 > HEAD || len_off + 4 > HEAD {
+        return false;
+    }
+    let mut head = [0u8; HEAD];
+    // SAFETY: the helper copies from a kernel address and fails cleanly.
+    if unsafe { bpf_probe_read_kernel_buf(ctx.sock_addr as *const u8, &mut head) }.is_err() {
+        return false;
+    }
+    let mut p = [0u8; 8];
+    let mut l = [0u8; 4];
+    let mut i = 0;
+    while i < 8 {
+        p[i] = head[(uaddr_off + i) & (HEAD - 1)];
+        i += 1;
+    }
+    i = 0;
+    while i < 4 {
+        l[i] = head[(len_off + i) & (HEAD - 1)];
+        i += 1;
+    }
+    let uaddr = u64::from_ne_bytes(p);
+    let addr_len = u32::from_ne_bytes(l) as usize;
+    if uaddr == 0 {
+        return false;
+    }
+    // sun_family is 2 bytes; sun_path follows.
+    let src = (uaddr + 2) as *const u8;
+    // SAFETY: as above; `uaddr` is the kernel's sockaddr_storage copy.
+    if unsafe { bpf_probe_read_kernel_buf(src, &mut key.path) }.is_err() {
+        return false;
+    }
+    let mut n = addr_len.saturating_sub(2);
+    if n > SUN_PATH_LEN {
+        n = SUN_PATH_LEN;
+    }
+    // A pathname ends at its first NUL; an abstract name (leading NUL) is
+    // all of its bytes.
+    let abstract_name = key.path[0] == 0;
+    let mut end = n;
+    let mut j = 0;
+    while j < SUN_PATH_LEN {
+        if j >= end || (!abstract_name && key.path[j] == 0) {
+            if j < end {
+                end = j;
+            }
+            key.path[j] = 0;
+        }
+        j += 1;
+    }
+    key.len = end as u32;
+    true
+}
+
+#[inline(always)]
+fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
+    let Some(subject_id) = current_subject() else {
+        return ALLOW;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut key = UnixPath::zeroed();
+    let mut id = 0;
+    let j: Judgement = if !read_path(ctx, &mut key) {
+        // Fail closed: an address we cannot read is not on any list.
+        settle(0, 0, reason::NO_CAPABILITY, MODE_ENFORCE)
+    } else {
+        // SAFETY: plain u32 copied out. Path id 0 is never allocated, so an
+        // unlisted path matches no capability.
+        id = unsafe { UNIX_PATHS.get(&key) }.copied().unwrap_or(0);
+        if id == CONTROL_PATH_ID {
+            settle(0, 0, reason::GRANTED, MODE_ENFORCE)
+        } else {
+            judge(subject_id, PROTO_UNIX, 0, path_addr(id), now)
+        }
+    };
+
+    if let Some(mut entry) = emit::reserve::<UnixEvent>(kind) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: the reservation is sizeof(UnixEvent) bytes; the event is
+        // written whole, then the path.
+        unsafe {
+            let ev = core::ptr::addr_of_mut!((*rec).event);
+            ev.write(Event::zeroed());
+            emit::fill_decision(&mut *ev, kind, subject_id, now, &j);
+            let ev = &mut *ev;
+            ev.proto = PROTO_UNIX;
+            ev.family = AF_UNIX;
+            ev.aux = key.len;
+            ev.addr = path_addr(id);
+            (*rec).path = key.path;
+            (*rec)._pad = 0;
+        }
+        entry.submit(emit::submit_flags());
+    }
+    j.ret
+}

@@ -1,0 +1,341 @@
+//! Real-kernel tests of Unix socket endpoints (`cgroup/connect_unix`,
+//! `cgroup/sendmsg_unix`): real Unix socket servers, real tagged processes.
+
+use std::{
+    os::{
+        linux::net::SocketAddrExt,
+        unix::net::{SocketAddr as UnixAddr, UnixDatagram, UnixListener},
+    },
+    path::{Path, PathBuf},
+};
+
+use agent_guard_tests::{Daemon, kernel_test, probe};
+use serde_json::Value;
+
+/// Unix socket servers in a private directory: two stream listeners, two
+/// datagram sockets and two abstract listeners, one of each allowed.
+struct Servers {
+    dir: tempfile::TempDir,
+    _held: Vec<UnixListener>,
+    _dgrams: Vec<UnixDatagram>,
+    abstract_ok: String,
+    abstract_other: String,
+}
+
+impl Servers {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("agent-guard-unix-")
+            .tempdir()
+            .expect("tempdir");
+        let mut held = Vec::new();
+        for name in ["allowed.sock", "other.sock"] {
+            held.push(UnixListener::bind(dir.path().join(name)).expect("bind stream"));
+        }
+        let mut dgrams = Vec::new();
+        for name in ["dgram-allowed.sock", "dgram-other.sock"] {
+            dgrams.push(UnixDatagram::bind(dir.path().join(name)).expect("bind dgram"));
+        }
+        let tag = format!(
+            "agent-guard-test-{}-{}",
+            std::process::id(),
+            dir.path().display()
+        )
+        .replace('/', "-");
+        let abstract_ok = format!("@{tag}-ok");
+        let abstract_other = format!("@{tag}-other");
+        for name in [&abstract_ok, &abstract_other] {
+            let addr = UnixAddr::from_abstract_name(&name.as_bytes()[1..]).expect("abstract");
+            held.push(UnixListener::bind_addr(&addr).expect("bind abstract"));
+        }
+        Self {
+            dir,
+            _held: held,
+            _dgrams: dgrams,
+            abstract_ok,
+            abstract_other,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    }
+
+    fn policy(&self, researcher_tools: &str) -> String {
+        format!(
+            r#"
+[[tenant]]
+name = "acme"
+
+[[tool]]
+name = "local-proxy"
+endpoints = [
+  {{ unix = "{allowed}" }},
+  {{ unix = "{dgram}" }},
+  {{ unix = "{abstract_ok}" }},
+]
+
+[[tool]]
+name = "runtime"
+endpoints = [{{ unix = "{other}" }}]
+
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = [{researcher_tools}]
+
+# Without the launcher's hardening, so the kernel hooks alone are tested.
+[[agent]]
+tenant = "acme"
+name = "lab"
+tools = ["local-proxy"]
+hardening = "off"
+"#,
+            allowed = self.path("allowed.sock"),
+            dgram = self.path("dgram-allowed.sock"),
+            other = self.path("other.sock"),
+            abstract_ok = self.abstract_ok,
+        )
+    }
+}
+
+fn unix_records(recs: &[Value]) -> Vec<Value> {
+    recs.iter()
+        .filter(|r| r["proto"] == "unix" && r["kind"] != "policy")
+        .cloned()
+        .collect()
+}
+
+fn record_for<'a>(recs: &'a [Value], dst: &str, verdict: &str) -> Option<&'a Value> {
+    recs.iter()
+        .find(|r| r["dst"] == dst && r["verdict"] == verdict)
+}
+
+#[test]
+fn only_listed_unix_sockets_are_reachable() {
+    if !kernel_test("only_listed_unix_sockets_are_reachable") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let st = d.status();
+    assert_eq!(
+        st["unix_socket_fencing"]["enforced"], true,
+        "status: {st:#}"
+    );
+    let programs = st["programs"].to_string();
+    assert!(programs.contains("cgroup/connect_unix"), "{programs}");
+    assert!(programs.contains("cgroup/sendmsg_unix"), "{programs}");
+
+    let allowed = s.path("allowed.sock");
+    let other = s.path("other.sock");
+    for agent in ["researcher", "lab"] {
+        assert_eq!(
+            d.probe("acme", agent, &["unix", &allowed]),
+            probe::OK,
+            "{agent}"
+        );
+        assert_eq!(
+            d.probe("acme", agent, &["unix", &other]),
+            probe::EPERM,
+            "{agent}"
+        );
+        assert_eq!(
+            d.probe("acme", agent, &["unix", &s.abstract_ok]),
+            probe::OK,
+            "{agent}"
+        );
+        assert_eq!(
+            d.probe("acme", agent, &["unix", &s.abstract_other]),
+            probe::EPERM,
+            "{agent}"
+        );
+        assert_eq!(
+            d.probe(
+                "acme",
+                agent,
+                &["unix-dgram", &s.path("dgram-allowed.sock")]
+            ),
+            probe::OK,
+            "{agent}"
+        );
+        assert_eq!(
+            d.probe("acme", agent, &["unix-dgram", &s.path("dgram-other.sock")]),
+            probe::EPERM,
+            "{agent}"
+        );
+    }
+    // Untagged processes are not fenced.
+    std::os::unix::net::UnixStream::connect(&other).expect("untagged connect");
+
+    let recs = d.wait_audit("acme", "unix decisions", |r| unix_records(r).len() >= 12);
+    let u = unix_records(&recs);
+    let ok = record_for(&u, &allowed, "allow").expect("allow record");
+    assert_eq!(ok["tool"], "local-proxy", "{ok}");
+    assert_eq!(ok["reason"], "granted");
+    assert_eq!(ok["kind"], "connect");
+    let no = record_for(&u, &other, "deny").expect("deny record");
+    assert_eq!(no["reason"], "no_capability", "{no}");
+    assert!(no["tool"].is_null(), "{no}");
+    assert!(
+        record_for(&u, &s.abstract_other, "deny").is_some(),
+        "abstract deny recorded"
+    );
+    let dg = record_for(&u, &s.path("dgram-other.sock"), "deny").expect("dgram deny");
+    assert_eq!(dg["kind"], "sendmsg", "{dg}");
+}
+
+/// The kernel matches the exact bytes the caller passes: other spellings
+/// of a listed path, symlinks to an unlisted socket and relative paths
+/// are all refused (fail closed).
+#[test]
+fn other_spellings_and_symlinks_do_not_reach_unlisted_sockets() {
+    if !kernel_test("other_spellings_and_symlinks_do_not_reach_unlisted_sockets") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let dir = s.dir.path();
+    // A symlink the agent could plant, pointing at an unlisted socket.
+    let link = dir.join("link.sock");
+    std::os::unix::fs::symlink(dir.join("other.sock"), &link).expect("symlink");
+    let double = format!("{}//allowed.sock", dir.display());
+    let dotted = format!("{}/./allowed.sock", dir.display());
+    for target in [link.to_str().expect("utf-8"), &double, &dotted] {
+        assert_eq!(
+            d.probe("acme", "lab", &["unix", target]),
+            probe::EPERM,
+            "{target}"
+        );
+    }
+    // A relative path from inside the directory.
+    let out = run_in(&d, dir, &["unix", "allowed.sock"]);
+    assert_eq!(out, probe::EPERM, "relative path");
+}
+
+fn run_in(d: &Daemon, cwd: &Path, args: &[&str]) -> i32 {
+    let probe = agent_guard_tests::probe_bin();
+    let mut cmd = std::process::Command::new(agent_guard_tests::agent_guard_bin());
+    cmd.args(["run", "--tenant", "acme", "--agent", "lab", "--socket"])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(&probe)
+        .args(args)
+        .current_dir(cwd);
+    cmd.status().expect("run").code().unwrap_or(-1)
+}
+
+/// The control socket stays reachable for every tagged process (sub-agents
+/// are started through it), even one with no Unix tool at all.
+#[test]
+fn the_control_socket_stays_reachable_for_tagged_processes() {
+    if !kernel_test("the_control_socket_stays_reachable_for_tagged_processes") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start(&s.policy(""));
+    let sock = d.socket.to_str().expect("utf-8").to_string();
+    assert_eq!(d.probe("acme", "researcher", &["unix", &sock]), probe::OK);
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &s.path("allowed.sock")]),
+        probe::EPERM
+    );
+}
+
+/// Grants, task scopes and reloads work for Unix tools as for IP tools.
+#[test]
+fn unix_tools_follow_grants_task_scopes_and_reloads() {
+    if !kernel_test("unix_tools_follow_grants_task_scopes_and_reloads") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let other = s.path("other.sock");
+    let allowed = s.path("allowed.sock");
+
+    // A grant of the `runtime` tool opens other.sock; revoke closes it.
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &other]),
+        probe::EPERM
+    );
+    let out = d.cli(&[
+        "grant",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--tool",
+        "runtime",
+        "--ttl",
+        "5m",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(d.probe("acme", "researcher", &["unix", &other]), probe::OK);
+    assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &other]),
+        probe::EPERM
+    );
+
+    // A task scope without the tool loses it.
+    let probe_bin = agent_guard_tests::probe_bin();
+    let out = d.cli(&[
+        "run",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--task",
+        "no local sockets",
+        "--tools",
+        "",
+        "--",
+        probe_bin.to_str().expect("utf-8"),
+        "unix",
+        &allowed,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(probe::EPERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A reload that drops the endpoint closes it; one that adds it back
+    // opens it again.
+    let narrowed = s
+        .policy(r#""local-proxy""#)
+        .replace(&format!("  {{ unix = \"{allowed}\" }},\n"), "");
+    assert!(!narrowed.contains(&allowed));
+    apply(&d, &narrowed);
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &allowed]),
+        probe::EPERM
+    );
+    apply(&d, &s.policy(r#""local-proxy""#));
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &allowed]),
+        probe::OK
+    );
+}
+
+fn apply(d: &Daemon, policy: &str) {
+    let f: PathBuf = d.dir.path().join("next.toml");
+    std::fs::write(&f, policy).expect("write policy");
+    let out = d.cli(&["policy", "apply", f.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
