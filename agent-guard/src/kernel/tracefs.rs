@@ -49,11 +49,14 @@ impl Offsets {
     }
 }
 
-fn ensure_mounted() -> Result<(), TracefsError> {
-    let mounted = nix::sys::statfs::statfs(TRACEFS)
+fn is_mounted() -> bool {
+    nix::sys::statfs::statfs(TRACEFS)
         .map(|s| s.filesystem_type().0 == TRACEFS_MAGIC)
-        .unwrap_or(false);
-    if mounted {
+        .unwrap_or(false)
+}
+
+fn ensure_mounted() -> Result<(), TracefsError> {
+    if is_mounted() {
         return Ok(());
     }
     // The node-wide tracefs mount point; left mounted (like systemd does),
@@ -66,7 +69,14 @@ fn ensure_mounted() -> Result<(), TracefsError> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(TracefsError::Mount)
+    .or_else(|e| {
+        // Another daemon starting at the same moment mounted it first.
+        if e == nix::errno::Errno::EBUSY && is_mounted() {
+            Ok(())
+        } else {
+            Err(TracefsError::Mount(e))
+        }
+    })
 }
 
 struct Format {
