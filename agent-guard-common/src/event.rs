@@ -57,6 +57,10 @@ pub mod reason {
     pub const ICMP_SOCKET: u8 = 10;
     pub const APPROVAL_REQUIRED: u8 = 11;
     pub const UNSUPPORTED_PROTOCOL: u8 = 12;
+    /// A DNS call sent to the caller's own per-agent DNS proxy (allowed).
+    pub const DNS_PROXIED: u8 = 13;
+    /// A connect to agent-guard's own control socket (always allowed).
+    pub const CONTROL_SOCKET: u8 = 14;
 
     pub fn name(r: u8) -> &'static str {
         match r {
@@ -72,6 +76,8 @@ pub mod reason {
             ICMP_SOCKET => "icmp_socket",
             APPROVAL_REQUIRED => "approval_required",
             UNSUPPORTED_PROTOCOL => "unsupported_protocol",
+            DNS_PROXIED => "dns_proxied",
+            CONTROL_SOCKET => "control_socket",
             _ => "none",
         }
     }

@@ -12,6 +12,38 @@ pub mod grant;
 pub mod subject;
 pub mod unix;
 
+/// Per-agent DNS: where a tagged process's DNS calls are redirected.
+pub mod dns {
+    /// `127.64.0.0/10`: subject `S` is `127.64.0.0 | S`.
+    pub const SUBJECT_NET: u32 = 0x7f40_0000;
+    pub const SUBJECT_MASK: u32 = 0xffc0_0000;
+    /// Largest subject id an address can carry.
+    pub const MAX_SUBJECT: u32 = !SUBJECT_MASK;
+    pub const DNS_PORT: u16 = 53;
+
+    /// Host-order IPv4 address of subject `id`'s resolver.
+    pub const fn subject_addr(id: u32) -> u32 {
+        SUBJECT_NET | (id & MAX_SUBJECT)
+    }
+
+    pub const fn is_subject_addr(addr: u32) -> bool {
+        addr & SUBJECT_MASK == SUBJECT_NET
+    }
+
+    /// `DNS_ORIG[socket cookie]`: where the caller meant to send, restored
+    /// as the source of the proxy's replies (`cgroup/recvmsg4/6`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DnsOrig {
+        /// The destination as the hook saw it: IPv4 in `addr[12..16]`
+        /// (v4 hooks) or the IPv6 bytes (v6 hooks).
+        pub addr: [u8; 16],
+        /// Network order, as in `bpf_sock_addr::user_port`.
+        pub port_be: u16,
+        pub _pad: [u8; 6],
+    }
+}
+
 /// Names of the maps, shared so the loader and the programs cannot disagree.
 pub mod maps {
     pub const PROCS: &str = "PROCS";
@@ -27,6 +59,7 @@ pub mod maps {
     pub const LOST: &str = "LOST";
     pub const DECISIONS: &str = "DECISIONS";
     pub const UNIX_PATHS: &str = "UNIX_PATHS";
+    pub const DNS_ORIG: &str = "DNS_ORIG";
 }
 
 /// Capacities of the maps; the daemon reports them as
@@ -43,6 +76,9 @@ pub mod capacity {
     /// Distinct Unix socket paths named by the policy, plus the control
     /// socket.
     pub const UNIX_PATHS: u32 = 4_096;
+    /// Sockets whose DNS traffic was redirected to the per-agent proxy
+    /// (LRU: the oldest are forgotten first).
+    pub const DNS_ORIG: u32 = 65_536;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 24;
 }
@@ -64,6 +100,11 @@ pub struct Config {
     /// the Unix hooks deny every tagged call.
     pub unix_uaddr_off: u32,
     pub unix_uaddrlen_off: u32,
+    /// Port of the per-agent DNS proxy; 0 = off. When set, every DNS call
+    /// (port 53, TCP or UDP) of a tagged process goes to
+    /// `dns::subject_addr(subject):dns_proxy_port` instead.
+    pub dns_proxy_port: u32,
+    pub _pad: u32,
 }
 
 /// [`Config::unix_uaddr_off`] when the layout is not known.
@@ -81,4 +122,5 @@ mod pod {
     unsafe impl aya::Pod for super::grant::ToolLimit {}
     unsafe impl aya::Pod for super::grant::RateWindow {}
     unsafe impl aya::Pod for super::unix::UnixPath {}
+    unsafe impl aya::Pod for super::dns::DnsOrig {}
 }

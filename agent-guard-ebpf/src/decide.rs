@@ -3,16 +3,22 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use core::ffi::c_void;
+
 use agent_guard_common::{
-    event::{AF_INET, AF_INET6, Event, reason, verdict},
+    dns::{self, DnsOrig},
+    event::{AF_INET, AF_INET6, Event, kind, reason, verdict},
     grant::{
         APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GrantKey,
-        RateWindow, rate_key,
+        PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
     },
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR},
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+    },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
@@ -20,7 +26,8 @@ use aya_ebpf::{
 use crate::{
     emit,
     maps::{
-        CAPS, CGROUPS, CONFIG, DECISIONS, GRANT_STATE, GRANTS, PROCS, RATE, SUBJECTS, TOOLS, bump,
+        CAPS, CGROUPS, CONFIG, DECISIONS, DNS_ORIG, GRANT_STATE, GRANTS, PROCS, RATE, SUBJECTS,
+        TOOLS, bump,
     },
 };
 
@@ -195,46 +202,126 @@ pub struct Judgement {
     pub ret: i32,
 }
 
+/// Why a subject may reach nothing right now (missing, suspended,
+/// revoked, expired), or `None` when it is in good standing; and its mode.
+#[inline(always)]
+fn standing(subject_id: u32, now: u64) -> (Option<u8>, u8, u32) {
+    // SAFETY: plain data copied out.
+    let Some(subject) = unsafe { SUBJECTS.get(&subject_id) }.copied() else {
+        // Fail closed: a tagged process whose subject vanished reaches nothing.
+        return (Some(reason::UNKNOWN_SUBJECT), MODE_ENFORCE, 0);
+    };
+    let why = if subject.flags & FLAG_SUSPENDED != 0 {
+        Some(reason::SUSPENDED)
+    } else if subject.flags & FLAG_REVOKED != 0 {
+        Some(reason::REVOKED)
+    } else if subject.expires_at_ns != 0 && now >= subject.expires_at_ns {
+        Some(reason::EXPIRED)
+    } else {
+        None
+    };
+    (why, subject.mode, subject.agent_id)
+}
+
 /// Judges a call of `subject_id` to the capability key (proto, port,
 /// addr) at `now`: subject state, base set, grants, rate limit, uses.
 /// Counts the verdict.
 #[inline(always)]
 pub fn judge(subject_id: u32, proto: u8, port: u16, addr: [u8; 16], now: u64) -> Judgement {
-    // Fail closed: a tagged process whose subject vanished reaches nothing.
-    let mut m = Match {
-        tool_id: 0,
-        grant_id: 0,
-        reason: reason::UNKNOWN_SUBJECT,
-    };
-    let mut mode = MODE_ENFORCE;
-    // SAFETY: plain data copied out.
-    if let Some(subject) = unsafe { SUBJECTS.get(&subject_id) }.copied() {
-        mode = subject.mode;
-        if subject.flags & FLAG_SUSPENDED != 0 {
-            m.reason = reason::SUSPENDED;
-        } else if subject.flags & FLAG_REVOKED != 0 {
-            m.reason = reason::REVOKED;
-        } else if subject.expires_at_ns != 0 && now >= subject.expires_at_ns {
-            m.reason = reason::EXPIRED;
-        } else {
-            let generation = CONFIG.get(0).map(|c| c.generation).unwrap_or(0) as u8;
-            m = find_capability(subject_id, generation, proto, port, addr, now);
-            if m.reason == reason::GRANTED && rate_limited(subject.agent_id, m.tool_id, now) {
-                m.reason = reason::RATE_LIMITED;
-            }
-            // Uses are taken last, so a refused call never spends one.
-            if m.reason == reason::GRANTED && m.grant_id != 0 && !take_use(m.grant_id) {
-                m.reason = reason::EXHAUSTED;
-            }
-        }
+    let (why, mode, agent_id) = standing(subject_id, now);
+    if let Some(r) = why {
+        return settle(0, 0, r, mode);
+    }
+    let generation = CONFIG.get(0).map(|c| c.generation).unwrap_or(0) as u8;
+    let mut m = find_capability(subject_id, generation, proto, port, addr, now);
+    if m.reason == reason::GRANTED && rate_limited(agent_id, m.tool_id, now) {
+        m.reason = reason::RATE_LIMITED;
+    }
+    // Uses are taken last, so a refused call never spends one.
+    if m.reason == reason::GRANTED && m.grant_id != 0 && !take_use(m.grant_id) {
+        m.reason = reason::EXHAUSTED;
     }
     settle(m.tool_id, m.grant_id, m.reason, mode)
+}
+
+/// A DNS call of a subject in good standing goes to its own proxy address;
+/// the original destination is kept for the replies' source. v4-mapped
+/// for v6 sockets; an unconnected IPv6 send cannot be rewritten to a
+/// v4-mapped address (the kernel refuses it), so it is refused here.
+#[inline(always)]
+fn redirect_dns(
+    ctx: &SockAddrContext,
+    subject_id: u32,
+    proxy_port: u16,
+    kind: u8,
+    v6: bool,
+    addr: [u8; 16],
+    now: u64,
+) -> Judgement {
+    let (why, mode, _) = standing(subject_id, now);
+    if let Some(r) = why {
+        return settle(0, 0, r, mode);
+    }
+    if (v6 && kind == kind::SENDMSG) || subject_id > dns::MAX_SUBJECT {
+        return settle(0, 0, reason::UNSUPPORTED_PROTOCOL, MODE_ENFORCE);
+    }
+    let sa = ctx.sock_addr;
+    let orig = DnsOrig {
+        addr,
+        port_be: ctx_u32!(sa, user_port) as u16,
+        _pad: [0; 6],
+    };
+    // SAFETY: the context pointer is valid for this call.
+    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
+    if DNS_ORIG.insert(&cookie, &orig, 0).is_err() {
+        return settle(0, 0, reason::UNSUPPORTED_PROTOCOL, MODE_ENFORCE);
+    }
+    let to = dns::subject_addr(subject_id).to_be_bytes();
+    let port = u32::from(proxy_port.to_be());
+    // SAFETY: connect4/6 and sendmsg4/6 may write the user address fields.
+    unsafe {
+        if v6 {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[0]), 0);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_ip6[1]), 0);
+            core::ptr::write_volatile(
+                core::ptr::addr_of_mut!((*sa).user_ip6[2]),
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            );
+            core::ptr::write_volatile(
+                core::ptr::addr_of_mut!((*sa).user_ip6[3]),
+                u32::from_ne_bytes(to),
+            );
+        } else {
+            core::ptr::write_volatile(
+                core::ptr::addr_of_mut!((*sa).user_ip4),
+                u32::from_ne_bytes(to),
+            );
+        }
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).user_port), port);
+    }
+    settle(0, 0, reason::DNS_PROXIED, mode)
+}
+
+/// Is this a DNS call the proxy takes: port 53 over TCP or UDP, or any
+/// call to the proxy's own addresses (so an agent cannot speak to another
+/// subject's resolver address directly).
+#[inline(always)]
+fn is_dns(proxy_port: u16, proto: u8, port: u16, addr: &[u8; 16]) -> bool {
+    if proxy_port == 0 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return false;
+    }
+    let v4_mapped = addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    let v4 = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    port == dns::DNS_PORT || (v4_mapped && dns::is_subject_addr(v4) && port == proxy_port)
 }
 
 /// Turns a reason into a verdict under `mode` and counts it.
 #[inline(always)]
 pub fn settle(tool_id: u32, grant_id: u32, reason: u8, mode: u8) -> Judgement {
-    let (verdict, ret) = if reason == reason::GRANTED {
+    let allowed = reason == reason::GRANTED
+        || reason == reason::DNS_PROXIED
+        || reason == reason::CONTROL_SOCKET;
+    let (verdict, ret) = if allowed {
         (verdict::ALLOW, ALLOW)
     } else if mode == MODE_MONITOR {
         (verdict::WOULD_DENY, ALLOW)
@@ -261,7 +348,12 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
     let proto = ctx_u32!(ctx.sock_addr, protocol) as u8;
     let (family, addr, port) = destination(ctx, v6);
     let now = unsafe { bpf_ktime_get_ns() };
-    let j = judge(subject_id, proto, port, addr, now);
+    let proxy_port = CONFIG.get(0).map(|c| c.dns_proxy_port).unwrap_or(0) as u16;
+    let j = if is_dns(proxy_port, proto, port, &addr) {
+        redirect_dns(ctx, subject_id, proxy_port, kind, v6, addr, now)
+    } else {
+        judge(subject_id, proto, port, addr, now)
+    };
 
     if let Some(mut entry) = emit::reserve::<Event>(kind) {
         let ev = entry.as_mut_ptr();

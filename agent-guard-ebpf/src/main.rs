@@ -14,6 +14,7 @@
 
 mod connect;
 mod decide;
+mod dns;
 mod emit;
 mod maps;
 mod process;

@@ -3,6 +3,7 @@
 
 use agent_guard_common::{
     Config, capacity,
+    dns::DnsOrig,
     event::{kind, verdict},
     grant::{GrantKey, GrantState, GrantValue, RateWindow, ToolLimit},
     subject::Subject,
@@ -62,6 +63,12 @@ pub static RATE: LruHashMap<u64, RateWindow> = LruHashMap::with_max_entries(capa
 /// control socket; read by the Unix socket hooks for tagged callers.
 #[map]
 pub static UNIX_PATHS: HashMap<UnixPath, u32> = HashMap::with_max_entries(capacity::UNIX_PATHS, 0);
+
+/// socket cookie -> where a redirected DNS call was meant to go. Written by
+/// connect4/6 and sendmsg4/6 when they send a tagged process's DNS call to
+/// its per-agent proxy; read by recvmsg4/6 to restore the replies' source.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(capacity::DNS_ORIG, 0);
 
 /// Index 0: [`Config`]. Written by the daemon.
 #[map]

@@ -127,7 +127,7 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
         // unlisted path matches no capability.
         id = unsafe { UNIX_PATHS.get(&key) }.copied().unwrap_or(0);
         if id == CONTROL_PATH_ID {
-            settle(0, 0, reason::GRANTED, MODE_ENFORCE)
+            settle(0, 0, reason::CONTROL_SOCKET, MODE_ENFORCE)
         } else {
             judge(subject_id, PROTO_UNIX, 0, path_addr(id), now)
         }

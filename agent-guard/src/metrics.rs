@@ -25,6 +25,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub audit_records: IntCounterVec,
     pub divergence: IntCounterVec,
+    pub dns_queries: IntCounterVec,
     /// Decisions counted in the kernel (exact even when events are lost).
     pub kernel_decisions: IntGaugeVec,
     pub audit_write_errors: IntCounterVec,
@@ -131,6 +132,12 @@ impl Metrics {
                 "agent_guard_divergence_total",
                 "Calls of task-scoped processes outside their declared tools (intent-vs-action divergence).",
                 &["tenant", "agent"],
+            )?,
+            dns_queries: counter(
+                &r,
+                "agent_guard_dns_queries_total",
+                "Queries to the per-agent DNS proxy, by result: answered (addresses opened to that agent) or refused (a name none of its current tools names). Upstream failures are in `status` (dns_proxy).",
+                &["tenant", "agent", "result"],
             )?,
             kernel_decisions: gauge(
                 &r,

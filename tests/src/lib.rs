@@ -30,6 +30,8 @@ pub mod probe {
     pub const OK: i32 = 0;
     pub const EPERM: i32 = 10;
     pub const OTHER: i32 = 11;
+    /// `resolve`: the DNS server answered REFUSED.
+    pub const REFUSED: i32 = 12;
 }
 
 /// Whether a kernel test can run here. Without root it is skipped loudly,

@@ -19,6 +19,8 @@ struct DnsServer {
     port: u16,
     answer: Arc<Mutex<Vec<Ipv4Addr>>>,
     stop: Arc<AtomicBool>,
+    /// Every name asked, in order.
+    asked: Arc<Mutex<Vec<String>>>,
 }
 
 impl DnsServer {
@@ -29,6 +31,8 @@ impl DnsServer {
         let port = sock.local_addr().expect("addr").port();
         let answer = Arc::new(Mutex::new(vec![first]));
         let stop = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
         let (a, s, name) = (answer.clone(), stop.clone(), name.to_ascii_lowercase());
         std::thread::spawn(move || {
             let mut buf = [0u8; 512];
@@ -36,12 +40,24 @@ impl DnsServer {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
+                if let Some(q) = question_name(&buf[..n]) {
+                    log.lock().expect("lock").push(q);
+                }
                 if let Some(reply) = respond(&buf[..n], &name, &a.lock().expect("lock")) {
                     let _ = sock.send_to(&reply, from);
                 }
             }
         });
-        DnsServer { port, answer, stop }
+        DnsServer {
+            port,
+            answer,
+            stop,
+            asked,
+        }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("lock").clone()
     }
 
     fn set(&self, ips: &[Ipv4Addr]) {
@@ -52,6 +68,21 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The question's name of a query, lowercased.
+fn question_name(q: &[u8]) -> Option<String> {
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            return Some(labels.join("."));
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
     }
 }
 
@@ -182,5 +213,209 @@ fn a_tool_named_by_dns_follows_its_answer() {
     assert!(
         eventually(&d, "127.0.0.2", &port, probe::EPERM),
         "no answer, no access"
+    );
+}
+
+/// A free port for the per-agent DNS proxy of one test daemon (the proxy
+/// binds it on 127.64.0.0/10, so daemons running side by side need their
+/// own).
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn per_agent_policy(port: u16) -> String {
+    format!(
+        "{}\n[[agent]]\ntenant = \"acme\"\nname = \"writer\"\ntools = []\n",
+        policy(port)
+    )
+}
+
+/// Per-agent DNS: an agent resolves only its tools' names, through the
+/// daemon, and reaches exactly the addresses it was answered, alone and
+/// only until the answer's TTL (+ grace) runs out.
+#[test]
+fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
+    if !kernel_test("per_agent_dns_opens_only_what_the_agent_itself_resolved") {
+        return;
+    }
+    let tool = Listener::tcp_dual();
+    let port = tool.port.to_string();
+    let name = "search.agent-guard.test";
+    let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
+    let proxy_port = free_port().to_string();
+    let d = Daemon::start_with(
+        &per_agent_policy(tool.port),
+        &[
+            "--dns-mode",
+            "per-agent",
+            "--dns-proxy-port",
+            &proxy_port,
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--dns-grace",
+            "1s",
+        ],
+    );
+    assert_eq!(d.status()["dns_mode"], "per-agent");
+
+    // Nothing is open before the agent asks: the daemon does not resolve
+    // the name for everyone.
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    // The agent believes it asks 127.0.0.1:53; the kernel sends it to its
+    // own proxy address, and the reply still comes "from" 127.0.0.1:53.
+    for mode in ["udp", "udp-connected", "tcp"] {
+        assert_eq!(
+            d.probe("acme", "researcher", &["resolve", mode, name, "127.0.0.1"]),
+            probe::OK,
+            "{mode}"
+        );
+    }
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK,
+        "the answered address is open to the agent that asked"
+    );
+    // Another agent of the same tenant without the tool: refused, and the
+    // researcher's answer opens nothing for it.
+    assert_eq!(
+        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        probe::REFUSED
+    );
+    assert_eq!(
+        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    // A name no tool names never leaves the node (no DNS tunnel).
+    let secret = "c2VjcmV0.exfil.agent-guard.test";
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["resolve", "udp", secret, "127.0.0.1"]
+        ),
+        probe::REFUSED
+    );
+    let secret_lc = secret.to_ascii_lowercase();
+    assert!(
+        !dns.asked().contains(&secret_lc),
+        "refused name reached upstream: {:?}",
+        dns.asked()
+    );
+    // Nor can the agent talk to the proxy address of another subject.
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["resolve", "udp", name, "127.64.0.250"]
+        ),
+        probe::OK,
+        "a DNS call to any address goes to the caller's own proxy"
+    );
+
+    // The answer's TTL is 1 s, grace 1 s: then the address closes again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]);
+        if r == probe::EPERM {
+            break;
+        }
+        assert!(Instant::now() < deadline, "learned address never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let recs = d.wait_audit("acme", "dns query records", |r| {
+        r.iter()
+            .any(|x| x["kind"] == "dns" && x["verdict"] == "deny")
+            && r.iter()
+                .any(|x| x["kind"] == "dns" && x["verdict"] == "allow")
+    });
+    let allow = recs
+        .iter()
+        .find(|x| x["kind"] == "dns" && x["verdict"] == "allow")
+        .expect("allow");
+    assert_eq!(allow["dst"], name);
+    assert_eq!(allow["tool"], "search");
+    assert_eq!(allow["subject"], "acme/researcher");
+    let deny = recs
+        .iter()
+        .find(|x| x["kind"] == "dns" && x["dst"] == secret_lc.as_str())
+        .expect("refused record");
+    assert_eq!(deny["reason"], "dns_refused", "{deny}");
+    // The kernel records the redirected calls themselves.
+    assert!(
+        recs.iter()
+            .any(|x| x["kind"] == "sendmsg" && x["reason"] == "dns_proxied" && x["port"] == 53),
+        "redirected sendto recorded"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains(
+            r#"agent_guard_dns_queries_total{agent="researcher",result="refused",tenant="acme"}"#
+        ),
+        "{m}"
+    );
+}
+
+/// A task scope that drops the DNS-named tool cannot resolve its name,
+/// and a grant of the tool lets it (grants widen the resolvable names).
+#[test]
+fn per_agent_dns_follows_grants() {
+    if !kernel_test("per_agent_dns_follows_grants") {
+        return;
+    }
+    let tool = Listener::tcp_dual();
+    let port = tool.port.to_string();
+    let name = "search.agent-guard.test";
+    let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
+    let proxy_port = free_port().to_string();
+    let d = Daemon::start_with(
+        &per_agent_policy(tool.port),
+        &[
+            "--dns-mode",
+            "per-agent",
+            "--dns-proxy-port",
+            &proxy_port,
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--dns-grace",
+            "30s",
+        ],
+    );
+    assert_eq!(
+        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        probe::REFUSED
+    );
+    let out = d.cli(&[
+        "grant", "--tenant", "acme", "--agent", "writer", "--tool", "search", "--ttl", "5m",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        probe::OK
+    );
+    assert_eq!(
+        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    // Revoking the grant closes the learned address at once.
+    assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    assert_eq!(
+        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        probe::REFUSED
     );
 }

@@ -140,8 +140,12 @@ pub fn read(
     Ok((out, stats))
 }
 
-/// `dst:port/proto`, with brackets around IPv6 addresses.
+/// `dst:port/proto`, with brackets around IPv6 addresses; `unix:PATH` for
+/// a Unix socket.
 pub fn destination(r: &AuditRecord) -> String {
+    if r.proto.as_deref() == Some("unix") {
+        return format!("unix:{}", r.dst.as_deref().unwrap_or("?"));
+    }
     match (&r.dst, r.port) {
         (Some(d), Some(p)) if d.contains(':') => {
             format!("[{d}]:{p}/{}", r.proto.as_deref().unwrap_or("?"))
@@ -265,6 +269,11 @@ impl WhatIf {
 
     pub fn judge(&self, r: &AuditRecord) -> Option<Judgement> {
         if r.kind != "connect" && r.kind != "sendmsg" {
+            return None;
+        }
+        // Not a policy decision: the control socket and the per-agent DNS
+        // proxy are always reachable.
+        if matches!(r.reason.as_deref(), Some("control_socket" | "dns_proxied")) {
             return None;
         }
         let tenant = r.tenant.as_deref()?;

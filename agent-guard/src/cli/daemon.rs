@@ -6,7 +6,7 @@ use crate::{control::DEFAULT_SOCKET, daemon};
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  agent-guard daemon\n  agent-guard daemon --policy /etc/agent-guard/policy.toml --metrics-addr 0.0.0.0:9753\n  agent-guard daemon --socket /tmp/ag/sock --pin-dir /tmp/ag/bpf --audit-dir /tmp/ag/audit \\\n      --cgroup-root /sys/fs/cgroup/unified/ag-test --metrics-addr 127.0.0.1:0"
+    after_help = "Examples:\n  agent-guard daemon\n  agent-guard daemon --policy /etc/agent-guard/policy.toml --metrics-addr 0.0.0.0:9753\n  agent-guard daemon --socket /tmp/ag/sock --pin-dir /tmp/ag/bpf --audit-dir /tmp/ag/audit \\\n      --cgroup-root /sys/fs/cgroup/unified/ag-test --metrics-addr 127.0.0.1:0\n  agent-guard daemon --dns-mode per-agent      # agents resolve only their tools' names, through the daemon"
 )]
 pub struct Args {
     /// Policy file (TOML). Default: /etc/agent-guard/policy.toml if it exists,
@@ -38,9 +38,23 @@ pub struct Args {
     /// system resolver configuration (/etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns_server: Option<SocketAddr>,
-    /// How long an address stays allowed after it left a name's answer.
+    /// How long an address stays allowed after it left a name's answer
+    /// (per-agent mode: after the answer's TTL ran out).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     dns_grace: std::time::Duration,
+    /// How `host` endpoints become addresses. `shared`: the daemon resolves
+    /// each name and every agent with the tool reaches every address.
+    /// `per-agent`: every DNS call of a tagged process (port 53) goes to a
+    /// per-agent proxy in the daemon, which answers only names of that
+    /// agent's current tools (others: REFUSED) and opens exactly the
+    /// addresses it answered, to that agent only, until the answer's TTL
+    /// (plus --dns-grace) runs out.
+    #[arg(long, value_name = "MODE", default_value = "shared", value_parser = ["shared", "per-agent"])]
+    dns_mode: String,
+    /// Port the per-agent DNS proxy listens on, at 127.64.0.0/10 + the
+    /// subject id (one address per agent, task or sub-agent).
+    #[arg(long, value_name = "PORT", default_value_t = 53)]
+    dns_proxy_port: u16,
     /// Directory for the daemon's own state: the audit signing key
     /// (`audit-signing.key`, 0600, generated on first start; absolute).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/agent-guard/state")]
@@ -90,6 +104,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         ring_bytes: args.ring_bytes,
         dns_server: args.dns_server,
         dns_grace: args.dns_grace,
+        dns_per_agent: args.dns_mode == "per-agent",
+        dns_proxy_port: args.dns_proxy_port,
         idle_subject_age: args.idle_subject_age,
         state_dir: args.state_dir,
         audit_max_file_bytes: args.audit_max_file_bytes,

@@ -143,7 +143,12 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
                     // otherwise be looked up as untagged.
                     let tagged = state.process_identity(p.pid);
                     if p.alive() {
-                        dispatch(state, p.pid, peer_cred.uid(), req, tagged)
+                        let r = dispatch(state, p.pid, peer_cred.uid(), req, tagged);
+                        // A subject made by this request (launch, sub-agent,
+                        // process grant) gets its DNS proxy address before
+                        // the reply lets its launcher exec.
+                        state.sync_dns_proxy();
+                        r
                     } else {
                         Response::err("refused: the process that opened this connection has exited")
                     }

@@ -167,11 +167,11 @@ impl State {
         let Some(g) = reg.grants.get(&id).cloned() else {
             return Ok(());
         };
-        let Some(endpoints) = reg.tool_keys(&g.tool) else {
+        if reg.tool_keys(&g.tool, g.subject_id).is_none() {
             drop(reg);
             self.revoke_with(id, "revoked", "tool no longer in the policy");
             return Ok(());
-        };
+        }
         let tool_id = reg.ids.tool(&g.tool);
         let subjects: Vec<u32> = reg
             .identities
@@ -181,7 +181,8 @@ impl State {
             .collect();
         let mut entries = Vec::new();
         for s in subjects {
-            for ep in &endpoints {
+            // Per subject: with per-agent DNS each resolved its own addresses.
+            for ep in &reg.tool_keys(&g.tool, s).unwrap_or_default() {
                 entries.push(CapRule {
                     subject: s,
                     generation: 0,

@@ -2,6 +2,8 @@
 //! clean up on SIGTERM/SIGINT.
 
 pub mod dns;
+pub mod dns_agent;
+pub mod dns_proxy;
 pub mod events;
 pub mod grants;
 pub mod state;
@@ -67,6 +69,9 @@ pub struct Options {
     pub dns_server: Option<SocketAddr>,
     /// How long an address stays allowed after it left a name's answer.
     pub dns_grace: std::time::Duration,
+    /// Per-agent DNS: tagged processes' DNS goes through the daemon's proxy.
+    pub dns_per_agent: bool,
+    pub dns_proxy_port: u16,
     /// Task and sub-agent subjects with no process left are retired after
     /// this.
     pub idle_subject_age: std::time::Duration,
@@ -226,9 +231,18 @@ async fn serve(
     );
     state.idle_subject_age = opts.idle_subject_age;
     state.program_ids = kernel.program_ids.clone();
+    state.dns_grace = opts.dns_grace;
     state.unix_support = kernel.unix.clone();
     allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);
+    if opts.dns_per_agent {
+        dns_agent::start(&state, opts.dns_server, opts.dns_proxy_port)
+            .context("starting the per-agent DNS proxy")?;
+        tracing::info!(
+            port = opts.dns_proxy_port,
+            "per-agent DNS: tagged processes' DNS goes through the daemon"
+        );
+    }
     let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
     // Servers stop first; the pipeline last, so it writes the final records.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -258,13 +272,15 @@ async fn serve(
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
         // A node without a resolver configuration still enforces; tools
         // named by host then reach nothing (fail closed), loudly.
-        let dns_task = match dns::resolver(opts.dns_server) {
+        let dns_task = if opts.dns_per_agent {
+            Some(tokio::spawn(dns_agent::sweep(state.clone(), shutdown_rx.clone())))
+        } else { match dns::resolver(opts.dns_server) {
             Ok(resolver) => Some(tokio::spawn(dns::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()))),
             Err(e) => {
                 tracing::error!("no DNS resolver ({e:#}); tools named by host get no addresses");
                 None
             }
-        };
+        } };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;

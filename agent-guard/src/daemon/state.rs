@@ -62,6 +62,11 @@ pub struct Registry {
     /// Ids are never reused, so a stale key can never name another path.
     pub unix_ids: BTreeMap<Vec<u8>, u32>,
     pub next_unix_id: u32,
+    /// Per-agent DNS (`--dns-mode per-agent`): `host` endpoints open only
+    /// the addresses in `learned` of the subject.
+    pub dns_per_agent: bool,
+    /// subject -> name (lowercase) -> address -> allowed until.
+    pub learned: HashMap<u32, BTreeMap<String, BTreeMap<std::net::IpAddr, Instant>>>,
 }
 
 /// A message for the event pipeline.
@@ -99,6 +104,10 @@ pub struct State {
     pub created_cgroups: Mutex<Vec<PathBuf>>,
     /// Whether Unix socket calls are fenced on this kernel.
     pub unix_support: crate::kernel::UnixSupport,
+    /// The per-agent DNS proxy, when `--dns-mode per-agent`.
+    pub dns_proxy: std::sync::OnceLock<super::dns_proxy::DnsProxy>,
+    /// Learned addresses stay this long past their TTL.
+    pub dns_grace: std::time::Duration,
 }
 
 /// Monotonic nanoseconds, the clock `bpf_ktime_get_ns()` reads.
@@ -145,6 +154,8 @@ impl State {
             idle_subject_age: std::time::Duration::from_secs(10),
             created_cgroups: Mutex::new(Vec::new()),
             unix_support: crate::kernel::UnixSupport::Unavailable("not loaded".into()),
+            dns_proxy: std::sync::OnceLock::new(),
+            dns_grace: std::time::Duration::from_secs(30),
         }
     }
 
@@ -322,6 +333,17 @@ impl State {
                 .collect()
         };
         let dns = reg.dns.status();
+        let dns_mode = if reg.dns_per_agent {
+            "per-agent"
+        } else {
+            "shared"
+        };
+        let learned: usize = reg
+            .learned
+            .values()
+            .flat_map(|n| n.values())
+            .map(|a| a.len())
+            .sum();
         let suspended: Vec<String> = reg
             .suspended
             .iter()
@@ -353,6 +375,12 @@ impl State {
             "agents": agents,
             "grants": grants,
             "dns": dns,
+            "dns_mode": dns_mode,
+            "dns_proxy": self.dns_proxy.get().map(|p| serde_json::json!({
+                "subjects_served": p.subjects().len(),
+                "learned_addresses": learned,
+                "stats": p.stats(),
+            })),
             "suspended": suspended,
             "events_lost": lost_by_kind,
             "decisions": { "allow": decisions[0], "deny": decisions[1], "would_deny": decisions[2] },

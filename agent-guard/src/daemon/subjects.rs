@@ -264,7 +264,11 @@ impl Registry {
     /// Kernel keys of a tool: its CIDR endpoints plus the current
     /// addresses of its `host` endpoints. `None` for a tool not in the
     /// policy.
-    pub fn tool_keys(&self, tool: &str) -> Option<Vec<ToolEndpoint>> {
+    ///
+    /// With per-agent DNS, a `host` endpoint's addresses are those that
+    /// `subject` itself resolved through the proxy and whose TTL (plus
+    /// grace) has not run out; otherwise the daemon's shared answer.
+    pub fn tool_keys(&self, tool: &str, subject: u32) -> Option<Vec<ToolEndpoint>> {
         let loaded = self.loaded.as_ref()?;
         let i = loaded.compiled.tools.iter().position(|t| t == tool)?;
         let mut keys = loaded
@@ -287,8 +291,23 @@ impl Registry {
                 }
             }
         }
+        let now = std::time::Instant::now();
         for h in loaded.compiled.tool_hosts.get(i).into_iter().flatten() {
-            for addr in self.dns.addresses(&h.name) {
+            let addrs: Vec<std::net::IpAddr> = if self.dns_per_agent {
+                self.learned
+                    .get(&subject)
+                    .and_then(|names| names.get(&h.name.to_ascii_lowercase()))
+                    .map(|a| {
+                        a.iter()
+                            .filter(|(_, until)| **until > now)
+                            .map(|(ip, _)| *ip)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                self.dns.addresses(&h.name)
+            };
+            for addr in addrs {
                 let addr = match addr {
                     std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
                     std::net::IpAddr::V6(a) => a.octets(),
@@ -308,7 +327,7 @@ impl Registry {
     }
 
     /// `CAPS` keys of a subject for `generation`, with the stable tool id.
-    fn caps_for(&mut self, id: u32, generation: u32) -> Vec<(CapRule, GrantValue)> {
+    pub(super) fn caps_for(&mut self, id: u32, generation: u32) -> Vec<(CapRule, GrantValue)> {
         let tools = self.base_tools(id);
         let Some(loaded) = self.loaded.as_ref() else {
             return Vec::new();
@@ -317,7 +336,7 @@ impl Registry {
         let mut wanted = Vec::new();
         for name in &loaded.compiled.tools {
             if tools.contains(name) {
-                wanted.push((name.clone(), self.tool_keys(name).unwrap_or_default()));
+                wanted.push((name.clone(), self.tool_keys(name, id).unwrap_or_default()));
             }
         }
         for (name, endpoints) in wanted {
@@ -693,6 +712,8 @@ impl State {
                 // Filled in by set_config.
                 unix_uaddr_off: 0,
                 unix_uaddrlen_off: 0,
+                dns_proxy_port: 0,
+                _pad: 0,
             })?;
             Ok((tighten_subjects, tighten_limits))
         })();
@@ -758,6 +779,7 @@ impl State {
         }
         rec.policy_hash = Some(hash);
         self.audit(NODE_LOG, rec);
+        self.sync_dns_proxy();
         Ok(generation)
     }
 
@@ -1076,6 +1098,7 @@ impl State {
             reg.identities.insert(r.subject_id, Arc::new(r));
             caps.extend(reg.caps.remove(&ident.subject_id).unwrap_or_default());
             reg.divergences.remove(&ident.subject_id);
+            reg.learned.remove(&ident.subject_id);
         }
         let grants: Vec<u32> = reg.grants.keys().copied().collect();
         drop(reg);
@@ -1104,6 +1127,7 @@ impl State {
         for g in grants {
             let _ = self.reinstall_grant(g);
         }
+        self.sync_dns_proxy();
         idle.len()
     }
 

@@ -72,6 +72,8 @@ pub struct KernelMaps {
     unix_paths: HashMap<MapData, UnixPath, u32>,
     /// Where the Unix hooks find the address; `None` = not attached.
     unix_layout: Option<super::unix::Layout>,
+    /// Port of the per-agent DNS proxy (0 = off), written into `CONFIG`.
+    dns_proxy_port: u16,
 }
 
 impl KernelMaps {
@@ -89,6 +91,7 @@ impl KernelMaps {
             decisions: take(ebpf, names::DECISIONS)?,
             unix_paths: take(ebpf, names::UNIX_PATHS)?,
             unix_layout: None,
+            dns_proxy_port: 0,
         })
     }
 
@@ -206,9 +209,16 @@ impl KernelMaps {
         );
         config.unix_uaddr_off = a;
         config.unix_uaddrlen_off = l;
+        config.dns_proxy_port = u32::from(self.dns_proxy_port);
         self.config
             .set(0, config, 0)
             .map_err(map_err(names::CONFIG))
+    }
+
+    /// Turns per-agent DNS redirection on (port) or off (0) with the next
+    /// `set_config`.
+    pub fn set_dns_proxy_port(&mut self, port: u16) {
+        self.dns_proxy_port = port;
     }
 
     pub(super) fn set_unix_layout(&mut self, layout: Option<super::unix::Layout>) {

@@ -74,7 +74,10 @@ pub enum UnixSupport {
 }
 
 /// The cgroup socket programs: (name in the object, what it guards).
-pub const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// recvmsg4/6 only restore the source of per-agent DNS proxy replies.
+pub const CGROUP_PROGRAMS: &[&str] = &[
+    "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
+];
 /// The sched tracepoints that keep identity across fork, exec and exit.
 pub const TRACEPOINTS: &[&str] = &[
     "sched_process_fork",

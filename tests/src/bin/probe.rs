@@ -17,6 +17,8 @@ const OK: i32 = 0;
 const EPERM: i32 = 10;
 const OTHER: i32 = 11;
 const USAGE: i32 = 2;
+/// `resolve`: the server answered REFUSED.
+const REFUSED: i32 = 12;
 
 fn report(what: &str, r: std::io::Result<()>) -> i32 {
     match r {
@@ -57,6 +59,106 @@ fn cpu_time_ns() -> u64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// One A query for `name` to `server`:53 over `mode` (`udp`: sendto and
+/// recvfrom, checking the reply comes from the server asked; `udp-connected`:
+/// connect then send, as glibc does; `tcp`). Prints the addresses.
+fn resolve(mode: &str, name: &str, server: IpAddr) -> i32 {
+    let what = format!("resolve {mode} {name} @{server}");
+    let to = SocketAddr::new(server, 53);
+    let mut q = vec![0x4a, 0x47, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let reply: std::io::Result<Vec<u8>> = (|| {
+        let timeout = Some(Duration::from_secs(5));
+        let mut buf = vec![0u8; 4096];
+        match mode {
+            "udp" | "udp-connected" => {
+                let bind = if server.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let s = UdpSocket::bind(bind)?;
+                s.set_read_timeout(timeout)?;
+                if mode == "udp" {
+                    s.send_to(&q, to)?;
+                    let (n, from) = s.recv_from(&mut buf)?;
+                    if from != to {
+                        return Err(std::io::Error::other(format!(
+                            "reply from {from}, asked {to}"
+                        )));
+                    }
+                    buf.truncate(n);
+                } else {
+                    s.connect(to)?;
+                    s.send(&q)?;
+                    let n = s.recv(&mut buf)?;
+                    buf.truncate(n);
+                }
+                Ok(buf)
+            }
+            "tcp" => {
+                use std::io::Read;
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+                s.set_read_timeout(timeout)?;
+                let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&q);
+                s.write_all(&framed)?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len)?;
+                let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut msg)?;
+                Ok(msg)
+            }
+            _ => Err(std::io::Error::other("mode is udp, udp-connected or tcp")),
+        }
+    })();
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => return report(&what, Err(e)),
+    };
+    if reply.len() < 12 || reply[0..2] != q[0..2] {
+        println!("probe: {what}: error: bad reply");
+        return OTHER;
+    }
+    match reply[3] & 0x0f {
+        0 => {}
+        5 => {
+            println!("probe: {what}: REFUSED");
+            return REFUSED;
+        }
+        rcode => {
+            println!("probe: {what}: error: rcode {rcode}");
+            return OTHER;
+        }
+    }
+    // Skip the question, then read A records (compressed names only).
+    let mut i = q.len();
+    let mut addrs = Vec::new();
+    while i + 12 <= reply.len() {
+        let (rtype, rdlen) = (
+            u16::from_be_bytes([reply[i + 2], reply[i + 3]]),
+            u16::from_be_bytes([reply[i + 10], reply[i + 11]]) as usize,
+        );
+        let data = i + 12;
+        if rtype == 1 && rdlen == 4 && data + 4 <= reply.len() {
+            addrs.push(std::net::Ipv4Addr::new(
+                reply[data],
+                reply[data + 1],
+                reply[data + 2],
+                reply[data + 3],
+            ));
+        }
+        i = data + rdlen;
+    }
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    println!("probe: {what}: ok {}", list.join(" "));
+    if addrs.is_empty() { OTHER } else { OK }
+}
+
 /// Connects a stream socket to (`stream`), or sends one datagram from an
 /// unbound socket to, the Unix socket `path` (`@name`: abstract).
 fn unix_call(stream: bool, path: &str) -> std::io::Result<()> {
@@ -81,6 +183,7 @@ fn usage() -> i32 {
     eprintln!(
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
+         resolve udp|udp-connected|tcp NAME SERVER_IP   (exit 12: REFUSED)\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
          repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
@@ -119,6 +222,14 @@ fn run(args: &[String]) -> i32 {
         "unix" | "unix-dgram" => match rest.first() {
             Some(path) => report(&format!("{cmd} {path}"), unix_call(cmd == "unix", path)),
             None => usage(),
+        },
+        "resolve" => match (
+            rest.first(),
+            rest.get(1),
+            rest.get(2).and_then(|a| a.parse().ok()),
+        ) {
+            (Some(mode), Some(name), Some(server)) => resolve(mode, name, server),
+            _ => usage(),
         },
         "udp-connect" => match addr(rest) {
             Some(a) => {

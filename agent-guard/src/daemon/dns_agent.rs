@@ -1,0 +1,327 @@
+//! Per-agent DNS (`--dns-mode per-agent`): the glue between the proxy
+//! (dns_proxy.rs), the kernel redirect (decide.rs, dns.rs in the eBPF
+//! crate) and the capability image.
+//!
+//! Every DNS call (port 53) of a tagged process is sent by the kernel to
+//! its subject's own proxy address, so the daemon knows whose query it is.
+//! A name is answered only when one of the subject's current tools (base
+//! set or grants) has it as a `host` endpoint; the answer's addresses are
+//! then installed for that subject alone, before the reply reaches it,
+//! and leave again when the answer's TTL plus `--dns-grace` has passed.
+//! Names no tool names get REFUSED and never leave the node, which also
+//! closes DNS as a channel for data. Each query is an audit record (`kind`
+//! `dns`) and counted in `agent_guard_dns_queries_total`.
+//!
+//! Left as it is: an address shared by many names (CDN, load balancer) is
+//! reachable for all of them once one allowed name resolved to it.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, Weak},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use super::{
+    dns_proxy::{DnsGate, DnsProxy, ProxyConfig},
+    state::{Registry, State},
+};
+use crate::audit::AuditRecord;
+
+/// Bounds on how long one answer keeps an address open.
+const MIN_TTL: Duration = Duration::from_secs(1);
+const MAX_TTL: Duration = Duration::from_secs(3600);
+
+/// The proxy's view of the daemon; weak, so the proxy (owned by the state)
+/// does not keep the state alive.
+struct Gate {
+    state: Weak<State>,
+}
+
+impl DnsGate for Gate {
+    fn may_resolve(&self, subject: u32, name: &str) -> bool {
+        self.state
+            .upgrade()
+            .is_some_and(|s| !s.dns_tools(&s.registry(), subject, name).is_empty())
+    }
+
+    fn learned(&self, subject: u32, name: &str, answers: &[(IpAddr, u32)]) -> Result<(), String> {
+        let state = self.state.upgrade().ok_or("daemon is shutting down")?;
+        state.dns_learned(subject, name, answers)
+    }
+
+    fn refused(&self, subject: u32, name: &str, qtype: &str) {
+        if let Some(state) = self.state.upgrade() {
+            state.dns_query_record(subject, name, Vec::new(), Some(qtype), "");
+        }
+    }
+}
+
+/// Starts the proxy (one address per active subject) and turns the kernel
+/// redirect on with the next `CONFIG` write.
+pub fn start(
+    state: &Arc<State>,
+    upstream: Option<std::net::SocketAddr>,
+    port: u16,
+) -> anyhow::Result<()> {
+    let upstreams = match upstream {
+        Some(u) => vec![u],
+        None => {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            super::dns_proxy::upstreams_from_resolv_conf(&text)
+        }
+    };
+    if upstreams.is_empty() {
+        anyhow::bail!(
+            "per-agent DNS needs an upstream resolver: none in /etc/resolv.conf; pass --dns-server IP:PORT"
+        );
+    }
+    // Something bound to 0.0.0.0:PORT (a node-local DNS cache) would make
+    // every subject's bind fail later, one log line at a time: say so now.
+    let probe = std::net::SocketAddr::from((std::net::Ipv4Addr::new(127, 64, 0, 0), port));
+    std::net::UdpSocket::bind(probe)
+        .and_then(|_| std::net::TcpListener::bind(probe))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "per-agent DNS cannot bind its proxy port {port} on 127.64.0.0/10 ({e}); is something bound to 0.0.0.0:{port}? pick another with --dns-proxy-port"
+            )
+        })?;
+    let proxy = DnsProxy::new(
+        ProxyConfig {
+            port,
+            upstreams,
+            timeout: super::dns_proxy::DEFAULT_TIMEOUT,
+        },
+        Arc::new(Gate {
+            state: Arc::downgrade(state),
+        }),
+    );
+    if state.dns_proxy.set(proxy).is_err() {
+        anyhow::bail!("the DNS proxy was started twice");
+    }
+    state.registry().dns_per_agent = true;
+    state.kernel().set_dns_proxy_port(port);
+    Ok(())
+}
+
+/// Drops learned addresses whose time ran out, once a second.
+pub async fn sweep(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.sweep_learned(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl State {
+    /// Tools in `subject`'s current set with a `host` endpoint for `name`.
+    fn dns_tools(&self, reg: &Registry, subject: u32, name: &str) -> Vec<String> {
+        let Some(loaded) = reg.loaded.as_ref() else {
+            return Vec::new();
+        };
+        if !reg.identities.get(&subject).is_some_and(|i| i.active) {
+            return Vec::new();
+        }
+        let name = normalise(name);
+        let current = reg.current_tools(subject);
+        loaded
+            .compiled
+            .tools
+            .iter()
+            .zip(&loaded.compiled.tool_hosts)
+            .filter(|(tool, hosts)| {
+                current.contains(*tool) && hosts.iter().any(|h| normalise(&h.name) == name)
+            })
+            .map(|(tool, _)| tool.clone())
+            .collect()
+    }
+
+    /// An answer the proxy is about to give `subject`: open its addresses
+    /// to that subject (base set and grants) before the reply goes out.
+    pub fn dns_learned(
+        &self,
+        subject: u32,
+        name: &str,
+        answers: &[(IpAddr, u32)],
+    ) -> Result<(), String> {
+        let now = Instant::now();
+        let tools = {
+            let mut reg = self.registry();
+            let tools = self.dns_tools(&reg, subject, name);
+            if tools.is_empty() {
+                // The policy changed between the question and the answer.
+                return Err(format!("{name} is no longer a tool of subject {subject}"));
+            }
+            let entry = reg
+                .learned
+                .entry(subject)
+                .or_default()
+                .entry(normalise(name))
+                .or_default();
+            for (addr, ttl) in answers {
+                let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_TTL, MAX_TTL);
+                let until = now + ttl + self.dns_grace;
+                let e = entry.entry(*addr).or_insert(until);
+                *e = (*e).max(until);
+            }
+            tools
+        };
+        self.refresh_subject_dns(subject)?;
+        let addrs = answers.iter().map(|(a, _)| a.to_string()).collect();
+        self.dns_query_record(subject, name, addrs, None, &tools.join(","));
+        Ok(())
+    }
+
+    /// One audit record per proxied query; refused when `addrs` is empty
+    /// and `qtype` says what was asked.
+    fn dns_query_record(
+        &self,
+        subject: u32,
+        name: &str,
+        addrs: Vec<String>,
+        qtype: Option<&str>,
+        tools: &str,
+    ) {
+        let Some(ident) = self.identity(subject) else {
+            return;
+        };
+        let refused = qtype.is_some();
+        let mut rec = AuditRecord::new("dns");
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.dst = Some(normalise(name));
+        rec.proto = Some("dns".into());
+        if refused {
+            rec.verdict = Some("deny".into());
+            rec.reason = Some("dns_refused".into());
+            rec.detail = Some(format!(
+                "{} query refused: no current tool names it",
+                qtype.unwrap_or("?")
+            ));
+        } else {
+            rec.verdict = Some("allow".into());
+            rec.reason = Some("granted".into());
+            rec.tool = Some(tools.to_string());
+            rec.detail = Some(format!("answered {}", addrs.join(" ")));
+        }
+        self.metrics
+            .dns_queries
+            .with_label_values(&[
+                ident.tenant.as_str(),
+                ident.agent.as_str(),
+                if refused { "refused" } else { "answered" },
+            ])
+            .inc();
+        self.audit(&ident.tenant, rec);
+    }
+
+    /// Rewrites `subject`'s base entries (current generation) and the
+    /// entries of grants reaching it from the current learned addresses:
+    /// new keys first, then stale ones removed.
+    pub fn refresh_subject_dns(&self, subject: u32) -> Result<(), String> {
+        let grants: Vec<u32> = {
+            let mut reg = self.registry();
+            let Some(generation) = reg.loaded.as_ref().map(|l| l.generation) else {
+                return Ok(());
+            };
+            if !reg.identities.get(&subject).is_some_and(|i| i.active) {
+                return Ok(());
+            }
+            let caps = reg.caps_for(subject, generation);
+            let old = reg.caps.get(&subject).cloned().unwrap_or_default();
+            {
+                let mut kernel = self.kernel();
+                for (rule, value) in &caps {
+                    if !old.contains(rule) {
+                        kernel.insert_cap(rule, *value).map_err(|e| e.to_string())?;
+                    }
+                }
+                for rule in &old {
+                    if !caps.iter().any(|(r, _)| r == rule) {
+                        kernel.remove_cap(rule);
+                    }
+                }
+            }
+            reg.caps
+                .insert(subject, caps.into_iter().map(|(r, _)| r).collect());
+            let grants = reg.grants.values();
+            grants
+                .filter(|g| reg.grant_reaches(g, subject))
+                .map(|g| g.id)
+                .collect()
+        };
+        for g in grants {
+            self.reinstall_grant(g)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets learned addresses whose time ran out and closes them.
+    pub fn sweep_learned(&self) {
+        let now = Instant::now();
+        let subjects: Vec<u32> = {
+            let mut reg = self.registry();
+            let mut touched = Vec::new();
+            let active: BTreeSet<u32> = reg
+                .identities
+                .values()
+                .filter(|i| i.active)
+                .map(|i| i.subject_id)
+                .collect();
+            reg.learned.retain(|s, _| active.contains(s));
+            for (subject, names) in reg.learned.iter_mut() {
+                let before: usize = names.values().map(|a| a.len()).sum();
+                for addrs in names.values_mut() {
+                    addrs.retain(|_, until| *until > now);
+                }
+                names.retain(|_, a| !a.is_empty());
+                if names.values().map(|a| a.len()).sum::<usize>() != before {
+                    touched.push(*subject);
+                }
+            }
+            reg.learned.retain(|_, names| !names.is_empty());
+            touched
+        };
+        for s in subjects {
+            if let Err(e) = self.refresh_subject_dns(s) {
+                tracing::warn!(subject = s, "closing expired DNS answers: {e}");
+            }
+        }
+    }
+
+    /// Serves exactly the active subjects: a new subject gets its proxy
+    /// address before its launcher execs, a retired one loses it.
+    pub fn sync_dns_proxy(&self) {
+        let Some(proxy) = self.dns_proxy.get() else {
+            return;
+        };
+        let active: BTreeSet<u32> = self
+            .registry()
+            .identities
+            .values()
+            .filter(|i| i.active)
+            .map(|i| i.subject_id)
+            .collect();
+        let served: BTreeSet<u32> = proxy.subjects().into_iter().collect();
+        for s in served.difference(&active) {
+            proxy.remove_subject(*s);
+        }
+        for s in active.difference(&served) {
+            if let Err(e) = proxy.add_subject_now(*s) {
+                // The agent's DNS then fails (nothing answers): closed.
+                tracing::error!(subject = s, "DNS proxy address: {e}");
+            }
+        }
+    }
+}

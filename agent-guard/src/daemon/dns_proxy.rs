@@ -1,0 +1,1830 @@
+//! Per-subject DNS proxy: every fenced subject gets its own resolver
+//! address, so a name an agent resolves can become a capability of that
+//! agent only, and a name it may not resolve is refused before it leaves
+//! the node.
+//!
+//! # Design
+//!
+//! The kernel side redirects a tagged process's DNS traffic (UDP and TCP
+//! to port 53) to `subject_addr(S):port`, an address in `127.64.0.0/10`
+//! that carries the subject id `S` in its low 22 bits. The proxy binds one
+//! UDP socket and one TCP listener per subject on that address (every
+//! `127.x.y.z` is local on Linux, no setup needed). The socket a query
+//! arrives on says whose query it is: there is no guessing by source port
+//! and no table of in-flight sockets to race with.
+//!
+//! For each query the proxy:
+//!
+//! 1. parses it; unparsable → FORMERR if an id can be read, else dropped;
+//!    no question, or more than one → FORMERR; an opcode other than QUERY
+//!    → NOTIMP;
+//! 2. asks [`DnsGate::may_resolve`] with the question's name (lowercased,
+//!    no trailing dot, non-ASCII bytes escaped the way zone files do);
+//!    `false` → REFUSED and [`DnsGate::refused`], nothing goes upstream;
+//! 3. forwards the client's bytes, with a fresh random id, to the
+//!    upstream servers in order, over UDP and then over TCP when the UDP
+//!    answer is truncated. An upstream answer counts only if its id and
+//!    question match; only NOERROR and NXDOMAIN are relayed, anything else
+//!    tries the next server, and no usable answer → SERVFAIL;
+//! 4. hands the answer's A/AAAA records (address, TTL) to
+//!    [`DnsGate::learned`] *before* replying, so the kernel entries exist by
+//!    the time the agent connects. `learned` failing → SERVFAIL (fail
+//!    closed). The upstream's bytes are then relayed with the client's id;
+//!    over UDP an answer larger than 512 bytes (or the client's EDNS size)
+//!    is cut to header + question with TC set, so the client retries over
+//!    TCP.
+//!
+//! # Limits
+//!
+//! - **Shared addresses.** A learned address is reachable for everything
+//!   it serves: CDNs and shared load balancers host many names on one
+//!   address, and learning one of them opens all of them (to that subject).
+//! - **One question.** Only single-question queries are served (RFC 9619);
+//!   a second question would be resolved without being judged, so such
+//!   queries get FORMERR instead.
+//! - **What is learned.** Only A/AAAA records reached from the question
+//!   name through the answer's CNAME chain count; unrelated records an
+//!   upstream adds are relayed but not learned. Addresses in other record
+//!   types (SVCB/HTTPS hints, SRV/MX additionals) are never learned: the
+//!   agent has to resolve those names itself, and is judged for them.
+//! - **Tunnels.** A name the gate allows carries whatever its labels say:
+//!   if the gate allows a whole zone, the zone's authoritative servers can
+//!   receive data through the query names. Keep allowed names narrow.
+//! - **Who asks.** The proxy trusts the kernel for identity. Any local
+//!   process that can reach another subject's address speaks as that
+//!   subject, so the kernel side must stop tagged processes from reaching
+//!   `127.64.0.0/10` other than through the redirect to their own address.
+//!   Unconnected UDP clients also need the reply's source rewritten back to
+//!   the server they asked (cgroup `recvmsg4`), or they drop the answer.
+//! - **IPv4 only.** Subject addresses are IPv4 loopback addresses; DNS
+//!   sent to an IPv6 server has to be redirected (or refused) by the kernel
+//!   side. AAAA answers are learned like A answers.
+//! - **No cache, no validation.** Every query goes upstream; DNSSEC is
+//!   passed through, not validated. Upstream answers are trusted once id,
+//!   source and question match.
+//! - **Gate calls run on the runtime.** [`DnsGate`] methods are plain
+//!   functions called from tokio tasks; they must not block for long.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use hickory_resolver::proto::{
+    op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{Name, RData},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::{Semaphore, mpsc},
+    task::{JoinHandle, JoinSet},
+};
+
+/// Network of the subject addresses: `127.64.0.0/10`.
+pub const SUBJECT_NET: Ipv4Addr = Ipv4Addr::new(127, 64, 0, 0);
+/// Prefix length of [`SUBJECT_NET`].
+pub const SUBJECT_PREFIX_LEN: u8 = 10;
+/// Largest subject id that has an address (22 bits).
+pub const MAX_SUBJECT: u32 = (1 << 22) - 1;
+/// Per-try upstream timeout when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// DNS over UDP without EDNS (RFC 1035 §4.2.1).
+const UDP_PLAIN_MAX: usize = 512;
+/// EDNS payload size we advertise in answers we make ourselves
+/// (the DNS flag day 2020 value, avoids IP fragmentation).
+const EDNS_PAYLOAD: u16 = 1232;
+/// Largest DNS message: TCP framing has a 16-bit length.
+const MAX_MESSAGE: usize = 65535;
+
+/// Resource bounds of one subject's server.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// A TCP connection with no complete query for this long is closed.
+    tcp_idle: Duration,
+    /// Concurrent TCP connections per subject; more are closed at once.
+    tcp_connections: usize,
+    /// UDP queries being answered at once per subject; more are dropped.
+    udp_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tcp_idle: Duration::from_secs(10),
+            tcp_connections: 64,
+            udp_in_flight: 256,
+        }
+    }
+}
+
+/// The subject's resolver address: `127.64.0.0 | subject`.
+///
+/// `subject` must be at most [`MAX_SUBJECT`]; higher bits are ignored
+/// ([`DnsProxy::add_subject`] refuses such ids).
+pub fn subject_addr(subject: u32) -> Ipv4Addr {
+    debug_assert!(
+        subject <= MAX_SUBJECT,
+        "subject id {subject} has no address"
+    );
+    Ipv4Addr::from(u32::from(SUBJECT_NET) | (subject & MAX_SUBJECT))
+}
+
+/// The subject whose resolver address `addr` is, if it is one.
+pub fn subject_of(addr: Ipv4Addr) -> Option<u32> {
+    let bits = u32::from(addr);
+    (bits & !MAX_SUBJECT == u32::from(SUBJECT_NET)).then_some(bits & MAX_SUBJECT)
+}
+
+/// What the daemon decides and records about a subject's DNS.
+pub trait DnsGate: Send + Sync + 'static {
+    /// Whether `subject` may resolve `name` (lowercase, no trailing dot).
+    fn may_resolve(&self, subject: u32, name: &str) -> bool;
+    /// `name` resolved to these (address, TTL seconds) for `subject`;
+    /// called before the answer is relayed, only when it has addresses.
+    /// An error makes the client get SERVFAIL instead of the answer.
+    fn learned(&self, subject: u32, name: &str, answers: &[(IpAddr, u32)]) -> Result<(), String>;
+    /// A query for `name` of type `qtype` ("A", "AAAA", "TXT", ...) was
+    /// refused.
+    fn refused(&self, subject: u32, name: &str, qtype: &str);
+}
+
+/// How the proxy listens and where it forwards.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Port bound on every subject address (53 in production).
+    pub port: u16,
+    /// Upstream servers, tried in order.
+    pub upstreams: Vec<SocketAddr>,
+    /// Time allowed for one exchange with one upstream.
+    pub timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            port: 53,
+            upstreams: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Counters since the proxy was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProxyStats {
+    /// Messages received (UDP datagrams and TCP messages).
+    pub queries: u64,
+    /// Queries the gate refused.
+    pub refused: u64,
+    /// Queries the gate allowed and that were sent upstream.
+    pub forwarded: u64,
+    /// Allowed queries answered with SERVFAIL: no usable upstream answer,
+    /// or `learned` failed.
+    pub failed: u64,
+    /// Queries answered FORMERR/NOTIMP or dropped as unreadable.
+    pub malformed: u64,
+    /// UDP answers cut to header + question (TC set).
+    pub truncated: u64,
+    /// Queries and TCP connections dropped because a per-subject bound
+    /// was reached.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    queries: AtomicU64,
+    refused: AtomicU64,
+    forwarded: AtomicU64,
+    failed: AtomicU64,
+    malformed: AtomicU64,
+    truncated: AtomicU64,
+    dropped: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why no upstream answer could be used (logged at debug level; the
+/// client sees SERVFAIL).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("no upstream DNS server configured")]
+    NoUpstreams,
+    #[error("upstream {server}: no answer within {timeout:?}")]
+    Timeout {
+        server: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("upstream {server}: {source}")]
+    Io {
+        server: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {server}: {why}")]
+    Unusable {
+        server: SocketAddr,
+        why: &'static str,
+    },
+}
+
+/// What every server task of the proxy shares.
+struct Shared {
+    config: ProxyConfig,
+    gate: Arc<dyn DnsGate>,
+    counters: Counters,
+    limits: Limits,
+}
+
+/// The running servers. Dropping the last [`DnsProxy`] clone stops them.
+#[derive(Default)]
+struct Registry {
+    servers: Mutex<HashMap<u32, Server>>,
+    /// Tasks of removed subjects, until they have let go of their sockets.
+    stopping: Mutex<HashMap<u32, Vec<JoinHandle<()>>>>,
+}
+
+/// One subject's UDP and TCP server tasks. Each task alone owns its
+/// socket (child tasks get none), so aborting it closes the socket.
+struct Server {
+    udp: JoinHandle<()>,
+    tcp: JoinHandle<()>,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for server in lock(&self.servers).values() {
+            server.udp.abort();
+            server.tcp.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The per-subject DNS proxy. Cheap to clone; clones share the servers.
+#[derive(Clone)]
+pub struct DnsProxy {
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for DnsProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsProxy")
+            .field("config", &self.shared.config)
+            .field("subjects", &self.subjects())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsProxy {
+    pub fn new(config: ProxyConfig, gate: Arc<dyn DnsGate>) -> Self {
+        Self::with_limits(config, gate, Limits::default())
+    }
+
+    fn with_limits(config: ProxyConfig, gate: Arc<dyn DnsGate>, limits: Limits) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                gate,
+                counters: Counters::default(),
+                limits,
+            }),
+            registry: Arc::new(Registry::default()),
+        }
+    }
+
+    /// Binds UDP and TCP on `subject_addr(subject):port` and starts serving
+    /// (tokio tasks). Idempotent: a subject already served is left as is.
+    pub async fn add_subject(&self, subject: u32) -> io::Result<()> {
+        if subject > MAX_SUBJECT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("subject id {subject} is above {MAX_SUBJECT}, it has no DNS proxy address"),
+            ));
+        }
+        // A server removed just before still holds the address until its
+        // tasks are dropped; wait for that so the bind below succeeds.
+        let previous = lock(&self.registry.stopping)
+            .remove(&subject)
+            .unwrap_or_default();
+        for task in previous {
+            let _ = task.await;
+        }
+        self.start_serving(subject)
+    }
+
+    /// [`DnsProxy::add_subject`] from synchronous code inside the runtime
+    /// (the daemon's registry paths). Subject ids are never reused, so
+    /// there is no earlier server of the same id to wait for; if one is
+    /// still closing, this fails instead of waiting.
+    pub fn add_subject_now(&self, subject: u32) -> io::Result<()> {
+        if subject > MAX_SUBJECT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("subject id {subject} is above {MAX_SUBJECT}, it has no DNS proxy address"),
+            ));
+        }
+        {
+            let mut stopping = lock(&self.registry.stopping);
+            if let Some(tasks) = stopping.get_mut(&subject) {
+                tasks.retain(|t| !t.is_finished());
+                if !tasks.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("subject {subject}'s previous DNS proxy is still closing"),
+                    ));
+                }
+                stopping.remove(&subject);
+            }
+        }
+        self.start_serving(subject)
+    }
+
+    fn start_serving(&self, subject: u32) -> io::Result<()> {
+        let mut servers = lock(&self.registry.servers);
+        if servers.contains_key(&subject) {
+            return Ok(());
+        }
+        let addr = SocketAddr::from((subject_addr(subject), self.shared.config.port));
+        let udp = bind_udp(addr)?;
+        let tcp = bind_tcp(addr)?;
+        let server = Server {
+            udp: tokio::spawn(serve_udp(self.shared.clone(), subject, udp)),
+            tcp: tokio::spawn(serve_tcp(self.shared.clone(), subject, tcp)),
+        };
+        servers.insert(subject, server);
+        tracing::debug!(subject, %addr, "DNS proxy serving subject");
+        Ok(())
+    }
+
+    /// Stops serving `subject` and closes its sockets (as soon as the
+    /// runtime drops its tasks, which [`DnsProxy::add_subject`] waits
+    /// for). Idempotent.
+    pub fn remove_subject(&self, subject: u32) {
+        let Some(server) = lock(&self.registry.servers).remove(&subject) else {
+            return;
+        };
+        server.udp.abort();
+        server.tcp.abort();
+        let mut stopping = lock(&self.registry.stopping);
+        stopping.retain(|_, tasks| {
+            tasks.retain(|t| !t.is_finished());
+            !tasks.is_empty()
+        });
+        stopping
+            .entry(subject)
+            .or_default()
+            .extend([server.udp, server.tcp]);
+        tracing::debug!(subject, "DNS proxy stopped serving subject");
+    }
+
+    /// Subjects being served, in ascending order.
+    pub fn subjects(&self) -> Vec<u32> {
+        let mut subjects: Vec<u32> = lock(&self.registry.servers).keys().copied().collect();
+        subjects.sort_unstable();
+        subjects
+    }
+
+    /// Counters for status and metrics.
+    pub fn stats(&self) -> ProxyStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyStats {
+            queries: get(&c.queries),
+            refused: get(&c.refused),
+            forwarded: get(&c.forwarded),
+            failed: get(&c.failed),
+            malformed: get(&c.malformed),
+            truncated: get(&c.truncated),
+            dropped: get(&c.dropped),
+        }
+    }
+}
+
+/// The `nameserver` addresses of a resolv.conf text, port 53, in order,
+/// without duplicates and without our own subject addresses (a resolv.conf
+/// that points at the proxy must not make it forward to itself).
+pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for line in text.lines() {
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next().and_then(nameserver_addr) else {
+            continue;
+        };
+        let own = match addr.ip() {
+            IpAddr::V4(v4) => subject_of(v4).is_some(),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().and_then(subject_of).is_some(),
+        };
+        if !own && !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    out
+}
+
+/// `1.2.3.4`, `2001:db8::1` or `fe80::1%eth0` (zone by name or index).
+fn nameserver_addr(word: &str) -> Option<SocketAddr> {
+    if let Ok(ip) = word.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, 53));
+    }
+    let (ip, zone) = word.split_once('%')?;
+    let ip: Ipv6Addr = ip.parse().ok()?;
+    let scope = match zone.parse::<u32>() {
+        Ok(index) => index,
+        Err(_) => nix::net::if_::if_nametoindex(zone).ok()?,
+    };
+    Some(SocketAddr::V6(SocketAddrV6::new(ip, 53, 0, scope)))
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let bound = std::net::UdpSocket::bind(addr)
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            UdpSocket::from_std(s)
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("DNS proxy: binding udp {addr}: {e}")))?;
+    Ok(bound)
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listen = || {
+        let socket = TcpSocket::new_v4()?;
+        // Rebinding right after a removal must not wait for TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(128)
+    };
+    listen().map_err(|e| io::Error::new(e.kind(), format!("DNS proxy: binding tcp {addr}: {e}")))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Serves one subject's UDP socket. Children answer queries and hand the
+/// reply back through a channel, so only this task holds the socket.
+async fn serve_udp(shared: Arc<Shared>, subject: u32, socket: UdpSocket) {
+    let limit = shared.limits.udp_in_flight.max(1);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(limit);
+    let mut in_flight = JoinSet::new();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => {
+                let (len, peer) = match received {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(subject, "DNS proxy udp receive: {e}");
+                        continue;
+                    }
+                };
+                bump(&shared.counters.queries);
+                if in_flight.len() >= limit {
+                    bump(&shared.counters.dropped);
+                    tracing::debug!(subject, %peer, "DNS proxy: too many udp queries in flight, dropped");
+                    continue;
+                }
+                let query = buf[..len].to_vec();
+                let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
+                in_flight.spawn(async move {
+                    if let Some(reply) = shared.answer(subject, &query, Transport::Udp).await {
+                        let _ = reply_tx.send((reply, peer)).await;
+                    }
+                });
+            }
+            Some((reply, peer)) = reply_rx.recv() => {
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    tracing::debug!(subject, %peer, "DNS proxy udp send: {e}");
+                }
+            }
+            Some(_) = in_flight.join_next() => {}
+        }
+    }
+}
+
+/// Serves one subject's TCP listener. Connection tasks live in a
+/// `JoinSet` owned here, so aborting this task ends them too.
+async fn serve_tcp(shared: Arc<Shared>, subject: u32, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(shared.limits.tcp_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        connections.spawn(async move {
+                            serve_tcp_connection(&shared, subject, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        bump(&shared.counters.dropped);
+                        tracing::debug!(subject, %peer, "DNS proxy: too many tcp connections, closed");
+                    }
+                },
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::debug!(subject, "DNS proxy tcp accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+/// Length-framed queries (RFC 1035 §4.2.2), answered one after the other,
+/// until the client closes, stays idle too long or sends a broken message.
+async fn serve_tcp_connection(shared: &Shared, subject: u32, mut stream: TcpStream) {
+    let idle = shared.limits.tcp_idle;
+    loop {
+        let mut len = [0u8; 2];
+        if !matches!(
+            tokio::time::timeout(idle, stream.read_exact(&mut len)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if len == 0 {
+            return;
+        }
+        let mut query = vec![0u8; len];
+        if !matches!(
+            tokio::time::timeout(idle, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        bump(&shared.counters.queries);
+        let Some(reply) = shared.answer(subject, &query, Transport::Tcp).await else {
+            return;
+        };
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&reply_len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if !matches!(
+            tokio::time::timeout(idle, stream.write_all(&framed)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}
+
+/// An upstream answer that matched our request.
+struct UpstreamAnswer {
+    bytes: Vec<u8>,
+    message: Message,
+}
+
+impl Shared {
+    /// The reply to one query, `None` to send nothing.
+    async fn answer(&self, subject: u32, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let request = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(e) => {
+                bump(&self.counters.malformed);
+                tracing::debug!(subject, "DNS proxy: unreadable query: {e}");
+                return format_error_for(query);
+            }
+        };
+        if request.message_type() != MessageType::Query {
+            // A response sent to us: answering could start a loop.
+            bump(&self.counters.malformed);
+            return None;
+        }
+        if request.op_code() != OpCode::Query {
+            bump(&self.counters.malformed);
+            return encode(&reply_to(&request, ResponseCode::NotImp));
+        }
+        let [question] = request.queries() else {
+            bump(&self.counters.malformed);
+            tracing::debug!(
+                subject,
+                questions = request.queries().len(),
+                "DNS proxy: not one question"
+            );
+            return encode(&reply_to(&request, ResponseCode::FormErr));
+        };
+        let name = judged_name(question.name());
+        let qtype = question.query_type();
+        if !self.gate.may_resolve(subject, &name) {
+            bump(&self.counters.refused);
+            tracing::debug!(subject, name, %qtype, "DNS proxy: refused");
+            self.gate.refused(subject, &name, &qtype.to_string());
+            return encode(&reply_to(&request, ResponseCode::Refused));
+        }
+        bump(&self.counters.forwarded);
+        let upstream = match self.forward(query, question).await {
+            Ok(a) => a,
+            Err(e) => {
+                bump(&self.counters.failed);
+                tracing::debug!(subject, name, %qtype, "DNS proxy: {e}");
+                return encode(&reply_to(&request, ResponseCode::ServFail));
+            }
+        };
+        let learned = addresses(&upstream.message, question.name());
+        if !learned.is_empty()
+            && let Err(e) = self.gate.learned(subject, &name, &learned)
+        {
+            bump(&self.counters.failed);
+            tracing::debug!(subject, name, "DNS proxy: learning the answer failed: {e}");
+            return encode(&reply_to(&request, ResponseCode::ServFail));
+        }
+        tracing::debug!(subject, name, %qtype, addresses = learned.len(), "DNS proxy: answered");
+        let limit = usize::from(request.max_payload()).max(UDP_PLAIN_MAX);
+        if transport == Transport::Udp && upstream.bytes.len() > limit {
+            bump(&self.counters.truncated);
+            let mut cut = upstream.message.truncate();
+            cut.set_id(request.id());
+            return encode(&cut);
+        }
+        let mut bytes = upstream.bytes;
+        bytes[..2].copy_from_slice(&request.id().to_be_bytes());
+        Some(bytes)
+    }
+
+    /// Asks the upstreams in order; the first usable answer wins.
+    async fn forward(
+        &self,
+        query: &[u8],
+        question: &Query,
+    ) -> Result<UpstreamAnswer, ForwardError> {
+        let mut last = ForwardError::NoUpstreams;
+        for &server in &self.config.upstreams {
+            let outcome = match self.exchange(server, query, question, Transport::Udp).await {
+                Ok(a) if a.message.truncated() => {
+                    self.exchange(server, query, question, Transport::Tcp).await
+                }
+                other => other,
+            };
+            match outcome {
+                Ok(a)
+                    if matches!(
+                        a.message.response_code(),
+                        ResponseCode::NoError | ResponseCode::NXDomain
+                    ) =>
+                {
+                    return Ok(a);
+                }
+                Ok(_) => {
+                    last = ForwardError::Unusable {
+                        server,
+                        why: "answered with an error code",
+                    }
+                }
+                Err(e) => last = e,
+            }
+            tracing::debug!("DNS proxy: {last}; trying the next upstream");
+        }
+        Err(last)
+    }
+
+    /// One exchange with one upstream within the per-try timeout, with a
+    /// fresh random id.
+    async fn exchange(
+        &self,
+        server: SocketAddr,
+        query: &[u8],
+        question: &Query,
+        transport: Transport,
+    ) -> Result<UpstreamAnswer, ForwardError> {
+        let id: u16 = rand::random();
+        let mut request = query.to_vec();
+        request[..2].copy_from_slice(&id.to_be_bytes());
+        let timeout = self.config.timeout;
+        let exchange = async {
+            match transport {
+                Transport::Udp => udp_exchange(server, &request, id, question).await,
+                Transport::Tcp => tcp_exchange(server, &request, id, question).await,
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ForwardError::Timeout { server, timeout })?
+    }
+}
+
+/// Over UDP, datagrams that are not the answer (wrong id or question, late
+/// answers, spoofing attempts) are skipped; the timeout ends the wait.
+async fn udp_exchange(
+    server: SocketAddr,
+    request: &[u8],
+    id: u16,
+    question: &Query,
+) -> Result<UpstreamAnswer, ForwardError> {
+    let io_err = |source| ForwardError::Io { server, source };
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    // Connected: the kernel drops datagrams from any other source.
+    let socket = UdpSocket::bind(local).await.map_err(io_err)?;
+    socket.connect(server).await.map_err(io_err)?;
+    socket.send(request).await.map_err(io_err)?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let len = socket.recv(&mut buf).await.map_err(io_err)?;
+        if let Some(message) = matching_answer(&buf[..len], id, question) {
+            buf.truncate(len);
+            return Ok(UpstreamAnswer {
+                bytes: buf,
+                message,
+            });
+        }
+    }
+}
+
+async fn tcp_exchange(
+    server: SocketAddr,
+    request: &[u8],
+    id: u16,
+    question: &Query,
+) -> Result<UpstreamAnswer, ForwardError> {
+    let io_err = |source| ForwardError::Io { server, source };
+    let request_len = u16::try_from(request.len()).map_err(|_| ForwardError::Unusable {
+        server,
+        why: "query too long for tcp",
+    })?;
+    let mut stream = TcpStream::connect(server).await.map_err(io_err)?;
+    let mut framed = Vec::with_capacity(request.len() + 2);
+    framed.extend_from_slice(&request_len.to_be_bytes());
+    framed.extend_from_slice(request);
+    stream.write_all(&framed).await.map_err(io_err)?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.map_err(io_err)?;
+    let mut bytes = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut bytes).await.map_err(io_err)?;
+    let message = matching_answer(&bytes, id, question).ok_or(ForwardError::Unusable {
+        server,
+        why: "tcp answer does not match the query",
+    })?;
+    Ok(UpstreamAnswer { bytes, message })
+}
+
+/// The parsed answer if `bytes` answer our request: a response with our
+/// id and our question (an error answer may carry no question).
+fn matching_answer(bytes: &[u8], id: u16, question: &Query) -> Option<Message> {
+    let message = Message::from_vec(bytes).ok()?;
+    if message.message_type() != MessageType::Response || message.id() != id {
+        return None;
+    }
+    let same_question = match message.queries() {
+        [q] => {
+            q.name() == question.name()
+                && q.query_type() == question.query_type()
+                && q.query_class() == question.query_class()
+        }
+        [] => message.response_code() != ResponseCode::NoError,
+        _ => false,
+    };
+    same_question.then_some(message)
+}
+
+/// A/AAAA records (address, TTL) of the answer section owned by `qname`
+/// or by a name its CNAME chain leads to.
+fn addresses(answer: &Message, qname: &Name) -> Vec<(IpAddr, u32)> {
+    let mut aliases: HashMap<&Name, Vec<&Name>> = HashMap::new();
+    for record in answer.answers() {
+        if let RData::CNAME(target) = record.data() {
+            aliases.entry(record.name()).or_default().push(&target.0);
+        }
+    }
+    let mut chain: HashSet<&Name> = HashSet::from([qname]);
+    let mut todo = vec![qname];
+    while let Some(name) = todo.pop() {
+        for &target in aliases.get(name).into_iter().flatten() {
+            if chain.insert(target) {
+                todo.push(target);
+            }
+        }
+    }
+    answer
+        .answers()
+        .iter()
+        .filter(|r| chain.contains(r.name()))
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some((IpAddr::V4(a.0), r.ttl())),
+            RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The name the gate judges: ASCII (punycode kept, other bytes escaped as
+/// `\ddd`, a dot inside a label as `\.`), lowercase, no trailing dot.
+fn judged_name(name: &Name) -> String {
+    let mut s = name.to_ascii();
+    s.make_ascii_lowercase();
+    if s.ends_with('.') {
+        s.pop();
+    }
+    s
+}
+
+/// A reply we make ourselves: same id, opcode, RD and CD, question echoed,
+/// RA set, an OPT record if the client sent one.
+fn reply_to(request: &Message, code: ResponseCode) -> Message {
+    let mut header = Header::response_from_request(request.header());
+    header.set_recursion_available(true);
+    header.set_response_code(code);
+    let mut reply = Message::new();
+    reply.set_header(header);
+    reply.add_queries(request.queries().iter().cloned());
+    if request.extensions().is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        reply.set_edns(edns);
+    }
+    reply
+}
+
+/// FORMERR for a message we could not parse, if it has an id and does not
+/// claim to be a response.
+fn format_error_for(raw: &[u8]) -> Option<Vec<u8>> {
+    let [hi, lo, flags, ..] = *raw else {
+        return None;
+    };
+    if flags & 0x80 != 0 {
+        return None;
+    }
+    let mut reply = Message::error_msg(
+        u16::from_be_bytes([hi, lo]),
+        OpCode::Query,
+        ResponseCode::FormErr,
+    );
+    reply.set_recursion_available(true);
+    encode(&reply)
+}
+
+fn encode(message: &Message) -> Option<Vec<u8>> {
+    message
+        .to_vec()
+        .map_err(|e| tracing::debug!("DNS proxy: encoding a reply: {e}"))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::Ipv6Addr,
+        sync::atomic::AtomicUsize,
+        time::{Duration, Instant},
+    };
+
+    use hickory_resolver::proto::rr::{
+        Record, RecordType,
+        rdata::{A, AAAA, CNAME},
+    };
+
+    use super::*;
+
+    // ----- a fake gate that records what it was asked, in order -----
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        MayResolve(u32, String),
+        Learned(u32, String, Vec<(IpAddr, u32)>),
+        Refused(u32, String, String),
+    }
+
+    #[derive(Default)]
+    struct FakeGate {
+        /// (subject, name) pairs that may be resolved.
+        allowed: Vec<(u32, &'static str)>,
+        fail_learning: bool,
+        /// `learned` takes this long, to show the reply waits for it.
+        learn_delay: Duration,
+        calls: Mutex<Vec<Call>>,
+        /// When `learned` returned.
+        learned_at: Mutex<Option<Instant>>,
+    }
+
+    impl FakeGate {
+        fn allowing(allowed: &[(u32, &'static str)]) -> Arc<Self> {
+            Arc::new(Self {
+                allowed: allowed.to_vec(),
+                ..Self::default()
+            })
+        }
+        fn calls(&self) -> Vec<Call> {
+            lock(&self.calls).clone()
+        }
+        fn learned(&self) -> Vec<Call> {
+            self.calls()
+                .into_iter()
+                .filter(|c| matches!(c, Call::Learned(..)))
+                .collect()
+        }
+    }
+
+    impl DnsGate for FakeGate {
+        fn may_resolve(&self, subject: u32, name: &str) -> bool {
+            lock(&self.calls).push(Call::MayResolve(subject, name.to_string()));
+            self.allowed.contains(&(subject, name))
+        }
+        fn learned(
+            &self,
+            subject: u32,
+            name: &str,
+            answers: &[(IpAddr, u32)],
+        ) -> Result<(), String> {
+            std::thread::sleep(self.learn_delay);
+            lock(&self.calls).push(Call::Learned(subject, name.to_string(), answers.to_vec()));
+            *lock(&self.learned_at) = Some(Instant::now());
+            if self.fail_learning {
+                Err("kernel map full".to_string())
+            } else {
+                Ok(())
+            }
+        }
+        fn refused(&self, subject: u32, name: &str, qtype: &str) {
+            lock(&self.calls).push(Call::Refused(subject, name.to_string(), qtype.to_string()));
+        }
+    }
+
+    // ----- a fake upstream DNS server (UDP + TCP on one 127.0.0.1 port) -----
+
+    const BIG_RECORDS: usize = 60;
+
+    struct FakeUpstream {
+        addr: SocketAddr,
+        udp_queries: Arc<AtomicUsize>,
+        tcp_queries: Arc<AtomicUsize>,
+        tasks: Vec<JoinHandle<()>>,
+    }
+
+    impl Drop for FakeUpstream {
+        fn drop(&mut self) {
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
+    }
+
+    impl FakeUpstream {
+        fn received(&self) -> usize {
+            self.udp_queries.load(Ordering::SeqCst) + self.tcp_queries.load(Ordering::SeqCst)
+        }
+
+        async fn start() -> Self {
+            // UDP and TCP must share the port, as a real server's do.
+            let (udp, tcp) = loop {
+                let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+                let addr = udp.local_addr().expect("udp addr");
+                if let Ok(tcp) = TcpListener::bind(addr).await {
+                    break (udp, tcp);
+                }
+            };
+            let addr = udp.local_addr().expect("udp addr");
+            let udp_queries = Arc::new(AtomicUsize::new(0));
+            let tcp_queries = Arc::new(AtomicUsize::new(0));
+            let udp_count = udp_queries.clone();
+            let udp_task = tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_MESSAGE];
+                while let Ok((len, peer)) = udp.recv_from(&mut buf).await {
+                    udp_count.fetch_add(1, Ordering::SeqCst);
+                    let Ok(query) = Message::from_vec(&buf[..len]) else {
+                        continue;
+                    };
+                    let mut reply = fake_answer(&query);
+                    let full = reply.to_vec().expect("encode");
+                    let bytes = if full.len() > usize::from(query.max_payload()) {
+                        reply = reply.truncate();
+                        reply.to_vec().expect("encode")
+                    } else {
+                        full
+                    };
+                    let _ = udp.send_to(&bytes, peer).await;
+                }
+            });
+            let tcp_count = tcp_queries.clone();
+            let tcp_task = tokio::spawn(async move {
+                while let Ok((mut stream, _)) = tcp.accept().await {
+                    let count = tcp_count.clone();
+                    tokio::spawn(async move {
+                        while let Ok(query) = read_framed(&mut stream).await {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let Ok(query) = Message::from_vec(&query) else {
+                                return;
+                            };
+                            let reply = fake_answer(&query).to_vec().expect("encode");
+                            if write_framed(&mut stream, &reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            Self {
+                addr,
+                udp_queries,
+                tcp_queries,
+                tasks: vec![udp_task, tcp_task],
+            }
+        }
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).expect("name")
+    }
+
+    fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Record {
+        Record::from_rdata(name(owner), ttl, RData::A(A(Ipv4Addr::from(ip))))
+    }
+
+    /// The fake zone: a.test (A, AAAA), b.test, alias.test (a CNAME chain
+    /// plus an unrelated record), big.test (more than 512 bytes), and
+    /// NXDOMAIN for the rest.
+    fn fake_answer(query: &Message) -> Message {
+        let mut header = Header::response_from_request(query.header());
+        header.set_recursion_available(true);
+        let mut reply = Message::new();
+        reply.set_header(header);
+        reply.add_queries(query.queries().iter().cloned());
+        if let Some(edns) = query.extensions() {
+            reply.set_edns(edns.clone());
+        }
+        let Some(q) = query.queries().first() else {
+            reply.set_response_code(ResponseCode::FormErr);
+            return reply;
+        };
+        let qname = judged_name(q.name());
+        match (qname.as_str(), q.query_type()) {
+            ("a.test", RecordType::A) => {
+                reply.add_answer(a("a.test.", 300, [192, 0, 2, 1]));
+            }
+            ("a.test", RecordType::AAAA) => {
+                let ip = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+                reply.add_answer(Record::from_rdata(
+                    name("a.test."),
+                    300,
+                    RData::AAAA(AAAA(ip)),
+                ));
+            }
+            ("b.test", RecordType::A) => {
+                reply.add_answer(a("b.test.", 30, [192, 0, 2, 2]));
+            }
+            ("alias.test", RecordType::A) => {
+                let cname = |from: &str, to: &str| {
+                    Record::from_rdata(name(from), 100, RData::CNAME(CNAME(name(to))))
+                };
+                reply.add_answer(cname("alias.test.", "mid.test."));
+                reply.add_answer(cname("mid.test.", "end.test."));
+                reply.add_answer(a("end.test.", 50, [192, 0, 2, 20]));
+                reply.add_answer(a("other.test.", 50, [198, 51, 100, 9]));
+            }
+            ("big.test", RecordType::A) => {
+                for i in 0..BIG_RECORDS {
+                    reply.add_answer(a("big.test.", 60, [10, 0, 0, i as u8]));
+                }
+            }
+            ("evil.test", _) => {
+                reply.add_answer(a("evil.test.", 60, [203, 0, 113, 66]));
+            }
+            _ => {
+                reply.set_response_code(ResponseCode::NXDomain);
+            }
+        }
+        reply
+    }
+
+    async fn read_framed(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut msg).await?;
+        Ok(msg)
+    }
+
+    async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+        let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(msg);
+        stream.write_all(&framed).await
+    }
+
+    // ----- clients -----
+
+    fn query(id: u16, qname: &str, qtype: RecordType) -> Message {
+        let mut m = Message::new();
+        m.set_id(id)
+            .set_recursion_desired(true)
+            .add_query(Query::query(name(qname), qtype));
+        m
+    }
+
+    /// Sends raw bytes over UDP; the answer, if one comes within `wait`.
+    async fn udp_raw(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("client bind");
+        socket.send_to(bytes, server).await.expect("client send");
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        match tokio::time::timeout(wait, socket.recv_from(&mut buf)).await {
+            Ok(Ok((len, from))) => {
+                assert_eq!(from, server, "answer from the address asked");
+                Some(buf[..len].to_vec())
+            }
+            _ => None,
+        }
+    }
+
+    async fn udp_ask(server: SocketAddr, m: &Message) -> Message {
+        let bytes = udp_raw(server, &m.to_vec().expect("encode"), Duration::from_secs(5))
+            .await
+            .expect("an answer over udp");
+        Message::from_vec(&bytes).expect("a DNS answer")
+    }
+
+    async fn tcp_ask(stream: &mut TcpStream, m: &Message) -> Message {
+        write_framed(stream, &m.to_vec().expect("encode"))
+            .await
+            .expect("tcp send");
+        let bytes = tokio::time::timeout(Duration::from_secs(5), read_framed(stream))
+            .await
+            .expect("tcp answer in time")
+            .expect("tcp answer");
+        Message::from_vec(&bytes).expect("a DNS answer")
+    }
+
+    fn answer_ips(m: &Message) -> Vec<IpAddr> {
+        m.answers()
+            .iter()
+            .filter_map(|r| match r.data() {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ip(a: [u8; 4]) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(a))
+    }
+
+    // ----- the proxy under test -----
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// A proxy serving `subjects` on a random high port (retried while
+    /// taken, so tests and concurrent runs do not collide).
+    async fn start_proxy(
+        upstreams: Vec<SocketAddr>,
+        gate: Arc<FakeGate>,
+        subjects: &[u32],
+        limits: Limits,
+    ) -> (DnsProxy, u16) {
+        for _ in 0..50 {
+            let port = rand::random::<u16>() % 30000 + 30000;
+            let config = ProxyConfig {
+                port,
+                upstreams: upstreams.clone(),
+                timeout: TIMEOUT,
+            };
+            let proxy = DnsProxy::with_limits(config, gate.clone(), limits);
+            let mut ok = true;
+            for &s in subjects {
+                if let Err(e) = proxy.add_subject(s).await {
+                    assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return (proxy, port);
+            }
+        }
+        panic!("no free port for the DNS proxy");
+    }
+
+    fn at(subject: u32, port: u16) -> SocketAddr {
+        SocketAddr::from((subject_addr(subject), port))
+    }
+
+    /// An address where nothing listens (UDP or TCP).
+    async fn closed_port() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        s.local_addr().expect("addr")
+    }
+
+    // ----- tests -----
+
+    #[test]
+    fn subject_addresses_carry_the_id_in_127_64_0_0_10() {
+        assert_eq!(subject_addr(7), Ipv4Addr::new(127, 64, 0, 7));
+        assert_eq!(subject_addr(0x1234), Ipv4Addr::new(127, 64, 0x12, 0x34));
+        assert_eq!(subject_addr(MAX_SUBJECT), Ipv4Addr::new(127, 127, 255, 255));
+        for s in [1, 7, 8, 0x3_0000, MAX_SUBJECT] {
+            assert_eq!(subject_of(subject_addr(s)), Some(s));
+        }
+        assert_eq!(subject_of(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(subject_of(Ipv4Addr::new(127, 63, 255, 255)), None);
+        assert_eq!(subject_of(Ipv4Addr::new(127, 128, 0, 0)), None);
+        assert_eq!(subject_of(Ipv4Addr::new(10, 64, 0, 7)), None);
+    }
+
+    #[test]
+    fn resolv_conf_nameservers_become_upstreams_except_our_own() {
+        let text = "\
+# generated
+search example.com
+nameserver 1.1.1.1
+nameserver 127.64.0.7   # a subject address: ours, skipped
+nameserver ::ffff:127.64.0.8
+nameserver 2001:4860:4860::8888
+  nameserver   9.9.9.9 ; trailing comment
+;nameserver 8.8.8.8
+nameserver not-an-address
+nameserver
+options ndots:2 timeout:1
+nameserver fe80::1%1
+nameserver 1.1.1.1
+nameserver 127.0.0.53
+";
+        let got = upstreams_from_resolv_conf(text);
+        let v6 = |s: &str, scope| {
+            SocketAddr::V6(SocketAddrV6::new(s.parse().expect("v6"), 53, 0, scope))
+        };
+        assert_eq!(
+            got,
+            vec![
+                "1.1.1.1:53".parse().expect("addr"),
+                v6("2001:4860:4860::8888", 0),
+                "9.9.9.9:53".parse().expect("addr"),
+                v6("fe80::1", 1),
+                "127.0.0.53:53".parse().expect("addr"),
+            ]
+        );
+        assert!(upstreams_from_resolv_conf("").is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn allowed_name_is_relayed_with_the_client_id_after_it_was_learned() {
+        let upstream = FakeUpstream::start().await;
+        let gate = Arc::new(FakeGate {
+            allowed: vec![(7, "a.test")],
+            learn_delay: Duration::from_millis(100),
+            ..FakeGate::default()
+        });
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        // Mixed case and the trailing dot are not part of the judged name.
+        let reply = udp_ask(at(7, port), &query(0x1234, "A.Test.", RecordType::A)).await;
+        let replied_at = Instant::now();
+
+        assert_eq!(reply.id(), 0x1234);
+        assert_eq!(reply.message_type(), MessageType::Response);
+        assert_eq!(reply.response_code(), ResponseCode::NoError);
+        assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 1])]);
+        assert_eq!(
+            gate.calls(),
+            vec![
+                Call::MayResolve(7, "a.test".into()),
+                Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+            ]
+        );
+        let learned_at = lock(&gate.learned_at).expect("learned was called");
+        assert!(
+            learned_at <= replied_at,
+            "the reply left before learned() returned"
+        );
+        assert_eq!(upstream.udp_queries.load(Ordering::SeqCst), 1);
+
+        let reply = udp_ask(at(7, port), &query(0xbeef, "a.test", RecordType::AAAA)).await;
+        assert_eq!(reply.id(), 0xbeef);
+        let v6: IpAddr = "2001:db8::1".parse().expect("v6");
+        assert_eq!(answer_ips(&reply), vec![v6]);
+        assert_eq!(
+            gate.learned().last(),
+            Some(&Call::Learned(7, "a.test".into(), vec![(v6, 300)]))
+        );
+
+        let stats = proxy.stats();
+        assert_eq!(
+            (stats.queries, stats.forwarded, stats.refused, stats.failed),
+            (2, 2, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn disallowed_name_is_refused_without_asking_upstream() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let reply = udp_ask(at(7, port), &query(0x4242, "Evil.test", RecordType::TXT)).await;
+
+        assert_eq!(reply.id(), 0x4242);
+        assert_eq!(reply.response_code(), ResponseCode::Refused);
+        assert!(reply.recursion_available());
+        assert!(reply.recursion_desired());
+        assert!(reply.answers().is_empty());
+        assert_eq!(
+            reply.queries(),
+            query(0, "Evil.test.", RecordType::TXT).queries()
+        );
+        assert_eq!(
+            gate.calls(),
+            vec![
+                Call::MayResolve(7, "evil.test".into()),
+                Call::Refused(7, "evil.test".into(), "TXT".into()),
+            ]
+        );
+        assert_eq!(upstream.received(), 0);
+        assert_eq!(proxy.stats().refused, 1);
+        assert_eq!(proxy.stats().forwarded, 0);
+    }
+
+    #[tokio::test]
+    async fn refusal_keeps_edns_for_clients_that_sent_it() {
+        let gate = FakeGate::allowing(&[]);
+        let (_proxy, port) = start_proxy(vec![], gate, &[7], Limits::default()).await;
+        let mut q = query(9, "evil.test", RecordType::A);
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        q.set_edns(edns);
+        let reply = udp_ask(at(7, port), &q).await;
+        assert_eq!(reply.response_code(), ResponseCode::Refused);
+        assert!(reply.extensions().is_some());
+    }
+
+    #[tokio::test]
+    async fn learning_failure_fails_closed_with_servfail() {
+        let upstream = FakeUpstream::start().await;
+        let gate = Arc::new(FakeGate {
+            allowed: vec![(7, "a.test")],
+            fail_learning: true,
+            ..FakeGate::default()
+        });
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let reply = udp_ask(at(7, port), &query(77, "a.test", RecordType::A)).await;
+
+        assert_eq!(reply.id(), 77);
+        assert_eq!(reply.response_code(), ResponseCode::ServFail);
+        assert!(reply.answers().is_empty(), "no address leaks out");
+        assert_eq!(gate.learned().len(), 1);
+        assert_eq!(proxy.stats().failed, 1);
+    }
+
+    #[tokio::test]
+    async fn closed_upstream_gives_servfail_quickly() {
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (proxy, port) = start_proxy(
+            vec![closed_port().await],
+            gate.clone(),
+            &[7],
+            Limits::default(),
+        )
+        .await;
+
+        let started = Instant::now();
+        let reply = udp_ask(at(7, port), &query(5, "a.test", RecordType::A)).await;
+
+        assert_eq!(reply.response_code(), ResponseCode::ServFail);
+        assert_eq!(reply.id(), 5);
+        assert!(
+            started.elapsed() < TIMEOUT * 2,
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(gate.learned().is_empty());
+        assert_eq!(proxy.stats().failed, 1);
+    }
+
+    #[tokio::test]
+    async fn silent_upstream_gives_servfail_after_the_timeout() {
+        // Bound but never answering.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (_proxy, port) = start_proxy(
+            vec![silent.local_addr().expect("addr")],
+            gate.clone(),
+            &[7],
+            Limits::default(),
+        )
+        .await;
+
+        let started = Instant::now();
+        let reply = udp_ask(at(7, port), &query(6, "a.test", RecordType::A)).await;
+        let took = started.elapsed();
+
+        assert_eq!(reply.response_code(), ResponseCode::ServFail);
+        assert!(took >= TIMEOUT, "answered before the timeout: {took:?}");
+        assert!(took < TIMEOUT * 3, "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn next_upstream_is_tried_when_one_fails() {
+        let upstream = FakeUpstream::start().await;
+        let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let gate = FakeGate::allowing(&[(7, "b.test")]);
+        let (_proxy, port) = start_proxy(
+            vec![silent.local_addr().expect("addr"), upstream.addr],
+            gate.clone(),
+            &[7],
+            Limits::default(),
+        )
+        .await;
+
+        let reply = udp_ask(at(7, port), &query(8, "b.test", RecordType::A)).await;
+
+        assert_eq!(reply.response_code(), ResponseCode::NoError);
+        assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 2])]);
+    }
+
+    #[tokio::test]
+    async fn upstream_answers_with_the_wrong_id_are_ignored() {
+        // An "upstream" that first answers with a forged id and a bad
+        // address, then correctly.
+        let liar = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let liar_addr = liar.local_addr().expect("addr");
+        let liar_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let (len, peer) = liar.recv_from(&mut buf).await.expect("query");
+            let q = Message::from_vec(&buf[..len]).expect("query");
+            let mut forged = fake_answer(&q);
+            forged.set_id(q.id().wrapping_add(1));
+            forged.take_answers();
+            forged.add_answer(a("b.test.", 60, [203, 0, 113, 66]));
+            let _ = liar.send_to(&forged.to_vec().expect("encode"), peer).await;
+            let real = fake_answer(&q).to_vec().expect("encode");
+            let _ = liar.send_to(&real, peer).await;
+        });
+        let gate = FakeGate::allowing(&[(7, "b.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![liar_addr], gate.clone(), &[7], Limits::default()).await;
+
+        let reply = udp_ask(at(7, port), &query(10, "b.test", RecordType::A)).await;
+
+        assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 2])]);
+        assert_eq!(
+            gate.learned(),
+            vec![Call::Learned(
+                7,
+                "b.test".into(),
+                vec![(ip([192, 0, 2, 2]), 30)]
+            )]
+        );
+        liar_task.await.expect("liar ran");
+    }
+
+    #[tokio::test]
+    async fn tcp_queries_share_a_connection() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test"), (7, "b.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let first = tcp_ask(&mut stream, &query(1, "a.test", RecordType::A)).await;
+        let second = tcp_ask(&mut stream, &query(2, "b.test", RecordType::A)).await;
+        let third = tcp_ask(&mut stream, &query(3, "evil.test", RecordType::A)).await;
+
+        assert_eq!(
+            (first.id(), answer_ips(&first)),
+            (1, vec![ip([192, 0, 2, 1])])
+        );
+        assert_eq!(
+            (second.id(), answer_ips(&second)),
+            (2, vec![ip([192, 0, 2, 2])])
+        );
+        assert_eq!(
+            (third.id(), third.response_code()),
+            (3, ResponseCode::Refused)
+        );
+        assert_eq!(gate.learned().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn cname_chain_addresses_are_learned_under_the_asked_name() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "alias.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let reply = udp_ask(at(7, port), &query(11, "alias.test", RecordType::A)).await;
+
+        // The client gets the whole answer; only the chain's address is
+        // learned, not the unrelated record the upstream added.
+        assert_eq!(reply.answers().len(), 4);
+        assert_eq!(
+            gate.learned(),
+            vec![Call::Learned(
+                7,
+                "alias.test".into(),
+                vec![(ip([192, 0, 2, 20]), 50)]
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn nxdomain_is_relayed_and_nothing_is_learned() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "missing.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let reply = udp_ask(at(7, port), &query(12, "missing.test", RecordType::A)).await;
+
+        assert_eq!(reply.response_code(), ResponseCode::NXDomain);
+        assert!(gate.learned().is_empty());
+    }
+
+    #[tokio::test]
+    async fn large_answer_is_truncated_over_udp_and_complete_over_tcp() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "big.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let raw = udp_raw(
+            at(7, port),
+            &query(13, "big.test", RecordType::A)
+                .to_vec()
+                .expect("encode"),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("udp answer");
+        assert!(raw.len() <= UDP_PLAIN_MAX, "{} bytes over udp", raw.len());
+        let cut = Message::from_vec(&raw).expect("answer");
+        assert_eq!(cut.id(), 13);
+        assert!(cut.truncated());
+        assert!(cut.answers().is_empty());
+        assert_eq!(
+            cut.queries(),
+            query(0, "big.test.", RecordType::A).queries()
+        );
+        // The proxy itself had to go to TCP upstream for the full answer.
+        assert!(upstream.tcp_queries.load(Ordering::SeqCst) >= 1);
+        assert_eq!(proxy.stats().truncated, 1);
+
+        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let full = tcp_ask(&mut stream, &query(14, "big.test", RecordType::A)).await;
+        assert_eq!(full.id(), 14);
+        assert!(!full.truncated());
+        assert_eq!(answer_ips(&full).len(), BIG_RECORDS);
+        let Some(Call::Learned(7, name, learned)) = gate.learned().pop() else {
+            panic!("nothing learned");
+        };
+        assert_eq!(name, "big.test");
+        assert_eq!(learned.len(), BIG_RECORDS);
+        assert!(learned.iter().all(|(_, ttl)| *ttl == 60));
+    }
+
+    #[tokio::test]
+    async fn udp_client_edns_size_is_honoured() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "big.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let mut q = query(15, "big.test", RecordType::A);
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        q.set_edns(edns);
+        let reply = udp_ask(at(7, port), &q).await;
+
+        assert!(!reply.truncated());
+        assert_eq!(answer_ips(&reply).len(), BIG_RECORDS);
+    }
+
+    #[tokio::test]
+    async fn two_subjects_are_told_apart_by_address() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test"), (8, "b.test")]);
+        let (proxy, port) = start_proxy(
+            vec![upstream.addr],
+            gate.clone(),
+            &[7, 8],
+            Limits::default(),
+        )
+        .await;
+        assert_eq!(proxy.subjects(), vec![7, 8]);
+
+        let seven_a = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        let eight_a = udp_ask(at(8, port), &query(2, "a.test", RecordType::A)).await;
+        let eight_b = udp_ask(at(8, port), &query(3, "b.test", RecordType::A)).await;
+
+        assert_eq!(seven_a.response_code(), ResponseCode::NoError);
+        assert_eq!(eight_a.response_code(), ResponseCode::Refused);
+        assert_eq!(eight_b.response_code(), ResponseCode::NoError);
+        let calls = gate.calls();
+        assert!(calls.contains(&Call::Learned(
+            7,
+            "a.test".into(),
+            vec![(ip([192, 0, 2, 1]), 300)]
+        )));
+        assert!(calls.contains(&Call::Refused(8, "a.test".into(), "A".into())));
+        assert!(calls.contains(&Call::Learned(
+            8,
+            "b.test".into(),
+            vec![(ip([192, 0, 2, 2]), 30)]
+        )));
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Learned(8, n, _) if n == "a.test"))
+        );
+    }
+
+    #[tokio::test]
+    async fn removed_subject_is_no_longer_answered_and_can_come_back() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(9, "a.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[9], Limits::default()).await;
+        // Adding again is a no-op.
+        proxy.add_subject(9).await.expect("idempotent add");
+        assert_eq!(proxy.subjects(), vec![9]);
+        let q = query(21, "a.test", RecordType::A);
+        assert_eq!(
+            udp_ask(at(9, port), &q).await.response_code(),
+            ResponseCode::NoError
+        );
+
+        proxy.remove_subject(9);
+        proxy.remove_subject(9);
+        assert!(proxy.subjects().is_empty());
+        // Let the runtime drop the aborted tasks (and their sockets).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let bytes = q.to_vec().expect("encode");
+        assert_eq!(udp_raw(at(9, port), &bytes, TIMEOUT).await, None);
+        assert!(TcpStream::connect(at(9, port)).await.is_err());
+
+        proxy
+            .add_subject(9)
+            .await
+            .expect("add back on the same address");
+        assert_eq!(
+            udp_ask(at(9, port), &q).await.response_code(),
+            ResponseCode::NoError
+        );
+    }
+
+    #[tokio::test]
+    async fn remove_then_add_at_once_rebinds() {
+        let gate = FakeGate::allowing(&[]);
+        let (proxy, port) = start_proxy(vec![], gate, &[10], Limits::default()).await;
+        for _ in 0..5 {
+            proxy.remove_subject(10);
+            proxy
+                .add_subject(10)
+                .await
+                .expect("rebind right after removal");
+        }
+        let reply = udp_ask(at(10, port), &query(1, "x.test", RecordType::A)).await;
+        assert_eq!(reply.response_code(), ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn subject_ids_without_an_address_are_refused() {
+        let proxy = DnsProxy::new(ProxyConfig::default(), FakeGate::allowing(&[]));
+        let err = proxy
+            .add_subject(MAX_SUBJECT + 1)
+            .await
+            .expect_err("too large");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(proxy.subjects().is_empty());
+    }
+
+    #[tokio::test]
+    async fn malformed_queries_get_formerr_or_nothing() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test"), (7, "evil.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let server = at(7, port);
+        let wait = Duration::from_secs(2);
+
+        // A header announcing a question that is not there.
+        let cut = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        let reply = udp_raw(server, &cut, wait).await.expect("formerr");
+        let reply = Message::from_vec(&reply).expect("answer");
+        assert_eq!(
+            (reply.id(), reply.response_code()),
+            (0xabcd, ResponseCode::FormErr)
+        );
+
+        // No id to answer to.
+        assert_eq!(udp_raw(server, &[0xab], TIMEOUT).await, None);
+
+        // No question.
+        let mut empty = Message::new();
+        empty.set_id(31);
+        let reply = udp_ask(server, &empty).await;
+        assert_eq!(
+            (reply.id(), reply.response_code()),
+            (31, ResponseCode::FormErr)
+        );
+
+        // Two questions: the second would not be judged.
+        let mut two = query(32, "a.test", RecordType::A);
+        two.add_query(Query::query(name("evil.test"), RecordType::A));
+        let reply = udp_ask(server, &two).await;
+        assert_eq!(
+            (reply.id(), reply.response_code()),
+            (32, ResponseCode::FormErr)
+        );
+
+        // Not a query.
+        let mut update = query(33, "a.test", RecordType::A);
+        update.set_op_code(OpCode::Update);
+        let reply = udp_ask(server, &update).await;
+        assert_eq!(
+            (reply.id(), reply.response_code()),
+            (33, ResponseCode::NotImp)
+        );
+
+        // A response sent to the proxy is not answered.
+        let mut response = query(34, "a.test", RecordType::A);
+        response.set_message_type(MessageType::Response);
+        let bytes = response.to_vec().expect("encode");
+        assert_eq!(udp_raw(server, &bytes, TIMEOUT).await, None);
+
+        assert_eq!(upstream.received(), 0);
+        assert!(gate.calls().is_empty());
+        assert_eq!(proxy.stats().malformed, 6);
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_beyond_the_bound_are_closed() {
+        let gate = FakeGate::allowing(&[]);
+        let limits = Limits {
+            tcp_connections: 2,
+            ..Limits::default()
+        };
+        let (proxy, port) = start_proxy(vec![], gate, &[7], limits).await;
+        let mut held = Vec::new();
+        for id in 0..2 {
+            let mut s = TcpStream::connect(at(7, port)).await.expect("connect");
+            // A round trip proves the connection is being served.
+            let r = tcp_ask(&mut s, &query(id, "x.test", RecordType::A)).await;
+            assert_eq!(r.response_code(), ResponseCode::Refused);
+            held.push(s);
+        }
+        let mut third = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "third connection served: {read:?}"
+        );
+        assert_eq!(proxy.stats().dropped, 1);
+
+        // A freed slot is usable again.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = TcpStream::connect(at(7, port)).await.expect("connect");
+        let r = tcp_ask(&mut again, &query(9, "x.test", RecordType::A)).await;
+        assert_eq!(r.response_code(), ResponseCode::Refused);
+    }
+
+    #[tokio::test]
+    async fn idle_tcp_connections_are_closed() {
+        let gate = FakeGate::allowing(&[]);
+        let limits = Limits {
+            tcp_idle: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (_proxy, port) = start_proxy(vec![], gate, &[7], limits).await;
+        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        // Half a length prefix, then nothing.
+        stream.write_all(&[0]).await.expect("write");
+        let started = Instant::now();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)));
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+}
