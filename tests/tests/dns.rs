@@ -317,6 +317,27 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
         probe::OK,
         "a DNS call to any address goes to the caller's own proxy"
     );
+    // Straight to another subject's proxy address and port: the writer
+    // still speaks as itself (refused), never as the researcher.
+    let researcher = d.status()["agents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["subject"] == "acme/researcher")
+        .and_then(|a| a["subject_id"].as_u64())
+        .expect("researcher subject id");
+    let theirs = format!("127.64.{}.{}", researcher >> 8, researcher & 0xff);
+    for mode in ["udp", "tcp"] {
+        assert_eq!(
+            d.probe(
+                "acme",
+                "writer",
+                &["resolve", mode, name, &theirs, &proxy_port]
+            ),
+            probe::REFUSED,
+            "{mode} to {theirs}:{proxy_port}"
+        );
+    }
 
     // The answer's TTL is 1 s, grace 1 s: then the address closes again.
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -216,6 +216,30 @@ fn other_spellings_and_symlinks_do_not_reach_unlisted_sockets() {
     // A relative path from inside the directory.
     let out = run_in(&d, dir, &["unix", "allowed.sock"]);
     assert_eq!(out, probe::EPERM, "relative path");
+
+    // Bytes after a NUL inside sun_path: the kernel connects to the part
+    // before it, and so the hook judges that part.
+    let allowed = s.path("allowed.sock");
+    let other = s.path("other.sock");
+    assert_eq!(
+        d.probe("acme", "lab", &["unix-nul", &other, &allowed]),
+        probe::EPERM,
+        "unlisted path with a listed one hidden after the NUL"
+    );
+    assert_eq!(
+        d.probe("acme", "lab", &["unix-nul", &allowed, "trailing"]),
+        probe::OK,
+        "listed path with junk after the NUL"
+    );
+    // io_uring's connect goes through the same hook.
+    assert_eq!(
+        d.probe("acme", "lab", &["uring-connect-unix", &other]),
+        probe::EPERM
+    );
+    assert_eq!(
+        d.probe("acme", "lab", &["uring-connect-unix", &allowed]),
+        probe::OK
+    );
 }
 
 fn run_in(d: &Daemon, cwd: &Path, args: &[&str]) -> i32 {

@@ -110,7 +110,26 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    println!("unix fencing: {}", str_of(&s["unix_socket_fencing"]));
+    let unix = &s["unix_socket_fencing"];
+    if unix["enforced"] == true {
+        println!("unix:        fenced (cgroup/connect_unix, sendmsg_unix)");
+    } else {
+        println!(
+            "unix:        NOT fenced: {}",
+            unix["why"].as_str().unwrap_or("unknown")
+        );
+    }
+    match s["dns_proxy"].as_object() {
+        Some(p) => println!(
+            "dns mode:    per-agent ({} subjects served, {} learned addresses, {} queries, {} refused, {} failed)",
+            p["subjects_served"],
+            p["learned_addresses"],
+            p["stats"]["queries"],
+            p["stats"]["refused"],
+            p["stats"]["failed"]
+        ),
+        None => println!("dns mode:    shared"),
+    }
     println!("agents:");
     for a in s["agents"].as_array().into_iter().flatten() {
         let task = a["task"]["text"]

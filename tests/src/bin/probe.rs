@@ -62,9 +62,9 @@ fn cpu_time_ns() -> u64 {
 /// One A query for `name` to `server`:53 over `mode` (`udp`: sendto and
 /// recvfrom, checking the reply comes from the server asked; `udp-connected`:
 /// connect then send, as glibc does; `tcp`). Prints the addresses.
-fn resolve(mode: &str, name: &str, server: IpAddr) -> i32 {
-    let what = format!("resolve {mode} {name} @{server}");
-    let to = SocketAddr::new(server, 53);
+fn resolve(mode: &str, name: &str, to: SocketAddr) -> i32 {
+    let what = format!("resolve {mode} {name} @{to}");
+    let server = to.ip();
     let mut q = vec![0x4a, 0x47, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in name.split('.') {
         q.push(label.len() as u8);
@@ -183,7 +183,7 @@ fn usage() -> i32 {
     eprintln!(
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
-         resolve udp|udp-connected|tcp NAME SERVER_IP   (exit 12: REFUSED)\n  \
+         resolve udp|udp-connected|tcp NAME SERVER_IP [PORT]   (exit 12: REFUSED)\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
          repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
@@ -228,7 +228,10 @@ fn run(args: &[String]) -> i32 {
             rest.get(1),
             rest.get(2).and_then(|a| a.parse().ok()),
         ) {
-            (Some(mode), Some(name), Some(server)) => resolve(mode, name, server),
+            (Some(mode), Some(name), Some(server)) => {
+                let port = rest.get(3).and_then(|p| p.parse().ok()).unwrap_or(53);
+                resolve(mode, name, SocketAddr::new(server, port))
+            }
             _ => usage(),
         },
         "udp-connect" => match addr(rest) {
@@ -783,6 +786,7 @@ mod escape {
     use super::{OK, OTHER, addr, report, run as run_cmd, socket2_free};
 
     pub const USAGE: &str = "  uring-connect ADDR PORT [inline|async|sqpoll] | tfo ADDR PORT | mptcp ADDR PORT\n  \
+         uring-connect-unix PATH | unix-nul PATH SUFFIX (connect to PATH\\0SUFFIX, full length)\n  \
          udp-sendmmsg ADDR PORT.. | udp-pktinfo ADDR PORT | udp6-send ADDR PORT | udp-connected-sendto ADDR CPORT DPORT\n  \
          tcp-reconnect ADDR APORT DPORT | tcp-bind ADDR PORT | ping ADDR | vsock-connect CID PORT\n  \
          ptrace-attach PID | process-vm-read PID | pidfd-getfd PID FD | proc-mem PID\n  \
@@ -854,6 +858,20 @@ mod escape {
                 report(
                     &format!("io_uring connect ({mode})"),
                     uring_connect(a, mode),
+                )
+            }
+            "uring-connect-unix" => {
+                let path = rest.first()?;
+                report(
+                    &format!("io_uring connect unix {path}"),
+                    uring_connect_unix(path),
+                )
+            }
+            "unix-nul" => {
+                let (path, suffix) = (rest.first()?, rest.get(1)?);
+                report(
+                    &format!("unix connect {path}\\0{suffix}"),
+                    unix_connect_raw(path.as_bytes(), suffix.as_bytes()),
                 )
             }
             "tfo" => {
@@ -1063,6 +1081,57 @@ mod escape {
             // Forces the connect onto an io-wq worker thread.
             sqe = sqe.flags(squeue::Flags::ASYNC);
         }
+        // SAFETY: sa and fd outlive the request (we wait for completion).
+        unsafe { ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| io::Error::other("no completion"))?;
+        if cqe.result() < 0 {
+            Err(io::Error::from_raw_os_error(-cqe.result()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A `sockaddr_un` for `path`, then a NUL and `suffix` inside
+    /// `sun_path`, with the length covering all of it.
+    fn sockaddr_un(path: &[u8], suffix: &[u8]) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+        // SAFETY: plain data.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let mut bytes = path.to_vec();
+        if !suffix.is_empty() {
+            bytes.push(0);
+            bytes.extend_from_slice(suffix);
+        }
+        if bytes.len() > sa.sun_path.len() {
+            return Err(io::Error::other("path too long"));
+        }
+        for (d, b) in sa.sun_path.iter_mut().zip(&bytes) {
+            *d = *b as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len();
+        Ok((sa, len as libc::socklen_t))
+    }
+
+    fn unix_connect_raw(path: &[u8], suffix: &[u8]) -> io::Result<()> {
+        let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+        let (sa, len) = sockaddr_un(path, suffix)?;
+        // SAFETY: a valid sockaddr_un of `len` bytes.
+        cvt(unsafe { libc::connect(fd.0, (&raw const sa).cast(), len) } as libc::c_long).map(drop)
+    }
+
+    fn uring_connect_unix(path: &str) -> io::Result<()> {
+        use io_uring::{IoUring, opcode, types};
+        let mut ring: IoUring = IoUring::builder().build(8)?;
+        let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+        let (sa, len) = sockaddr_un(path.as_bytes(), b"")?;
+        let sqe = opcode::Connect::new(types::Fd(fd.0), (&raw const sa).cast(), len)
+            .build()
+            .user_data(7);
         // SAFETY: sa and fd outlive the request (we wait for completion).
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("submission queue full"))?;
