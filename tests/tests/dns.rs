@@ -233,6 +233,26 @@ fn per_agent_policy(port: u16) -> String {
     )
 }
 
+/// A daemon in per-agent DNS mode whose upstream is `dns`; also returns
+/// its proxy port.
+fn per_agent_daemon(tool_port: u16, dns: &DnsServer, grace: &str) -> (Daemon, String) {
+    let proxy_port = free_port().to_string();
+    let d = Daemon::start_with(
+        &per_agent_policy(tool_port),
+        &[
+            "--dns-mode",
+            "per-agent",
+            "--dns-proxy-port",
+            &proxy_port,
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--dns-grace",
+            grace,
+        ],
+    );
+    (d, proxy_port)
+}
+
 /// Per-agent DNS: an agent resolves only its tools' names, through the
 /// daemon, and reaches exactly the addresses it was answered, alone and
 /// only until the answer's TTL (+ grace) runs out.
@@ -245,20 +265,7 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     let port = tool.port.to_string();
     let name = "search.agent-guard.test";
     let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
-    let proxy_port = free_port().to_string();
-    let d = Daemon::start_with(
-        &per_agent_policy(tool.port),
-        &[
-            "--dns-mode",
-            "per-agent",
-            "--dns-proxy-port",
-            &proxy_port,
-            "--dns-server",
-            &format!("127.0.0.1:{}", dns.port),
-            "--dns-grace",
-            "1s",
-        ],
-    );
+    let (d, proxy_port) = per_agent_daemon(tool.port, &dns, "1s");
     assert_eq!(d.status()["dns_mode"], "per-agent");
 
     // Nothing is open before the agent asks: the daemon does not resolve
@@ -394,20 +401,7 @@ fn per_agent_dns_follows_grants() {
     let port = tool.port.to_string();
     let name = "search.agent-guard.test";
     let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
-    let proxy_port = free_port().to_string();
-    let d = Daemon::start_with(
-        &per_agent_policy(tool.port),
-        &[
-            "--dns-mode",
-            "per-agent",
-            "--dns-proxy-port",
-            &proxy_port,
-            "--dns-server",
-            &format!("127.0.0.1:{}", dns.port),
-            "--dns-grace",
-            "30s",
-        ],
-    );
+    let (d, _) = per_agent_daemon(tool.port, &dns, "30s");
     assert_eq!(
         d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
         probe::REFUSED

@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 
 use crate::bench_audit;
 use crate::bench_grants::{self, GrantLatency, PAY_TOOL, control_request};
+use crate::bench_local;
 use crate::{Built, Workspace, describe};
 
 /// Target: daemon running, untagged process (median paired ratio b/a).
@@ -156,6 +157,9 @@ pub struct BenchArgs {
     /// were lost (no retries with 16 and 64 MiB rings).
     #[arg(long)]
     pub(crate) flood_default_ring_only: bool,
+    /// Skip part 5, Unix socket connects and per-agent DNS queries.
+    #[arg(long)]
+    pub(crate) skip_local: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -395,6 +399,19 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         Some(f)
     };
 
+    let local = if args.skip_local {
+        None
+    } else {
+        let (unix_n, dns_n) = if args.quick {
+            (2000, 500)
+        } else {
+            (5000, 2000)
+        };
+        let l = bench_local::local_cost(built, &cgroup2, rounds.min(5), unix_n, dns_n)?;
+        print!("{}", l.table());
+        Some(l)
+    };
+
     // Everything once more at the end, where it is easy to find.
     print!("{table}");
     if let Some(g) = &grant_latency {
@@ -405,6 +422,9 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     }
     if let Some(f) = &flood {
         print!("{}", f.table());
+    }
+    if let Some(l) = &local {
+        print!("{}", l.table());
     }
 
     let mut results = results_json(
@@ -421,6 +441,10 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     results["deny_flood"] = flood.as_ref().map_or(
         json!({ "skipped": "--skip-flood" }),
         bench_audit::Flood::json,
+    );
+    results["local_endpoints"] = local.as_ref().map_or(
+        json!({ "skipped": "--skip-local" }),
+        bench_local::LocalCost::json,
     );
     let dir = ws.target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

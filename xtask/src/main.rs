@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_audit;
 mod bench_grants;
+mod bench_local;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &[

@@ -12,7 +12,7 @@ use std::{
 use thiserror::Error;
 
 use super::{AuditRecord, NODE_LOG, chain_dirs, chain_files};
-use crate::policy::{CompiledPolicy, Mode, ToolEndpoint};
+use crate::policy::{CompiledAgent, CompiledPolicy, Mode, ToolEndpoint};
 
 #[derive(Debug, Error)]
 pub enum ReplayError {
@@ -296,14 +296,10 @@ impl WhatIf {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             IpAddr::V6(v6) => v6.octets(),
         };
-        let Some(idx) = self.policy.agent_index(tenant, root) else {
-            return Some(Judgement {
-                verdict: "deny",
-                tool: None,
-                reason: "unknown_subject",
-            });
+        let agent = match self.agent(tenant, root) {
+            Ok(a) => a,
+            Err(j) => return Some(j),
         };
-        let agent = &self.policy.agents[idx];
         let mut best: Option<(u8, u32)> = None;
         for &tool_id in &agent.tool_ids {
             let Some(eps) = usize::try_from(tool_id)
@@ -324,34 +320,40 @@ impl WhatIf {
             }
         }
         Some(match best {
-            Some((_, tool_id)) => Judgement {
-                verdict: "allow",
-                tool: self.policy.tool_name(tool_id).map(str::to_string),
-                reason: "granted",
-            },
-            None => Judgement {
-                verdict: match agent.mode {
-                    Mode::Enforce => "deny",
-                    Mode::Monitor => "would_deny",
-                },
-                tool: None,
-                reason: "no_capability",
-            },
+            Some((_, tool_id)) => self.covered(tool_id),
+            None => uncovered(agent),
         })
+    }
+
+    /// The policy's root agent of a record, or the verdict for one the
+    /// policy no longer has.
+    fn agent(&self, tenant: &str, root: &str) -> Result<&CompiledAgent, Judgement> {
+        self.policy
+            .agent_index(tenant, root)
+            .map(|i| &self.policy.agents[i])
+            .ok_or(Judgement {
+                verdict: "deny",
+                tool: None,
+                reason: "unknown_subject",
+            })
+    }
+
+    fn covered(&self, tool_id: u32) -> Judgement {
+        Judgement {
+            verdict: "allow",
+            tool: self.policy.tool_name(tool_id).map(str::to_string),
+            reason: "granted",
+        }
     }
 
     /// A Unix socket call: the exact address against the agent's tools'
     /// `unix` endpoints. (The control socket, always reachable, is judged
     /// as the policy sees it: not covered by a tool.)
     fn judge_unix(&self, tenant: &str, root: &str, dst: &str) -> Option<Judgement> {
-        let Some(idx) = self.policy.agent_index(tenant, root) else {
-            return Some(Judgement {
-                verdict: "deny",
-                tool: None,
-                reason: "unknown_subject",
-            });
+        let agent = match self.agent(tenant, root) {
+            Ok(a) => a,
+            Err(j) => return Some(j),
         };
-        let agent = &self.policy.agents[idx];
         let key = crate::policy::unix_key(dst);
         let tool = agent.tool_ids.iter().copied().find(|&id| {
             usize::try_from(id)
@@ -361,19 +363,8 @@ impl WhatIf {
                 .is_some_and(|paths| paths.contains(&key))
         });
         Some(match tool {
-            Some(id) => Judgement {
-                verdict: "allow",
-                tool: self.policy.tool_name(id).map(str::to_string),
-                reason: "granted",
-            },
-            None => Judgement {
-                verdict: match agent.mode {
-                    Mode::Enforce => "deny",
-                    Mode::Monitor => "would_deny",
-                },
-                tool: None,
-                reason: "no_capability",
-            },
+            Some(id) => self.covered(id),
+            None => uncovered(agent),
         })
     }
 
@@ -404,6 +395,18 @@ impl WhatIf {
             changes.push(Change { record: r, now });
         }
         (changes, sum)
+    }
+}
+
+/// No tool covers the call: refused, or reported under monitor mode.
+fn uncovered(agent: &CompiledAgent) -> Judgement {
+    Judgement {
+        verdict: match agent.mode {
+            Mode::Enforce => "deny",
+            Mode::Monitor => "would_deny",
+        },
+        tool: None,
+        reason: "no_capability",
     }
 }
 

@@ -166,15 +166,26 @@ impl State {
                 .or_default()
                 .entry(normalise(name))
                 .or_default();
+            let mut opened = false;
             for (addr, ttl) in answers {
                 let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_TTL, MAX_TTL);
                 let until = now + ttl + self.dns_grace;
-                let e = entry.entry(*addr).or_insert(until);
-                *e = (*e).max(until);
+                match entry.get_mut(addr) {
+                    Some(e) => *e = (*e).max(until),
+                    None => {
+                        entry.insert(*addr, until);
+                        opened = true;
+                    }
+                }
             }
-            tools
+            (tools, opened)
         };
-        self.refresh_subject_dns(subject)?;
+        let (tools, opened) = tools;
+        // A repeated answer only moves the deadline (kept here, swept by
+        // the daemon); the kernel entries change only for new addresses.
+        if opened {
+            self.refresh_subject_dns(subject)?;
+        }
         let addrs = answers.iter().map(|(a, _)| a.to_string()).collect();
         self.dns_query_record(subject, name, addrs, None, &tools.join(","));
         Ok(())

@@ -664,62 +664,54 @@ impl State {
                 installed.push(*rule);
             }
         }
-        if let Some(e) = failed {
-            // Roll back this generation; the old one is still in force.
-            for r in &installed {
-                kernel.remove_cap(r);
-            }
-            for k in &installed_paths {
-                kernel.remove_unix_path(k);
-            }
-            drop(kernel);
-            reg.loaded = old;
-            (reg.identities, reg.dns, reg.unix_ids, reg.next_unix_id) = undo;
-            return Err(e);
-        }
         // What loosens (monitor mode, a laxer or no rate limit) is written
         // before the flip and what tightens after it, so during the switch
         // nothing is refused that both policies allow.
         // Until the flip, a failure rolls this generation back: the old one
         // stays in force and no new entry is left behind.
-        let before_flip = (|| -> Result<_, crate::kernel::KernelError> {
-            let mut tighten_subjects = Vec::new();
-            for (id, s) in &subjects {
-                let stricter = s.mode == MODE_ENFORCE
-                    && kernel
-                        .subject(*id)
-                        .is_some_and(|old| old.mode == MODE_MONITOR);
-                if stricter {
-                    tighten_subjects.push((*id, *s));
-                } else {
-                    kernel.set_subject(*id, *s)?;
+        let before_flip = match failed {
+            Some(e) => Err(e),
+            None => (|| -> Result<_, crate::kernel::KernelError> {
+                let mut tighten_subjects = Vec::new();
+                for (id, s) in &subjects {
+                    let stricter = s.mode == MODE_ENFORCE
+                        && kernel
+                            .subject(*id)
+                            .is_some_and(|old| old.mode == MODE_MONITOR);
+                    if stricter {
+                        tighten_subjects.push((*id, *s));
+                    } else {
+                        kernel.set_subject(*id, *s)?;
+                    }
                 }
-            }
-            let mut tighten_limits = Vec::new();
-            for (tool_id, limit) in limits {
-                if looser_or_equal(kernel.tool_limit(tool_id), limit) {
-                    kernel.set_tool_limit(tool_id, limit)?;
-                } else {
-                    tighten_limits.push((tool_id, limit));
+                let mut tighten_limits = Vec::new();
+                for (tool_id, limit) in limits {
+                    if looser_or_equal(kernel.tool_limit(tool_id), limit) {
+                        kernel.set_tool_limit(tool_id, limit)?;
+                    } else {
+                        tighten_limits.push((tool_id, limit));
+                    }
                 }
-            }
-            for (ident, cgroup_id) in &roots {
-                kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
-            }
-            kernel.set_config(Config {
-                generation,
-                wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
-                // Filled in by set_config.
-                unix_uaddr_off: 0,
-                unix_uaddrlen_off: 0,
-                dns_proxy_port: 0,
-                _pad: 0,
-            })?;
-            Ok((tighten_subjects, tighten_limits))
-        })();
+                for (ident, cgroup_id) in &roots {
+                    kernel.tag_cgroup(*cgroup_id, ident.subject_id)?;
+                }
+                kernel.set_config(Config {
+                    generation,
+                    wakeup_bytes: self.ring_bytes / WAKEUP_DIVISOR,
+                    // Filled in by set_config.
+                    unix_uaddr_off: 0,
+                    unix_uaddrlen_off: 0,
+                    dns_proxy_port: 0,
+                    _pad: 0,
+                })?;
+                Ok((tighten_subjects, tighten_limits))
+            })()
+            .map_err(anyhow::Error::from),
+        };
         let (tighten_subjects, tighten_limits) = match before_flip {
             Ok(t) => t,
             Err(e) => {
+                // Roll back this generation; the old one is still in force.
                 for r in &installed {
                     kernel.remove_cap(r);
                 }
@@ -729,7 +721,7 @@ impl State {
                 drop(kernel);
                 reg.loaded = old;
                 (reg.identities, reg.dns, reg.unix_ids, reg.next_unix_id) = undo;
-                return Err(e.into());
+                return Err(e);
             }
         };
         for (id, s) in tighten_subjects {

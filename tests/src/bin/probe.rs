@@ -59,6 +59,35 @@ fn cpu_time_ns() -> u64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Runs `op` `n` times; prints mean wall ns and CPU ns per call (the
+/// bench-connect format).
+fn timed(n: u32, mut op: impl FnMut() -> std::io::Result<()>) -> i32 {
+    let cpu_start = cpu_time_ns();
+    let start = Instant::now();
+    for _ in 0..n {
+        if let Err(e) = op() {
+            eprintln!("probe: bench: {e}");
+            return OTHER;
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = cpu_time_ns().saturating_sub(cpu_start);
+    println!(
+        "{} {}",
+        wall.as_nanos() as f64 / f64::from(n.max(1)),
+        cpu as f64 / f64::from(n.max(1))
+    );
+    OK
+}
+
+/// [`resolve`] without its report line (for the timed loop).
+fn resolve_quiet(mode: &str, name: &str, to: SocketAddr) -> i32 {
+    QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
+    resolve(mode, name, to)
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// One A query for `name` to `server`:53 over `mode` (`udp`: sendto and
 /// recvfrom, checking the reply comes from the server asked; `udp-connected`:
 /// connect then send, as glibc does; `tcp`). Prints the addresses.
@@ -155,7 +184,9 @@ fn resolve(mode: &str, name: &str, to: SocketAddr) -> i32 {
         i = data + rdlen;
     }
     let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    println!("probe: {what}: ok {}", list.join(" "));
+    if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("probe: {what}: ok {}", list.join(" "));
+    }
     if addrs.is_empty() { OTHER } else { OK }
 }
 
@@ -184,6 +215,7 @@ fn usage() -> i32 {
         "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
          resolve udp|udp-connected|tcp NAME SERVER_IP [PORT]   (exit 12: REFUSED)\n  \
+         bench-unix PATH N | bench-resolve SERVER_IP PORT NAME N   (print WALL_NS CPU_NS per call)\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
          repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
@@ -492,6 +524,28 @@ fn run(args: &[String]) -> i32 {
                 cpu as f64 / f64::from(n.max(1))
             );
             OK
+        }
+        "bench-unix" => {
+            let (Some(path), Some(n)) = (
+                rest.first(),
+                rest.get(1).and_then(|n| n.parse::<u32>().ok()),
+            ) else {
+                return usage();
+            };
+            timed(n, || unix_call(true, path))
+        }
+        "bench-resolve" => {
+            let (Some(a), Some(name), Some(n)) = (
+                addr(rest),
+                rest.get(2),
+                rest.get(3).and_then(|n| n.parse::<u32>().ok()),
+            ) else {
+                return usage();
+            };
+            timed(n, || match resolve_quiet("udp-connected", name, a) {
+                OK => Ok(()),
+                code => Err(std::io::Error::other(format!("resolve exit {code}"))),
+            })
         }
         "watch-connect" => watch::run(rest).unwrap_or_else(usage),
         other => escape::run(other, rest).unwrap_or_else(usage),
@@ -1065,6 +1119,29 @@ mod escape {
         })
     }
 
+    /// Submits one request and waits for its result.
+    ///
+    /// # Safety
+    /// Whatever `sqe` points at must outlive the call.
+    unsafe fn submit_and_wait(
+        ring: &mut io_uring::IoUring,
+        sqe: &io_uring::squeue::Entry,
+    ) -> io::Result<()> {
+        // SAFETY: the caller keeps the request's memory alive; we wait.
+        unsafe { ring.submission().push(sqe) }
+            .map_err(|_| io::Error::other("submission queue full"))?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| io::Error::other("no completion"))?;
+        if cqe.result() < 0 {
+            Err(io::Error::from_raw_os_error(-cqe.result()))
+        } else {
+            Ok(())
+        }
+    }
+
     fn uring_connect(a: SocketAddr, mode: &str) -> io::Result<()> {
         use io_uring::{IoUring, opcode, squeue, types};
         let mut builder = IoUring::builder();
@@ -1082,18 +1159,7 @@ mod escape {
             sqe = sqe.flags(squeue::Flags::ASYNC);
         }
         // SAFETY: sa and fd outlive the request (we wait for completion).
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
-        ring.submit_and_wait(1)?;
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io::Error::other("no completion"))?;
-        if cqe.result() < 0 {
-            Err(io::Error::from_raw_os_error(-cqe.result()))
-        } else {
-            Ok(())
-        }
+        unsafe { submit_and_wait(&mut ring, &sqe) }
     }
 
     /// A `sockaddr_un` for `path`, then a NUL and `suffix` inside
@@ -1133,18 +1199,7 @@ mod escape {
             .build()
             .user_data(7);
         // SAFETY: sa and fd outlive the request (we wait for completion).
-        unsafe { ring.submission().push(&sqe) }
-            .map_err(|_| io::Error::other("submission queue full"))?;
-        ring.submit_and_wait(1)?;
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io::Error::other("no completion"))?;
-        if cqe.result() < 0 {
-            Err(io::Error::from_raw_os_error(-cqe.result()))
-        } else {
-            Ok(())
-        }
+        unsafe { submit_and_wait(&mut ring, &sqe) }
     }
 
     fn tfo(a: SocketAddr) -> io::Result<()> {
