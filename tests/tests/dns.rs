@@ -228,7 +228,8 @@ fn free_port() -> u16 {
 
 fn per_agent_policy(port: u16) -> String {
     format!(
-        "{}\n[[agent]]\ntenant = \"acme\"\nname = \"writer\"\ntools = []\n",
+        "{}\n[[agent]]\ntenant = \"acme\"\nname = \"writer\"\ntools = []\n\n\
+         [[agent]]\ntenant = \"acme\"\nname = \"watcher\"\ntools = []\nmode = \"monitor\"\n",
         policy(port)
     )
 }
@@ -297,6 +298,12 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     assert_eq!(
         d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
         probe::EPERM
+    );
+    // Monitor mode: answered (the agent keeps working) but recorded as
+    // would_deny, and nothing is opened for it.
+    assert_eq!(
+        d.probe("acme", "watcher", &["resolve", "udp", name, "127.0.0.1"]),
+        probe::OK
     );
     // A name no tool names never leaves the node (no DNS tunnel).
     let secret = "c2VjcmV0.exfil.agent-guard.test";
@@ -375,6 +382,11 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
         .find(|x| x["kind"] == "dns" && x["dst"] == secret_lc.as_str())
         .expect("refused record");
     assert_eq!(deny["reason"], "dns_refused", "{deny}");
+    let watched = recs
+        .iter()
+        .find(|x| x["kind"] == "dns" && x["subject"] == "acme/watcher")
+        .expect("monitor-mode record");
+    assert_eq!(watched["verdict"], "would_deny", "{watched}");
     // The kernel records the redirected calls themselves.
     assert!(
         recs.iter()

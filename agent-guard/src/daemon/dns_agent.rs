@@ -41,10 +41,13 @@ struct Gate {
 }
 
 impl DnsGate for Gate {
+    /// A name of the subject's tools; in monitor mode any name (the answer
+    /// is then recorded as `would_deny` and opens nothing, like a call).
     fn may_resolve(&self, subject: u32, name: &str) -> bool {
-        self.state
-            .upgrade()
-            .is_some_and(|s| !s.dns_tools(&s.registry(), subject, name).is_empty())
+        self.state.upgrade().is_some_and(|s| {
+            let reg = s.registry();
+            !s.dns_tools(&reg, subject, name).is_empty() || monitored(&reg, subject)
+        })
     }
 
     fn learned(&self, subject: u32, name: &str, answers: &[(IpAddr, u32)]) -> Result<(), String> {
@@ -117,6 +120,13 @@ pub async fn sweep(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Is the subject in monitor mode (allow, but record what would be refused)?
+fn monitored(reg: &Registry, subject: u32) -> bool {
+    reg.identities
+        .get(&subject)
+        .is_some_and(|i| i.mode == crate::policy::Mode::Monitor)
+}
+
 fn normalise(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -157,6 +167,11 @@ impl State {
             let mut reg = self.registry();
             let tools = self.dns_tools(&reg, subject, name);
             if tools.is_empty() {
+                if monitored(&reg, subject) {
+                    drop(reg);
+                    self.dns_query_record(subject, name, Vec::new(), Some("A/AAAA"), "");
+                    return Ok(());
+                }
                 // The policy changed between the question and the answer.
                 return Err(format!("{name} is no longer a tool of subject {subject}"));
             }
@@ -213,7 +228,14 @@ impl State {
         rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
         rec.dst = Some(normalise(name));
         rec.proto = Some("dns".into());
-        if refused {
+        if refused && ident.mode == crate::policy::Mode::Monitor {
+            rec.verdict = Some("would_deny".into());
+            rec.reason = Some("dns_refused".into());
+            rec.detail = Some(format!(
+                "{} query answered (monitor mode) though no current tool names it; nothing opened",
+                qtype.unwrap_or("?")
+            ));
+        } else if refused {
             rec.verdict = Some("deny".into());
             rec.reason = Some("dns_refused".into());
             rec.detail = Some(format!(
