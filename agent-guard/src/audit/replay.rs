@@ -141,10 +141,10 @@ pub fn read(
 }
 
 /// `dst:port/proto`, with brackets around IPv6 addresses; `unix:PATH` for
-/// a Unix socket.
+/// a Unix socket, `dns:NAME` for a per-agent DNS query.
 pub fn destination(r: &AuditRecord) -> String {
-    if r.proto.as_deref() == Some("unix") {
-        return format!("unix:{}", r.dst.as_deref().unwrap_or("?"));
+    if let Some(p @ ("unix" | "dns")) = r.proto.as_deref() {
+        return format!("{p}:{}", r.dst.as_deref().unwrap_or("?"));
     }
     match (&r.dst, r.port) {
         (Some(d), Some(p)) if d.contains(':') => {
@@ -456,6 +456,19 @@ tenant = "acme"
 name = "researcher"
 tools = ["search", "search-local"]
 "#;
+
+    #[test]
+    fn destinations_print_by_kind() {
+        let mut r = call("researcher", "::1", 443, "allow");
+        assert_eq!(destination(&r), "[::1]:443/tcp");
+        r.dst = Some("/run/proxy.sock".into());
+        r.port = None;
+        r.proto = Some("unix".into());
+        assert_eq!(destination(&r), "unix:/run/proxy.sock");
+        r.dst = Some("api.example".into());
+        r.proto = Some("dns".into());
+        assert_eq!(destination(&r), "dns:api.example");
+    }
 
     #[test]
     fn what_if_judges_unix_socket_calls_by_exact_path() {
