@@ -228,6 +228,35 @@ impl Daemon {
         }
     }
 
+    /// Runs `agent-guard run --agent SUB [--tools ..] -- probe ARGS` from
+    /// inside a tagged process of (`tenant`, `parent`); returns the exit
+    /// code and stderr.
+    pub fn sub_agent(
+        &self,
+        tenant: &str,
+        parent: &str,
+        sub_args: &[&str],
+        probe_args: &[&str],
+    ) -> (i32, String) {
+        let bin = agent_guard_bin();
+        let probe = probe_bin();
+        let mut cmd = vec![
+            bin.to_str().expect("utf-8"),
+            "run",
+            "--socket",
+            self.socket.to_str().expect("utf-8"),
+        ];
+        cmd.extend_from_slice(sub_args);
+        cmd.push("--");
+        cmd.push(probe.to_str().expect("utf-8"));
+        cmd.extend_from_slice(probe_args);
+        let out = self.run(tenant, parent, &cmd);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Every record of a tenant's log, parsed.
     pub fn audit(&self, tenant: &str) -> Vec<Value> {
         let path = self.audit_dir.join(tenant).join("audit.jsonl");

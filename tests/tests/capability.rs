@@ -341,26 +341,9 @@ fn a_suspended_tenant_is_denied_everything_and_resumed_allowed_again() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown tenant"));
 }
 
-/// Runs `agent-guard run --agent SUB [--tools ..] -- probe ARGS` from
-/// inside a tagged researcher process.
+/// A sub-agent of the researcher (see [`Daemon::sub_agent`]).
 fn sub_agent(d: &Daemon, sub_args: &[&str], probe_args: &[&str]) -> (i32, String) {
-    let bin = agent_guard_bin();
-    let probe = probe_bin();
-    let mut cmd = vec![
-        bin.to_str().expect("utf-8"),
-        "run",
-        "--socket",
-        d.socket.to_str().expect("utf-8"),
-    ];
-    cmd.extend_from_slice(sub_args);
-    cmd.push("--");
-    cmd.push(probe.to_str().expect("utf-8"));
-    cmd.extend_from_slice(probe_args);
-    let out = d.run("acme", "researcher", &cmd);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    d.sub_agent("acme", "researcher", sub_args, probe_args)
 }
 
 #[test]

@@ -435,6 +435,39 @@ fn per_agent_dns_follows_grants() {
         d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
         probe::OK
     );
+    // Sub-agents resolve as themselves: only what their narrower set
+    // names, and their parent's answers open nothing for them.
+    let resolve = ["resolve", "udp", name, "127.0.0.1"];
+    assert_eq!(d.probe("acme", "researcher", &resolve), probe::OK);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    let (code, err) = d.sub_agent(
+        "acme",
+        "researcher",
+        &["--agent", "reader", "--tools", ""],
+        &resolve,
+    );
+    assert_eq!(code, probe::REFUSED, "sub-agent without the tool: {err}");
+    let (code, err) = d.sub_agent(
+        "acme",
+        "researcher",
+        &["--agent", "reader", "--tools", "search"],
+        &["tcp", "127.0.0.1", &port],
+    );
+    assert_eq!(
+        code,
+        probe::EPERM,
+        "parent's answer is not the child's: {err}"
+    );
+    let (code, err) = d.sub_agent(
+        "acme",
+        "researcher",
+        &["--agent", "reader", "--tools", "search"],
+        &resolve,
+    );
+    assert_eq!(code, probe::OK, "sub-agent with the tool: {err}");
     // Revoking the grant closes the learned address at once.
     assert!(d.cli(&["revoke", "--grant", &id]).status.success());
     assert_eq!(
