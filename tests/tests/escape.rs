@@ -953,11 +953,28 @@ fn a_connection_left_by_an_exited_child_cannot_carry_control_verbs() {
         "a dead peer is refused even untagged: {}",
         text(&out.stdout)
     );
+    // Tagged processes reach the daemon only through its abstract name;
+    // the path is judged like any other Unix socket (not listed: refused).
+    let abstract_name = d.status()["daemon"]["socket_abstract"]
+        .as_str()
+        .expect("socket_abstract")
+        .to_string();
     for mode in ["parent-writes", "child-writes"] {
         for req in [r#"{"op":"status"}"#, r#"{"op":"suspend","tenant":"acme"}"#] {
             for agent in ["researcher", "lab"] {
-                let code = run_probe(d, "acme", agent, &["control-dead-peer", sock, req, mode]);
+                let code = run_probe(
+                    d,
+                    "acme",
+                    agent,
+                    &["control-dead-peer", &abstract_name, req, mode],
+                );
                 assert_eq!(code, probe::EPERM, "{agent} {mode} {req}");
+                let code = run_probe(d, "acme", agent, &["control-dead-peer", sock, req, mode]);
+                assert_eq!(
+                    code,
+                    probe::OTHER,
+                    "path connect refused: {agent} {mode} {req}"
+                );
             }
         }
     }

@@ -255,7 +255,9 @@ fn run_in(d: &Daemon, cwd: &Path, args: &[&str]) -> i32 {
 }
 
 /// The control socket stays reachable for every tagged process (sub-agents
-/// are started through it), even one with no Unix tool at all.
+/// are started through it), even one with no Unix tool at all, but only
+/// under its abstract name: the path is judged like any other socket, so
+/// an agent that could swap the path's file for a symlink gains nothing.
 #[test]
 fn the_control_socket_stays_reachable_for_tagged_processes() {
     if !kernel_test("the_control_socket_stays_reachable_for_tagged_processes") {
@@ -263,12 +265,39 @@ fn the_control_socket_stays_reachable_for_tagged_processes() {
     }
     let s = Servers::new();
     let d = Daemon::start(&s.policy(""));
+    let abstract_name = d.status()["daemon"]["socket_abstract"]
+        .as_str()
+        .expect("socket_abstract")
+        .to_string();
+    assert!(
+        abstract_name.starts_with("@agent-guard-"),
+        "{abstract_name}"
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &abstract_name]),
+        probe::OK
+    );
     let sock = d.socket.to_str().expect("utf-8").to_string();
-    assert_eq!(d.probe("acme", "researcher", &["unix", &sock]), probe::OK);
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &sock]),
+        probe::EPERM
+    );
     assert_eq!(
         d.probe("acme", "researcher", &["unix", &s.path("allowed.sock")]),
         probe::EPERM
     );
+    // And a sub-agent can still be started from inside the agent.
+    let (code, err) = d.sub_agent("acme", "lab", &["--agent", "helper"], &["pid"]);
+    assert_eq!(code, probe::OK, "{err}");
+    let recs = d.wait_audit("acme", "control socket record", |r| {
+        r.iter().any(|x| x["reason"] == "control_socket")
+    });
+    let rec = recs
+        .iter()
+        .find(|x| x["reason"] == "control_socket")
+        .expect("record");
+    assert_eq!(rec["verdict"], "allow");
+    assert_eq!(rec["dst"], abstract_name.as_str());
 }
 
 /// Grants, task scopes and reloads work for Unix tools as for IP tools.

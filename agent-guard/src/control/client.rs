@@ -38,19 +38,44 @@ pub enum ClientError {
     Refused(String),
 }
 
+/// Connects to the daemon: through the abstract name of `socket` first (the
+/// only way in from a tagged process; see [`super::abstract_name`]), else
+/// the path (a daemon in another network namespace, or an older one).
+fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    use std::os::linux::net::SocketAddrExt;
+    let absolute = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let name = super::abstract_name(&absolute);
+    if let Ok(addr) = std::os::unix::net::SocketAddr::from_abstract_name(&name[1..])
+        && let Ok(stream) = UnixStream::connect_addr(&addr)
+    {
+        // Anyone can bind an abstract name; only root's is the daemon.
+        let uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.uid())
+            .map_err(|e| ClientError::Connect {
+                path: socket.to_path_buf(),
+                source: e.into(),
+            })?;
+        if uid != 0 {
+            return Err(ClientError::Refused(format!(
+                "the control socket's abstract name @{} is held by a process of uid {uid}, not the root daemon; refusing to talk to it",
+                String::from_utf8_lossy(&name[1..])
+            )));
+        }
+        return Ok(stream);
+    }
+    UnixStream::connect(&absolute).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })
+}
+
 /// Sends one request and returns the `data` of a successful reply.
 pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.to_path_buf(),
         source,
     };
-    // Absolute, as the daemon registered it: from inside a tagged process
-    // the kernel lets only the control socket's exact path through.
-    let absolute = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
-    let mut stream = UnixStream::connect(&absolute).map_err(|source| ClientError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
+    let mut stream = connect(socket)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io)?;

@@ -12,6 +12,22 @@ use serde::{Deserialize, Serialize};
 /// Default control socket path.
 pub const DEFAULT_SOCKET: &str = "/run/agent-guard/agent-guard.sock";
 
+/// The abstract socket name the daemon also listens on for the control
+/// socket at `path` (NUL first, as the kernel compares it). Tagged
+/// processes reach the daemon only through this name: the kernel hook lets
+/// it through for every tagged process, while the socket *path* is judged
+/// like any other (an agent able to replace the path's file with a
+/// symlink would otherwise reach the symlink's target through the
+/// exemption). Abstract names cannot be replaced or linked to.
+pub fn abstract_name(path: &std::path::Path) -> Vec<u8> {
+    use sha2::Digest as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let digest = sha2::Sha256::digest(path.as_os_str().as_bytes());
+    let mut name = b"\0agent-guard-".to_vec();
+    name.extend_from_slice(hex::encode(&digest[..16]).as_bytes());
+    name
+}
+
 /// Largest request line the daemon reads; longer requests are refused.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 

@@ -49,6 +49,30 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Binds the abstract name of the control socket at `path` (see
+/// [`super::abstract_name`]). Taken already means another daemon (or a
+/// squatter) holds it: refuse to start rather than leave agents talking to
+/// it.
+pub fn bind_abstract(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = super::abstract_name(path);
+    let shown = format!("@{}", String::from_utf8_lossy(&name[1..]));
+    let io = |source| ServerError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name[1..]).map_err(io)?;
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            ServerError::InUse(shown.clone())
+        } else {
+            io(e)
+        }
+    })?;
+    listener.set_nonblocking(true).map_err(io)?;
+    UnixListener::from_std(listener).map_err(io)
+}
+
 pub async fn serve(listener: UnixListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {

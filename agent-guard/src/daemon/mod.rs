@@ -26,30 +26,16 @@ use crate::{
 };
 
 /// Lets every tagged process reach the control socket (a sub-agent is
-/// started through it), under the path it was given and its canonical one.
+/// started through it) under its abstract name only; see
+/// [`control::abstract_name`].
 fn allow_control_socket(state: &state::State, socket: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut spellings = vec![socket.to_path_buf()];
-    if let Ok(c) = std::fs::canonicalize(socket)
-        && c != socket
-    {
-        spellings.push(c);
-    }
-    let mut kernel = state.kernel();
-    for p in spellings {
-        let key = agent_guard_common::unix::UnixPath::new(p.as_os_str().as_bytes()).with_context(
-            || {
-                format!(
-                    "control socket path {} is too long for sun_path",
-                    p.display()
-                )
-            },
-        )?;
-        kernel
-            .insert_unix_path(&key, agent_guard_common::unix::CONTROL_PATH_ID)
-            .context("registering the control socket with the kernel")?;
-    }
-    Ok(())
+    let name = control::abstract_name(socket);
+    let key = agent_guard_common::unix::UnixPath::new(&name)
+        .context("the control socket's abstract name does not fit sun_path")?;
+    state
+        .kernel()
+        .insert_unix_path(&key, agent_guard_common::unix::CONTROL_PATH_ID)
+        .context("registering the control socket with the kernel")
 }
 
 /// Default policy path; when absent the embedded default policy is used.
@@ -150,22 +136,35 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Refuse bad policy before touching the kernel.
     let (policy, policy_text, policy_path) = initial_policy(opts.policy.as_ref())?;
 
-    let cgroup_mount = kfs::cgroup2_mount()?;
-    let cgroup_root = opts
-        .cgroup_root
-        .clone()
-        .unwrap_or_else(|| cgroup_mount.join("agent-guard"));
-    let created_root = !cgroup_root.exists();
-    kfs::ensure_cgroup_dir(&cgroup_mount, &cgroup_root)?;
-    let bpffs = kfs::ensure_bpffs(&opts.pin_dir)?;
+    // The control socket first: if another daemon holds it, stop before
+    // creating anything (and never remove its socket).
+    let abstract_listener = control::server::bind_abstract(&opts.socket)?;
     let listener = control::server::bind(&opts.socket)?;
+    let setup = (|| -> anyhow::Result<_> {
+        let cgroup_mount = kfs::cgroup2_mount()?;
+        let cgroup_root = opts
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| cgroup_mount.join("agent-guard"));
+        let created_root = !cgroup_root.exists();
+        kfs::ensure_cgroup_dir(&cgroup_mount, &cgroup_root)?;
+        let bpffs = kfs::ensure_bpffs(&opts.pin_dir)?;
+        Ok((cgroup_mount, cgroup_root, created_root, bpffs))
+    })();
+    let (cgroup_mount, cgroup_root, created_root, bpffs) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&opts.socket);
+            return Err(e);
+        }
+    };
 
     let result = serve(
         opts.clone(),
         (policy, policy_text, policy_path),
         cgroup_mount,
         cgroup_root.clone(),
-        listener,
+        (listener, abstract_listener),
     )
     .await;
 
@@ -209,7 +208,7 @@ async fn serve(
     (policy, policy_text, policy_path): (Policy, String, Option<PathBuf>),
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
-    listener: tokio::net::UnixListener,
+    (listener, abstract_listener): (tokio::net::UnixListener, tokio::net::UnixListener),
 ) -> anyhow::Result<()> {
     let (kernel, maps, ring) = Kernel::load(&cgroup_mount, &opts.pin_dir, opts.ring_bytes)
         .context("loading the eBPF programs")?;
@@ -267,6 +266,7 @@ async fn serve(
         *state.metrics_addr.write().unwrap_or_else(|p| p.into_inner()) = Some(bound);
         let metrics_task = tokio::spawn(metrics_fut);
         let control_task = tokio::spawn(control::server::serve(listener, state.clone(), shutdown_rx.clone()));
+        let abstract_task = tokio::spawn(control::server::serve(abstract_listener, state.clone(), shutdown_rx.clone()));
         tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
 
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
@@ -297,6 +297,7 @@ async fn serve(
         }
         let _ = shutdown_tx.send(true);
         let _ = control_task.await;
+        let _ = abstract_task.await;
         let _ = metrics_task.await;
         anyhow::Ok(())
     }

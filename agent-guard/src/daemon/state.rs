@@ -357,6 +357,8 @@ impl State {
             "daemon": { "pid": std::process::id(), "version": env!("CARGO_PKG_VERSION"),
                         "uptime_seconds": self.started.elapsed().as_secs(),
                         "socket": self.socket, "cgroup_root": self.cgroup_root,
+                        // How tagged processes reach the daemon (see control::abstract_name).
+                        "socket_abstract": format!("@{}", String::from_utf8_lossy(&crate::control::abstract_name(&self.socket)[1..])),
                         "metrics_addr": self.metrics_addr.read().unwrap_or_else(|p| p.into_inner()).map(|a| a.to_string()),
                         "ring_bytes": self.ring_bytes },
             "programs": self.attached,

@@ -376,7 +376,17 @@ fn run(args: &[String]) -> i32 {
             let _ = std::io::stdout().flush();
             match unsafe { libc::fork() } {
                 0 => {
-                    let Ok(mut conn) = UnixStream::connect(sock) else {
+                    // `@name`: the daemon's abstract name (how tagged
+                    // processes reach it).
+                    let conn = match sock.strip_prefix('@') {
+                        Some(name) => {
+                            use std::os::linux::net::SocketAddrExt;
+                            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                                .and_then(|a| UnixStream::connect_addr(&a))
+                        }
+                        None => UnixStream::connect(sock),
+                    };
+                    let Ok(mut conn) = conn else {
                         unsafe { libc::_exit(OTHER) }
                     };
                     if child_writes {
@@ -389,7 +399,13 @@ fn run(args: &[String]) -> i32 {
                 }
                 -1 => OTHER,
                 child => {
+                    // Our copy of the child's end, closed so a child that
+                    // exits without sending (its connect was refused)
+                    // ends the wait below instead of hanging it.
+                    unsafe { libc::close(pair[1]) };
                     let Some(fd) = recv_fd(pair[0]) else {
+                        let mut status = 0;
+                        unsafe { libc::waitpid(child, &mut status, 0) };
                         return OTHER;
                     };
                     let mut status = 0;
