@@ -392,3 +392,41 @@ fn apply(d: &Daemon, policy: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Without the hooks (here turned off; on kernels before 6.7 they are
+/// missing), Unix sockets are not fenced, and `status` and `doctor` say
+/// so instead of implying they are.
+#[test]
+fn status_and_doctor_say_when_unix_sockets_are_not_fenced() {
+    if !kernel_test("status_and_doctor_say_when_unix_sockets_are_not_fenced") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start_with(&s.policy(""), &["--unix-fencing", "off"]);
+    let st = d.status();
+    assert_eq!(st["unix_socket_fencing"]["enforced"], false, "{st:#}");
+    assert!(
+        st["unix_socket_fencing"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("turned off")),
+        "{st:#}"
+    );
+    assert!(!st["programs"].to_string().contains("connect_unix"));
+    // Really unfenced: a socket no tool lists is reachable.
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &s.path("other.sock")]),
+        probe::OK
+    );
+    let out = d.cli(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("does not fence Unix sockets"),
+        "doctor: {text}"
+    );
+    let out = d.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("NOT fenced"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

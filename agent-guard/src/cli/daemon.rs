@@ -55,6 +55,12 @@ pub struct Args {
     /// subject id (one address per agent, task or sub-agent).
     #[arg(long, value_name = "PORT", default_value_t = 53)]
     dns_proxy_port: u16,
+    /// Fence tagged processes' Unix socket connects and sends
+    /// (`cgroup/connect_unix`, kernel 6.7+). `off` leaves them unfenced
+    /// (`status` and `doctor` say so), e.g. to rule agent-guard out while
+    /// debugging a local service.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    unix_fencing: String,
     /// Directory for the daemon's own state: the audit signing key
     /// (`audit-signing.key`, 0600, generated on first start; absolute).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/agent-guard/state")]
@@ -106,6 +112,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         dns_grace: args.dns_grace,
         dns_per_agent: args.dns_mode == "per-agent",
         dns_proxy_port: args.dns_proxy_port,
+        unix_fencing: args.unix_fencing == "on",
         idle_subject_age: args.idle_subject_age,
         state_dir: args.state_dir,
         audit_max_file_bytes: args.audit_max_file_bytes,

@@ -58,6 +58,8 @@ pub struct Options {
     /// Per-agent DNS: tagged processes' DNS goes through the daemon's proxy.
     pub dns_per_agent: bool,
     pub dns_proxy_port: u16,
+    /// Attach the Unix socket hooks (when the kernel has them).
+    pub unix_fencing: bool,
     /// Task and sub-agent subjects with no process left are retired after
     /// this.
     pub idle_subject_age: std::time::Duration,
@@ -210,8 +212,13 @@ async fn serve(
     cgroup_root: PathBuf,
     (listener, abstract_listener): (tokio::net::UnixListener, tokio::net::UnixListener),
 ) -> anyhow::Result<()> {
-    let (kernel, maps, ring) = Kernel::load(&cgroup_mount, &opts.pin_dir, opts.ring_bytes)
-        .context("loading the eBPF programs")?;
+    let (kernel, maps, ring) = Kernel::load(
+        &cgroup_mount,
+        &opts.pin_dir,
+        opts.ring_bytes,
+        opts.unix_fencing,
+    )
+    .context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");
 
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();

@@ -109,6 +109,7 @@ impl Kernel {
         cgroup2_root: &std::path::Path,
         pin_dir: &std::path::Path,
         ring_bytes: u32,
+        unix_fencing: bool,
     ) -> Result<(Self, KernelMaps, Ring), KernelError> {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
@@ -160,8 +161,13 @@ impl Kernel {
 
         // Unix socket hooks: relocated against the maps just created, so
         // before any map is taken out of `ebpf`.
-        let (unix_hooks, unix_support) = match unix::Layout::from_kernel() {
-            Err(e) => (None, UnixSupport::Unavailable(e.to_string())),
+        let layout = if unix_fencing {
+            unix::Layout::from_kernel().map_err(|e| e.to_string())
+        } else {
+            Err("turned off (agent-guard daemon --unix-fencing off)".to_string())
+        };
+        let (unix_hooks, unix_support) = match layout {
+            Err(e) => (None, UnixSupport::Unavailable(e)),
             Ok(layout) => match unix::attach(&ebpf, EBPF_OBJECT, root.as_fd()) {
                 Ok(h) => {
                     attached.extend(h.attached.iter().cloned());
