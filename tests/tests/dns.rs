@@ -289,6 +289,12 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
         probe::OK,
         "the answered address is open to the agent that asked"
     );
+    let st = d.status();
+    assert_eq!(
+        st["dns"][name]["by_subject"]["acme/researcher"][0], "127.0.0.1",
+        "{st:#}"
+    );
+    assert!(st["dns"][name]["by_subject"]["acme/writer"].is_null());
     // Another agent of the same tenant without the tool: refused, and the
     // researcher's answer opens nothing for it.
     assert_eq!(

@@ -100,6 +100,22 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             let err = v["error"]
                 .as_str()
                 .map_or(String::new(), |e| format!(" (last error: {e})"));
+            if let Some(by) = v["by_subject"].as_object() {
+                // Per-agent DNS: each agent's own answers.
+                if by.is_empty() {
+                    println!("  {name} -> (not resolved by any agent)");
+                }
+                for (subject, addrs) in by {
+                    let list: Vec<&str> = addrs
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str())
+                        .collect();
+                    println!("  {name} -> {subject}: {}", list.join(", "));
+                }
+                continue;
+            }
             println!(
                 "  {name} -> {}{err}",
                 if addrs.is_empty() {

@@ -332,7 +332,48 @@ impl State {
                 })
                 .collect()
         };
-        let dns = reg.dns.status();
+        // Per-agent DNS: what each subject was answered (and may reach);
+        // shared: the daemon's own answer for everyone.
+        let dns = if reg.dns_per_agent {
+            let mut by_name: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+            for name in reg.dns.names.keys() {
+                by_name.entry(name.clone()).or_default();
+            }
+            let now_i = Instant::now();
+            for (subject, names) in &reg.learned {
+                let chain = reg
+                    .identities
+                    .get(subject)
+                    .map_or_else(|| subject.to_string(), |i| i.chain.clone());
+                for (name, addrs) in names {
+                    let live: Vec<String> = addrs
+                        .iter()
+                        .filter(|(_, until)| **until > now_i)
+                        .map(|(a, _)| a.to_string())
+                        .collect();
+                    by_name
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(chain.clone(), live);
+                }
+            }
+            serde_json::Value::Object(
+                by_name
+                    .into_iter()
+                    .map(|(name, subjects)| {
+                        let mut all: Vec<String> = subjects.values().flatten().cloned().collect();
+                        all.sort();
+                        all.dedup();
+                        (
+                            name,
+                            serde_json::json!({ "addresses": all, "by_subject": subjects, "error": null }),
+                        )
+                    })
+                    .collect(),
+            )
+        } else {
+            reg.dns.status()
+        };
         let dns_mode = if reg.dns_per_agent {
             "per-agent"
         } else {
