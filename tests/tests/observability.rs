@@ -21,6 +21,9 @@ use agent_guard_tests::{
 };
 use serde_json::Value;
 
+/// Refused DNS queries in the incident: above the alert's threshold (10).
+const DNS_REFUSALS: u32 = 12;
+
 fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
@@ -29,11 +32,12 @@ fn alerts_yml() -> PathBuf {
     deploy().join("prometheus/alerts.yml")
 }
 
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 9] = [
     "AgentGuardDown",
     "AgentGuardEventsLost",
     "AgentGuardDenySpike",
     "AgentGuardDivergence",
+    "AgentGuardDnsRefused",
     "AgentGuardMapNearCapacity",
     "AgentGuardAuditWriteFailures",
     "AgentGuardPolicyReloadFailed",
@@ -97,7 +101,27 @@ impl Scenario {
     }
 
     fn start_daemon(&self) -> Daemon {
-        Daemon::start_with(&policy(self.search.port), &["--ring-bytes", "4096"])
+        // Per-agent DNS, so refused queries produce their series. No query
+        // in the scenario goes upstream (only refused names are asked), so
+        // the upstream is a port nothing answers on.
+        let proxy_port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port()
+            .to_string();
+        Daemon::start_with(
+            &policy(self.search.port),
+            &[
+                "--ring-bytes",
+                "4096",
+                "--dns-mode",
+                "per-agent",
+                "--dns-proxy-port",
+                &proxy_port,
+                "--dns-server",
+                "127.0.0.1:9",
+            ],
+        )
     }
 
     /// Normal activity: one allowed and one denied connect.
@@ -153,6 +177,27 @@ impl Scenario {
             Some(probe::EPERM),
             "{}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        // An agent asking for names no tool names (refused by its DNS
+        // proxy, never sent upstream).
+        assert_eq!(
+            d.probe(
+                "acme",
+                "researcher",
+                &[
+                    "repeat",
+                    &DNS_REFUSALS.to_string(),
+                    "resolve",
+                    "udp",
+                    "c2VjcmV0.exfil.example",
+                    "127.0.0.1"
+                ]
+            ),
+            probe::REFUSED
+        );
+        wait_metrics(
+            d,
+            r#"agent_guard_dns_queries_total{agent="researcher",result="refused",tenant="acme"}"#,
         );
         // A broken policy file reaches the daemon's reload (SIGHUP / file
         // change) and is refused there. (`policy apply` of a bad file is
@@ -257,7 +302,7 @@ fn alert_rules_pass_promtool_check_and_the_static_rule_tests() {
     let rules = alerts_yml();
     let (ok, out) = run_promtool(&["check", "rules", rules.to_str().expect("utf-8")]);
     assert!(ok, "promtool check rules:\n{out}");
-    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     let text = std::fs::read_to_string(&rules).expect("alerts.yml");
     for alert in ALERTS {
         assert!(
@@ -587,6 +632,10 @@ fn generate_rule_tests(rules: &[Rule], s: &Scrapes, sabotage: bool) -> String {
         (
             "AgentGuardDivergence",
             s.grew("agent_guard_divergence_total", None),
+        ),
+        (
+            "AgentGuardDnsRefused",
+            s.grew("agent_guard_dns_queries_total", Some(("result", "refused"))),
         ),
         (
             "AgentGuardAuditWriteFailures",
