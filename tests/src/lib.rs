@@ -80,6 +80,8 @@ pub struct Daemon {
     pub cgroup_root: PathBuf,
     pub cgroup_mount: PathBuf,
     pub policy_path: PathBuf,
+    /// Extra `daemon` flags, kept for [`Daemon::restart`].
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -110,20 +112,42 @@ impl Daemon {
         let socket = dir.path().join("agent-guard.sock");
         let audit_dir = dir.path().join("audit");
         let pin_dir = dir.path().join("bpf");
-        let log =
-            std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
+        let mut d = Daemon {
+            child: None,
+            dir,
+            socket,
+            audit_dir,
+            pin_dir,
+            cgroup_root,
+            cgroup_mount,
+            policy_path,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon process with this daemon's paths and flags and
+    /// waits until it answers (its log is appended to).
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .map_err(|e| e.to_string())?;
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let child = Command::new(agent_guard_bin())
             .arg("daemon")
             .arg("--policy")
-            .arg(&policy_path)
+            .arg(&self.policy_path)
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("--pin-dir")
-            .arg(&pin_dir)
+            .arg(&self.pin_dir)
             .arg("--audit-dir")
-            .arg(&audit_dir)
+            .arg(&self.audit_dir)
             .arg("--cgroup-root")
-            .arg(&cgroup_root)
+            .arg(&self.cgroup_root)
             .args(["--metrics-addr", "127.0.0.1:0"])
             // The audit signing key goes into the test's own directory,
             // unless the test picks one.
@@ -132,39 +156,45 @@ impl Daemon {
             } else {
                 vec![
                     "--state-dir".into(),
-                    dir.path().join("state").into_os_string(),
+                    self.dir.path().join("state").into_os_string(),
                 ]
             })
-            .args(extra)
+            .args(&extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", agent_guard_bin().display()))?;
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-            audit_dir,
-            pin_dir,
-            cgroup_root,
-            cgroup_mount,
-            policy_path,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
-                return Err(format!("daemon exited with {status}:\n{}", d.log()));
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("daemon exited with {status}:\n{}", self.log()));
             }
-            if d.cli(&["status"]).status.success() {
-                return Ok(d);
+            if self.cli(&["status"]).status.success() {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("daemon not ready after 30 s:\n{}", d.log()));
+                return Err(format!("daemon not ready after 30 s:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGKILLs the daemon (no clean shutdown: its pinned programs stay).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a new daemon process with the same paths and flags (after
+    /// [`Daemon::kill`] or [`Daemon::stop`]).
+    pub fn restart(&mut self) {
+        self.spawn()
+            .unwrap_or_else(|e| panic!("daemon did not restart: {e}"));
     }
 
     /// The daemon's log so far.
@@ -255,6 +285,20 @@ impl Daemon {
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Starts a tagged probe that runs `args` (typically `after MS ...`)
+    /// without waiting for it.
+    pub fn spawn_probe(&self, tenant: &str, agent: &str, args: &[&str]) -> Child {
+        Command::new(agent_guard_bin())
+            .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
+            .arg(&self.socket)
+            .arg("--")
+            .arg(probe_bin())
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tagged probe")
     }
 
     /// Every record of a tenant's log, parsed.

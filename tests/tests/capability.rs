@@ -81,15 +81,7 @@ fn connects(recs: &[Value]) -> Vec<Value> {
 
 /// Starts a tagged probe that runs `args` later, without waiting for it.
 fn spawn_probe(d: &Daemon, tenant: &str, agent: &str, args: &[&str]) -> Child {
-    Command::new(agent_guard_bin())
-        .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
-        .arg(&d.socket)
-        .arg("--")
-        .arg(probe_bin())
-        .args(args)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn tagged probe")
+    d.spawn_probe(tenant, agent, args)
 }
 
 fn wait_code(mut c: Child) -> i32 {

@@ -822,7 +822,8 @@ fn a_strict_agent_cannot_signal_the_daemon() {
 }
 
 #[test]
-#[ignore = "known gap: with hardening = \"off\" a tagged root agent can SIGKILL the daemon, which detaches every program (links are not pinned yet)"]
+/// Links are pinned: a hardening = "off" root agent that SIGKILLs the
+/// daemon is still fenced (the kernel keeps the last state).
 fn killing_the_daemon_does_not_free_a_tagged_process() {
     if !kernel_test("killing_the_daemon_does_not_free_a_tagged_process") {
         return;

@@ -8,6 +8,7 @@ pub mod events;
 pub mod grants;
 pub mod state;
 pub mod subjects;
+pub mod takeover;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -173,6 +174,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Clean up what this daemon created, even when serving failed.
     let _ = std::fs::remove_file(&opts.socket);
     let _ = std::fs::remove_file(crate::kernel::procs_pin(&opts.pin_dir));
+    let _ = std::fs::remove_file(opts.pin_dir.join(agent_guard_common::maps::CGROUPS));
     if bpffs.mounted {
         kfs::unmount(&opts.pin_dir);
     }
@@ -212,6 +214,16 @@ async fn serve(
     cgroup_root: PathBuf,
     (listener, abstract_listener): (tokio::net::UnixListener, tokio::net::UnixListener),
 ) -> anyhow::Result<()> {
+    // A predecessor that died without shutting down left its programs
+    // enforcing; hold them until ours are in place (takeover.rs).
+    let leftovers =
+        takeover::collect(&opts.pin_dir).context("reading a previous instance's pins")?;
+    if let Some(l) = &leftovers {
+        tracing::warn!(
+            links = l.found,
+            "a previous agent-guard left its programs attached (killed or crashed?): taking over"
+        );
+    }
     let (kernel, maps, ring) = Kernel::load(
         &cgroup_mount,
         &opts.pin_dir,
@@ -267,6 +279,16 @@ async fn serve(
 
     let outcome = async {
         state.apply_policy(policy, &policy_text).context("applying the policy")?;
+        if let Some(l) = leftovers {
+            let r = state.take_over(l);
+            tracing::warn!(?r, "took over from the previous instance");
+            let mut rec = AuditRecord::new("daemon");
+            rec.detail = Some(format!(
+                "took over from a previous instance that did not shut down: {} links detached, {} processes re-tagged as their root agent (grants gone), {} quarantined (task scopes, sub-agents, moved or unknown: they reach nothing), {} task/sub-agent cgroups quarantined",
+                r.links, r.retagged, r.quarantined, r.cgroups_quarantined
+            ));
+            state.audit(NODE_LOG, rec);
+        }
         let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, state.clone(), shutdown_rx.clone())
             .await
             .with_context(|| format!("binding metrics address {}", opts.metrics_addr))?;

@@ -92,6 +92,12 @@ pub type Ring = aya::maps::RingBuf<aya::maps::MapData>;
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     _ebpf: Ebpf,
+    /// Every link, pinned under `<pin-dir>/links/`: if the daemon dies
+    /// without shutting down (killed, crashed), the programs stay attached
+    /// and the kernel keeps enforcing the last state (grant and task
+    /// expiry included) until a new daemon takes over. [`Kernel::release`]
+    /// removes the pins at a clean shutdown.
+    pins: Pins,
     /// The Unix socket hooks, when this kernel has them.
     _unix: Option<unix::UnixHooks>,
     pub unix: UnixSupport,
@@ -130,6 +136,7 @@ impl Kernel {
             source,
         })?;
         let mut attached = Vec::new();
+        let mut pins = Pins::new(pin_dir)?;
         for &name in CGROUP_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
@@ -137,8 +144,13 @@ impl Kernel {
             // aya uses bpf_link_create here, which wants flags = 0: Single.
             // A link attachment is multi-attach anyway, so we coexist with
             // other BPF users of the root cgroup.
-            prog.attach(&root, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&root, CgroupAttachMode::Single)
                 .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            pins.pin(name, link.try_into())?;
             attached.push(format!("cgroup/{name}"));
         }
         {
@@ -146,16 +158,26 @@ impl Kernel {
             let prog: &mut CgroupSock = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| KernelError::Program { name, source })?;
-            prog.attach(&root, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&root, CgroupAttachMode::Single)
                 .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            pins.pin(name, link.try_into())?;
             attached.push(format!("cgroup/{name}"));
         }
         for &name in TRACEPOINTS {
             let prog: &mut TracePoint = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| KernelError::Program { name, source })?;
-            prog.attach("sched", name)
+            let id = prog
+                .attach("sched", name)
                 .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            pins.pin(name, link.try_into())?;
             attached.push(format!("tracepoint/sched/{name}"));
         }
 
@@ -170,6 +192,9 @@ impl Kernel {
             Err(e) => (None, UnixSupport::Unavailable(e)),
             Ok(layout) => match unix::attach(&ebpf, EBPF_OBJECT, root.as_fd()) {
                 Ok(h) => {
+                    for (name, fd) in h.links() {
+                        pins.pin_fd(name, fd)?;
+                    }
                     attached.extend(h.attached.iter().cloned());
                     (Some((h, layout)), UnixSupport::Enforced)
                 }
@@ -194,6 +219,16 @@ impl Kernel {
                 path: pin.clone(),
                 source: e,
             })?;
+        // CGROUPS too: a daemon that takes over after a crash reads both.
+        let cg_pin = pin_dir.join(agent_guard_common::maps::CGROUPS);
+        let _ = std::fs::remove_file(&cg_pin);
+        ebpf.map(agent_guard_common::maps::CGROUPS)
+            .ok_or(KernelError::MissingMap(agent_guard_common::maps::CGROUPS))?
+            .pin(&cg_pin)
+            .map_err(|e| KernelError::Pin {
+                path: cg_pin.clone(),
+                source: e,
+            })?;
         let mut maps = KernelMaps::take(&mut ebpf)?;
         let mut program_ids: Vec<(String, u32)> = ebpf
             .programs()
@@ -207,6 +242,7 @@ impl Kernel {
         Ok((
             Self {
                 _ebpf: ebpf,
+                pins,
                 _unix: unix_hooks,
                 unix: unix_support,
                 attached,
@@ -215,6 +251,98 @@ impl Kernel {
             maps,
             ring,
         ))
+    }
+}
+
+impl Drop for Kernel {
+    /// A clean shutdown or a failed start unpins every link, so the
+    /// programs detach with the handles. A panic keeps them (like a kill):
+    /// the fence holds until a new daemon takes over.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("panicking: links stay pinned, the kernel keeps enforcing");
+            return;
+        }
+        self.pins.release();
+    }
+}
+
+/// Where the links are pinned.
+pub fn links_dir(pin_dir: &std::path::Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Pinned links of this daemon.
+struct Pins {
+    dir: PathBuf,
+    links: Vec<aya::programs::links::PinnedLink>,
+    /// Pins of links we hold as raw fds (the Unix hooks).
+    raw: Vec<PathBuf>,
+}
+
+impl Pins {
+    fn new(pin_dir: &std::path::Path) -> Result<Self, KernelError> {
+        let dir = links_dir(pin_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| KernelError::Pin {
+            path: dir.clone(),
+            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+                call: "mkdir",
+                io_error: e,
+            }),
+        })?;
+        Ok(Self {
+            dir,
+            links: Vec::new(),
+            raw: Vec::new(),
+        })
+    }
+
+    fn pin(
+        &mut self,
+        name: &str,
+        link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
+    ) -> Result<(), KernelError> {
+        let path = self.dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        match link {
+            Ok(l) => {
+                let pinned = l.pin(&path).map_err(|source| KernelError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.links.push(pinned);
+            }
+            // An old kernel without bpf_link for this attach type: the link
+            // dies with the daemon (logged once here).
+            Err(e) => {
+                tracing::warn!("link of {name} cannot be pinned ({e}); it ends with the daemon")
+            }
+        }
+        Ok(())
+    }
+
+    fn pin_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), KernelError> {
+        let path = self.dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        unix::pin_object(fd, &path).map_err(|e| KernelError::Pin {
+            path: path.clone(),
+            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_OBJ_PIN",
+                io_error: e,
+            }),
+        })?;
+        self.raw.push(path);
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        for l in self.links.drain(..) {
+            let _ = l.unpin();
+        }
+        for p in self.raw.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 

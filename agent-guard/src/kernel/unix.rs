@@ -89,13 +89,25 @@ impl Layout {
     }
 }
 
-/// The loaded programs and their links; dropping detaches and unloads.
+/// The loaded programs and their links; dropping detaches and unloads
+/// (unless the links are pinned).
 pub struct UnixHooks {
     _links: Vec<OwnedFd>,
     _progs: Vec<OwnedFd>,
     /// (status name, kernel program id).
     pub ids: Vec<(String, u32)>,
     pub attached: Vec<String>,
+}
+
+impl UnixHooks {
+    /// (program name, link fd) of each attached hook, to pin.
+    pub fn links(&self) -> Vec<(&'static str, BorrowedFd<'_>)> {
+        UNIX_PROGRAMS
+            .iter()
+            .map(|(n, _, _)| *n)
+            .zip(self._links.iter().map(|l| l.as_fd()))
+            .collect()
+    }
 }
 
 fn map_data_fd(map: &Map) -> BorrowedFd<'_> {
@@ -254,6 +266,28 @@ fn program_id(fd: BorrowedFd<'_>) -> Option<u32> {
     };
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
     Some(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
+}
+
+/// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` on a bpffs.
+pub fn pin_object(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u64; 2],
+    }
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("pin path has a NUL byte"))?;
+    let mut attr = PinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// Relocates `object` against the maps `ebpf` created from it, loads the

@@ -1,0 +1,218 @@
+//! Taking over from a daemon that died without shutting down.
+//!
+//! Links are pinned (kernel/mod.rs), so a killed or crashed daemon leaves
+//! its programs attached and the kernel keeps enforcing its last state:
+//! tagged processes stay fenced, grants and task scopes still expire on the
+//! kernel's clock. Nothing can be granted, revoked or launched meanwhile,
+//! and records are lost once its ring buffer is full.
+//!
+//! A new daemon with the same `--pin-dir` takes over without a moment in
+//! which a tagged process is free:
+//! 1. before loading, it opens the old links and maps from their pins and
+//!    removes the pins (holding the fds keeps the old programs attached);
+//! 2. it loads and attaches its own programs and applies the policy (root
+//!    agents' cgroups are tagged again);
+//! 3. it re-tags every process the old instance tracked: one still in its
+//!    root agent's cgroup (`<cgroup-root>/<tenant>/<agent>`) whose agent is
+//!    in the policy becomes that root agent again (its grants are gone);
+//!    anything else (a task scope, a sub-agent, a process that left its
+//!    cgroup, an agent the policy no longer has) is quarantined: judged
+//!    under a subject that does not exist, so it reaches nothing. Leftover
+//!    task and sub-agent cgroups are quarantined the same way, so their
+//!    future children are too. The scan repeats until it finds no new
+//!    process (children forked meanwhile);
+//! 4. then it closes the old fds: the old programs detach.
+
+use std::{
+    collections::BTreeSet,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+
+use super::state::State;
+use crate::kernel::{fs as kfs, links_dir, procs_pin};
+
+/// Subject id of quarantined processes: never allocated, never in
+/// `SUBJECTS`, so the programs refuse everything (`unknown_subject`).
+pub const QUARANTINE: u32 = u32::MAX - 1;
+
+/// What a dead predecessor left pinned.
+pub struct Leftovers {
+    /// Old links, held open until the new programs are in place.
+    links: Vec<OwnedFd>,
+    procs: Option<HashMap<MapData, u32, u32>>,
+    /// Old daemon's pid, if it recorded one (for the audit record).
+    pub found: usize,
+}
+
+/// What the takeover did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Report {
+    pub links: usize,
+    pub retagged: usize,
+    pub quarantined: usize,
+    pub cgroups_quarantined: usize,
+}
+
+fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u64; 2],
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("pin path has a NUL byte"))?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr is the BPF_OBJ_GET prefix of union bpf_attr, zero-padded.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut Attr as *mut libc::c_void,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd from the kernel, now ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Step 1: opens what a predecessor left in `pin_dir` and removes its
+/// pins. `None` when there is nothing (the usual start).
+pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
+    let dir = links_dir(pin_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(None);
+    };
+    let paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let mut links = Vec::new();
+    for p in &paths {
+        match bpf_obj_get(p) {
+            Ok(fd) => links.push(fd),
+            Err(e) => tracing::warn!("left-over link pin {}: {e}", p.display()),
+        }
+    }
+    let procs = MapData::from_pin(procs_pin(pin_dir))
+        .ok()
+        .and_then(|d| HashMap::<_, u32, u32>::try_from(Map::HashMap(d)).ok());
+    // The new instance pins its own under the same names; the fds above
+    // keep the old objects alive until step 4.
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+    let _ = std::fs::remove_file(procs_pin(pin_dir));
+    let _ = std::fs::remove_file(pin_dir.join(agent_guard_common::maps::CGROUPS));
+    Ok(Some(Leftovers {
+        found: links.len(),
+        links,
+        procs,
+    }))
+}
+
+/// The cgroup of `pid` relative to `cgroup_root`, or `None` outside it
+/// (or gone).
+fn cgroup_under(pid: u32, cgroup_mount: &Path, cgroup_root: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let full = cgroup_mount.join(path.trim_start_matches('/'));
+    let rel = full.strip_prefix(cgroup_root).ok()?;
+    Some(
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect(),
+    )
+}
+
+impl State {
+    /// Steps 3 and 4 (after the policy is applied).
+    pub fn take_over(&self, old: Leftovers) -> Report {
+        let mut report = Report {
+            links: old.links.len(),
+            ..Report::default()
+        };
+        // Task and sub-agent cgroups of the old instance: quarantined, so
+        // whatever is (or is forked) in them reaches nothing.
+        for tenant in std::fs::read_dir(&self.cgroup_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for agent in std::fs::read_dir(tenant.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for derived in std::fs::read_dir(agent.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if derived.file_type().is_ok_and(|t| t.is_dir())
+                        && let Ok(id) = kfs::cgroup_id(&derived.path())
+                        && self.kernel().tag_cgroup(id, QUARANTINE).is_ok()
+                    {
+                        report.cgroups_quarantined += 1;
+                    }
+                }
+            }
+        }
+        if let Some(procs) = &old.procs {
+            let mut done: BTreeSet<u32> = BTreeSet::new();
+            // Repeat until a pass finds nothing new: children forked by
+            // old tagged processes meanwhile are in the old map too.
+            for _ in 0..8 {
+                let pids: Vec<u32> = procs
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|p| !done.contains(p))
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for pid in pids {
+                    done.insert(pid);
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        continue;
+                    }
+                    let root = cgroup_under(pid, &self.cgroup_mount, &self.cgroup_root)
+                        .filter(|c| c.len() == 2)
+                        .and_then(|c| {
+                            let reg = self.registry();
+                            reg.identities
+                                .values()
+                                .find(|i| {
+                                    i.active && i.is_root() && i.tenant == c[0] && i.agent == c[1]
+                                })
+                                .map(|i| i.subject_id)
+                        });
+                    let subject = root.unwrap_or(QUARANTINE);
+                    if self.kernel().tag_process(pid, subject).is_ok() {
+                        if root.is_some() {
+                            report.retagged += 1;
+                        } else {
+                            report.quarantined += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // Step 4: the old programs detach when the last fd closes.
+        drop(old);
+        report
+    }
+}

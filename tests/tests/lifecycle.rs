@@ -1,0 +1,181 @@
+//! The daemon's own life: a daemon that is killed leaves the fence up (its
+//! links are pinned), and a new daemon with the same pin directory takes
+//! over without a moment in which a tagged process is free.
+
+use std::process::Child;
+
+use agent_guard_tests::{Daemon, Listener, kernel_test, probe};
+
+fn policy(search: u16, extra_tools: &str) -> String {
+    format!(
+        r#"
+[[tenant]]
+name = "acme"
+
+[[tool]]
+name = "search"
+endpoints = [{{ cidr = "127.0.0.1/32", port = {search} }}]
+{extra_tools}
+[[agent]]
+tenant = "acme"
+name = "researcher"
+tools = ["search"{more}]
+"#,
+        more = if extra_tools.is_empty() {
+            ""
+        } else {
+            ", \"other\""
+        }
+    )
+}
+
+fn code(mut c: Child) -> i32 {
+    c.wait().expect("wait").code().unwrap_or(-1)
+}
+
+#[test]
+fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
+    if !kernel_test("a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over") {
+        return;
+    }
+    let search = Listener::tcp_dual();
+    let other = Listener::tcp_dual();
+    let (s, o) = (search.port.to_string(), other.port.to_string());
+    let mut d = Daemon::start(&policy(search.port, ""));
+
+    // Tagged processes that call while the daemon is dead...
+    let down_denied = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "2000", "tcp", "127.0.0.1", &o],
+    );
+    let down_allowed = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "2000", "tcp", "127.0.0.1", &s],
+    );
+    // ...and after a new daemon took over with a wider policy.
+    let later_root = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "7000", "tcp", "127.0.0.1", &o],
+    );
+    // Neither policy allows `third`: refused only if the new state still
+    // knows the process as the researcher.
+    let third = Listener::tcp_dual();
+    let t = third.port.to_string();
+    let later_denied = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "7000", "tcp", "127.0.0.1", &t],
+    );
+    let probe_bin = agent_guard_tests::probe_bin();
+    let later_task = std::process::Command::new(agent_guard_tests::agent_guard_bin())
+        .args([
+            "run",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--task",
+            "t",
+            "--tools",
+            "search",
+            "--socket",
+        ])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(&probe_bin)
+        .args(["after", "7000", "tcp", "127.0.0.1", &s])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn task");
+    // All five registered before the kill.
+    d.wait_status("five tagged processes", 10, |st| {
+        st["tracked_processes"].as_u64() >= Some(5)
+    });
+
+    d.kill();
+    assert_eq!(
+        code(down_denied),
+        probe::EPERM,
+        "fence held while the daemon was dead"
+    );
+    assert_eq!(
+        code(down_allowed),
+        probe::OK,
+        "allowed calls still work while it is dead"
+    );
+
+    // The new daemon's policy also allows `other`: only a call judged by
+    // the new state (the old programs gone) can reach it.
+    std::fs::write(
+        &d.policy_path,
+        policy(
+            search.port,
+            &format!("[[tool]]\nname = \"other\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", other.port),
+        ),
+    )
+    .expect("write policy");
+    d.restart();
+    assert_eq!(
+        code(later_root),
+        probe::OK,
+        "the root agent's process was re-tagged under the new policy and the old programs detached:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        code(later_denied),
+        probe::EPERM,
+        "the re-tagged root agent is still fenced by the new daemon"
+    );
+    assert_eq!(
+        code(later_task),
+        probe::EPERM,
+        "a task scope of the old daemon is quarantined (reaches nothing)"
+    );
+    let node = std::fs::read_to_string(d.audit_dir.join("_node/audit.jsonl")).expect("node log");
+    assert!(
+        node.contains("took over from a previous instance"),
+        "{node}"
+    );
+    // Only the new instance's links are pinned.
+    let st = d.status();
+    let attached = st["programs"].as_array().map_or(0, Vec::len);
+    let pinned = std::fs::read_dir(d.pin_dir.join("links"))
+        .expect("links dir")
+        .count();
+    assert_eq!(pinned, attached, "{st:#}");
+}
+
+#[test]
+fn a_clean_shutdown_detaches_everything() {
+    if !kernel_test("a_clean_shutdown_detaches_everything") {
+        return;
+    }
+    let other = Listener::tcp_dual();
+    let o = other.port.to_string();
+    let mut d = Daemon::start(&policy(1, ""));
+    let late = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "2500", "tcp", "127.0.0.1", &o],
+    );
+    d.wait_status("the tagged process", 10, |st| {
+        st["tracked_processes"].as_u64() >= Some(1)
+    });
+    d.stop();
+    assert!(
+        !d.pin_dir.join("links").exists()
+            || std::fs::read_dir(d.pin_dir.join("links"))
+                .expect("dir")
+                .count()
+                == 0,
+        "no link pin left after a clean stop"
+    );
+    assert_eq!(
+        code(late),
+        probe::OK,
+        "after a clean stop nothing is enforced any more"
+    );
+}
