@@ -139,6 +139,16 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
         node.contains("took over from a previous instance"),
         "{node}"
     );
+    // The two calls made while no daemon ran never reached a log: the new
+    // daemon counts them in a gap record (node log and tenant log).
+    let acme = d.audit("acme");
+    let gap = acme.iter().find(|r| r["kind"] == "gap").unwrap_or_else(|| {
+        panic!(
+            "no gap record in the acme log:\n{}",
+            agent_guard_tests::dump(&acme)
+        )
+    });
+    assert!(gap["lost"]["connect"].as_u64() >= Some(2), "{gap}");
     // Only the new instance's links are pinned.
     let st = d.status();
     let attached = st["programs"].as_array().map_or(0, Vec::len);

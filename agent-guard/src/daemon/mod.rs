@@ -174,7 +174,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Clean up what this daemon created, even when serving failed.
     let _ = std::fs::remove_file(&opts.socket);
     let _ = std::fs::remove_file(crate::kernel::procs_pin(&opts.pin_dir));
-    let _ = std::fs::remove_file(opts.pin_dir.join(agent_guard_common::maps::CGROUPS));
+    for name in crate::kernel::TAKEOVER_MAPS {
+        let _ = std::fs::remove_file(opts.pin_dir.join(name));
+    }
     if bpffs.mounted {
         kfs::unmount(&opts.pin_dir);
     }
@@ -288,6 +290,25 @@ async fn serve(
                 r.links, r.retagged, r.quarantined, r.cgroups_quarantined
             ));
             state.audit(NODE_LOG, rec);
+            let lost: std::collections::BTreeMap<String, u64> = r
+                .lost
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (agent_guard_common::event::kind::name(k as u8).to_string(), *n))
+                .collect();
+            if !lost.is_empty() {
+                // The old instance's tenants are not known by name any more:
+                // the gap goes to the node log and every current tenant.
+                let mut logs = state.tenants();
+                logs.push(NODE_LOG.to_string());
+                for log in logs {
+                    let mut gap = AuditRecord::new("gap");
+                    gap.lost = Some(lost.clone());
+                    gap.detail = Some("while no daemon ran: events the previous instance never read, or its kernel ring could not hold".into());
+                    state.audit(&log, gap);
+                }
+            }
         }
         let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, state.clone(), shutdown_rx.clone())
             .await

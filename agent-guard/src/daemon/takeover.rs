@@ -29,7 +29,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use agent_guard_common::{
+    event::{Event, kind},
+    maps as names,
+};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 
 use super::state::State;
 use crate::kernel::{fs as kfs, links_dir, procs_pin};
@@ -43,13 +47,20 @@ pub struct Leftovers {
     /// Old links, held open until the new programs are in place.
     links: Vec<OwnedFd>,
     procs: Option<HashMap<MapData, u32, u32>>,
+    /// Records the kernel could not deliver, per kind.
+    lost: Option<PerCpuArray<MapData, u64>>,
+    /// The old ring: records nobody read.
+    ring: Option<RingBuf<MapData>>,
     /// Old daemon's pid, if it recorded one (for the audit record).
     pub found: usize,
 }
 
 /// What the takeover did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Report {
+    /// Events of the old instance that never reached an audit log, by
+    /// kind: unread in its ring plus refused by a full ring.
+    pub lost: [u64; kind::COUNT as usize],
     pub links: usize,
     pub retagged: usize,
     pub quarantined: usize,
@@ -110,17 +121,27 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
     let procs = MapData::from_pin(procs_pin(pin_dir))
         .ok()
         .and_then(|d| HashMap::<_, u32, u32>::try_from(Map::HashMap(d)).ok());
+    let lost = MapData::from_pin(pin_dir.join(names::LOST))
+        .ok()
+        .and_then(|d| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(d)).ok());
+    let ring = MapData::from_pin(pin_dir.join(names::EVENTS))
+        .ok()
+        .and_then(|d| RingBuf::try_from(Map::RingBuf(d)).ok());
     // The new instance pins its own under the same names; the fds above
     // keep the old objects alive until step 4.
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
     let _ = std::fs::remove_file(procs_pin(pin_dir));
-    let _ = std::fs::remove_file(pin_dir.join(agent_guard_common::maps::CGROUPS));
+    for name in crate::kernel::TAKEOVER_MAPS {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
     Ok(Some(Leftovers {
         found: links.len(),
         links,
         procs,
+        lost,
+        ring,
     }))
 }
 
@@ -142,8 +163,11 @@ impl State {
     /// Steps 3 and 4 (after the policy is applied).
     pub fn take_over(&self, old: Leftovers) -> Report {
         let mut report = Report {
+            lost: [0; kind::COUNT as usize],
             links: old.links.len(),
-            ..Report::default()
+            retagged: 0,
+            quarantined: 0,
+            cgroups_quarantined: 0,
         };
         // Task and sub-agent cgroups of the old instance: quarantined, so
         // whatever is (or is forked) in them reaches nothing.
@@ -211,8 +235,29 @@ impl State {
                 }
             }
         }
-        // Step 4: the old programs detach when the last fd closes.
-        drop(old);
+        // Step 4: the old programs detach when the last fd closes; then
+        // nothing writes the old ring any more and it can be counted.
+        let Leftovers {
+            links, lost, ring, ..
+        } = old;
+        drop(links);
+        if let Some(lost) = &lost {
+            for (k, slot) in report.lost.iter_mut().enumerate() {
+                if let Ok(v) = lost.get(&(k as u32), 0) {
+                    *slot += v.iter().sum::<u64>();
+                }
+            }
+        }
+        if let Some(mut ring) = ring {
+            let at = std::mem::offset_of!(Event, kind);
+            while let Some(rec) = ring.next() {
+                if let Some(&k) = rec.get(at)
+                    && let Some(slot) = report.lost.get_mut(usize::from(k))
+                {
+                    *slot += 1;
+                }
+            }
+        }
         report
     }
 }

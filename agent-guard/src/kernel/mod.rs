@@ -207,7 +207,6 @@ impl Kernel {
             );
         }
 
-        let ring = maps::take(&mut ebpf, agent_guard_common::maps::EVENTS)?;
         // PROCS is pinned so a launcher can check with the kernel (not just
         // the socket's word) that it really was tagged.
         let pin = procs_pin(pin_dir);
@@ -219,16 +218,20 @@ impl Kernel {
                 path: pin.clone(),
                 source: e,
             })?;
-        // CGROUPS too: a daemon that takes over after a crash reads both.
-        let cg_pin = pin_dir.join(agent_guard_common::maps::CGROUPS);
-        let _ = std::fs::remove_file(&cg_pin);
-        ebpf.map(agent_guard_common::maps::CGROUPS)
-            .ok_or(KernelError::MissingMap(agent_guard_common::maps::CGROUPS))?
-            .pin(&cg_pin)
-            .map_err(|e| KernelError::Pin {
-                path: cg_pin.clone(),
-                source: e,
-            })?;
+        // A daemon that takes over after a crash reads these: the old
+        // tagging, and what was lost or never read while no daemon ran.
+        for name in TAKEOVER_MAPS {
+            let path = pin_dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            ebpf.map(name)
+                .ok_or(KernelError::MissingMap(name))?
+                .pin(&path)
+                .map_err(|e| KernelError::Pin {
+                    path: path.clone(),
+                    source: e,
+                })?;
+        }
+        let ring = maps::take(&mut ebpf, agent_guard_common::maps::EVENTS)?;
         let mut maps = KernelMaps::take(&mut ebpf)?;
         let mut program_ids: Vec<(String, u32)> = ebpf
             .programs()
@@ -266,6 +269,13 @@ impl Drop for Kernel {
         self.pins.release();
     }
 }
+
+/// Maps pinned (besides `PROCS`) for a daemon that takes over after a crash.
+pub const TAKEOVER_MAPS: [&str; 3] = [
+    agent_guard_common::maps::CGROUPS,
+    agent_guard_common::maps::LOST,
+    agent_guard_common::maps::EVENTS,
+];
 
 /// Where the links are pinned.
 pub fn links_dir(pin_dir: &std::path::Path) -> PathBuf {
