@@ -152,9 +152,15 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
     // Only the new instance's links are pinned.
     let st = d.status();
     let attached = st["programs"].as_array().map_or(0, Vec::len);
-    let pinned = std::fs::read_dir(d.pin_dir.join("links"))
+    let pinned = std::fs::read_dir(d.pin_dir.join(format!("links-{}", d.pid())))
         .expect("links dir")
         .count();
+    let dirs = std::fs::read_dir(&d.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("links-"))
+        .count();
+    assert_eq!(dirs, 1, "the old instance's link directory is gone");
     assert_eq!(pinned, attached, "{st:#}");
 }
 
@@ -175,14 +181,13 @@ fn a_clean_shutdown_detaches_everything() {
         st["tracked_processes"].as_u64() >= Some(1)
     });
     d.stop();
-    assert!(
-        !d.pin_dir.join("links").exists()
-            || std::fs::read_dir(d.pin_dir.join("links"))
-                .expect("dir")
-                .count()
-                == 0,
-        "no link pin left after a clean stop"
-    );
+    let left = std::fs::read_dir(&d.pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("links-"))
+        .count();
+    assert_eq!(left, 0, "no link pin left after a clean stop");
     assert_eq!(
         code(late),
         probe::OK,

@@ -36,7 +36,7 @@ use agent_guard_common::{
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
 
 use super::state::State;
-use crate::kernel::{fs as kfs, links_dir, procs_pin};
+use crate::kernel::{LINKS_PREFIX, fs as kfs, procs_pin};
 
 /// Subject id of quarantined processes: never allocated, never in
 /// `SUBJECTS`, so the programs refuse everything (`unknown_subject`).
@@ -103,12 +103,32 @@ fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 /// Step 1: opens what a predecessor left in `pin_dir` and removes its
 /// pins. `None` when there is nothing (the usual start).
 pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
-    let dir = links_dir(pin_dir);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(None);
-    };
-    let paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    let mut dirs = Vec::new();
+    for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(LINKS_PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && daemon_alive(pid) {
+            anyhow::bail!(
+                "another agent-guard daemon (pid {pid}) has its programs pinned in {}; give this one another --pin-dir",
+                pin_dir.display()
+            );
+        }
+        dirs.push(e.path());
+    }
+    let paths: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect();
     if paths.is_empty() {
+        for d in &dirs {
+            let _ = std::fs::remove_dir(d);
+        }
         return Ok(None);
     }
     let mut links = Vec::new();
@@ -132,6 +152,9 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
+    for d in &dirs {
+        let _ = std::fs::remove_dir(d);
+    }
     let _ = std::fs::remove_file(procs_pin(pin_dir));
     for name in crate::kernel::TAKEOVER_MAPS {
         let _ = std::fs::remove_file(pin_dir.join(name));
@@ -143,6 +166,15 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
         lost,
         ring,
     }))
+}
+
+/// Is `pid` a running agent-guard daemon (not a dead one's reused pid)?
+fn daemon_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        args.first().is_some_and(|a| a.ends_with(b"agent-guard"))
+            && args.get(1) == Some(&&b"daemon"[..])
+    })
 }
 
 /// The cgroup of `pid` relative to `cgroup_root`, or `None` outside it

@@ -92,7 +92,7 @@ pub type Ring = aya::maps::RingBuf<aya::maps::MapData>;
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     _ebpf: Ebpf,
-    /// Every link, pinned under `<pin-dir>/links/`: if the daemon dies
+    /// Every link, pinned under `<pin-dir>/links-<pid>/`: if the daemon dies
     /// without shutting down (killed, crashed), the programs stay attached
     /// and the kernel keeps enforcing the last state (grant and task
     /// expiry included) until a new daemon takes over. [`Kernel::release`]
@@ -278,9 +278,13 @@ pub const TAKEOVER_MAPS: [&str; 3] = [
 ];
 
 /// Where the links are pinned.
-pub fn links_dir(pin_dir: &std::path::Path) -> PathBuf {
-    pin_dir.join("links")
+/// `<pin-dir>/links-<daemon pid>`: the pid tells a live owner (another
+/// daemon on the same pin dir: refuse) from a dead one (take over).
+pub fn links_dir(pin_dir: &std::path::Path, pid: u32) -> PathBuf {
+    pin_dir.join(format!("{LINKS_PREFIX}{pid}"))
 }
+
+pub const LINKS_PREFIX: &str = "links-";
 
 /// Pinned links of this daemon.
 struct Pins {
@@ -292,7 +296,7 @@ struct Pins {
 
 impl Pins {
     fn new(pin_dir: &std::path::Path) -> Result<Self, KernelError> {
-        let dir = links_dir(pin_dir);
+        let dir = links_dir(pin_dir, std::process::id());
         std::fs::create_dir_all(&dir).map_err(|e| KernelError::Pin {
             path: dir.clone(),
             source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
