@@ -295,6 +295,21 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
         "{st:#}"
     );
     assert!(st["dns"][name]["by_subject"]["acme/writer"].is_null());
+    // IPv6 sockets: connect() (as glibc does) is redirected to the
+    // v4-mapped proxy address; an unconnected IPv6 sendto cannot be
+    // (the kernel refuses a v4-mapped rewrite there), so it is refused.
+    for mode in ["udp-connected", "tcp"] {
+        assert_eq!(
+            d.probe("acme", "researcher", &["resolve", mode, name, "::1"]),
+            probe::OK,
+            "{mode} over IPv6"
+        );
+    }
+    assert_eq!(
+        d.probe("acme", "researcher", &["resolve", "udp", name, "::1"]),
+        probe::EPERM,
+        "unconnected IPv6 sendto to port 53"
+    );
     // Another agent of the same tenant without the tool: refused, and the
     // researcher's answer opens nothing for it.
     assert_eq!(
