@@ -471,6 +471,14 @@ fn per_agent_dns_follows_grants() {
         &resolve,
     );
     assert_eq!(code, probe::REFUSED, "sub-agent without the tool: {err}");
+    // Asking outside its declared tools is divergence, like a refused call.
+    d.wait_audit("acme", "divergent DNS query", |r| {
+        r.iter().any(|x| {
+            x["kind"] == "dns"
+                && x["subject"] == "acme/researcher/reader"
+                && x["divergence"] == true
+        })
+    });
     let (code, err) = d.sub_agent(
         "acme",
         "researcher",

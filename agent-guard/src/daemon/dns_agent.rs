@@ -238,6 +238,12 @@ impl State {
         } else if refused {
             rec.verdict = Some("deny".into());
             rec.reason = Some("dns_refused".into());
+            // A task scope or sub-agent asking for a name outside its
+            // declared tools diverges from its intent like a refused call
+            // (counted, and on_divergence may act).
+            if self.divergence(subject) {
+                rec.divergence = Some(true);
+            }
             rec.detail = Some(format!(
                 "{} query refused: no current tool names it",
                 qtype.unwrap_or("?")
