@@ -197,6 +197,12 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("daemon did not restart: {e}"));
     }
 
+    /// [`Daemon::restart`] that returns the failure (with the daemon's log)
+    /// instead of panicking.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.spawn()
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()

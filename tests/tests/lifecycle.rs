@@ -194,3 +194,55 @@ fn a_clean_shutdown_detaches_everything() {
         "after a clean stop nothing is enforced any more"
     );
 }
+
+/// A suspension is on disk before `suspend` returns: a restart (clean or
+/// not) never lifts it; a damaged state file stops the daemon from
+/// starting rather than forgetting it.
+#[test]
+fn a_suspension_survives_a_restart() {
+    if !kernel_test("a_suspension_survives_a_restart") {
+        return;
+    }
+    let search = Listener::tcp_dual();
+    let s = search.port.to_string();
+    let mut d = Daemon::start(&policy(search.port, ""));
+    let out = d.cli(&["suspend", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.stop();
+    d.restart();
+    assert_eq!(d.status()["suspended"][0], "acme");
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &s]),
+        probe::EPERM,
+        "still suspended after a clean restart"
+    );
+    d.kill();
+    d.restart();
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &s]),
+        probe::EPERM,
+        "still suspended after a crash and takeover"
+    );
+    let out = d.cli(&["resume", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &s]),
+        probe::OK
+    );
+    d.stop();
+    // A damaged file: refuse to start, say which file and what to do.
+    let state = d.dir.path().join("state/suspended.json");
+    std::fs::write(&state, "{ not json").expect("damage the state file");
+    let err = d
+        .try_restart()
+        .expect_err("a damaged state file must stop the start");
+    assert!(err.contains("suspended.json is damaged"), "{err}");
+}

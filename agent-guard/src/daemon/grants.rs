@@ -298,6 +298,7 @@ impl State {
             });
         }
         let key = (tenant.to_string(), agent.map(str::to_string));
+        let before = reg.suspended.clone();
         if suspend {
             reg.suspended.insert(key);
         } else if !reg.suspended.remove(&key) {
@@ -310,6 +311,11 @@ impl State {
                     ""
                 }
             ));
+        }
+        // On disk first: a suspension must survive a restart of the daemon.
+        if let Err(e) = self.save_suspended(&reg.suspended) {
+            reg.suspended = before;
+            return Err(format!("could not record the suspension: {e}"));
         }
         let ids: Vec<u32> = reg
             .identities

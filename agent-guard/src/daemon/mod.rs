@@ -216,6 +216,10 @@ async fn serve(
     cgroup_root: PathBuf,
     (listener, abstract_listener): (tokio::net::UnixListener, tokio::net::UnixListener),
 ) -> anyhow::Result<()> {
+    // Suspensions outlive the daemon: read before touching the kernel and
+    // restored before the policy is applied, so no agent of a suspended
+    // tenant is ever unsuspended by a restart.
+    let suspended = state::State::load_suspended(&opts.state_dir)?;
     // A predecessor that died without shutting down left its programs
     // enforcing; hold them until ours are in place (takeover.rs).
     let leftovers =
@@ -252,6 +256,15 @@ async fn serve(
     state.idle_subject_age = opts.idle_subject_age;
     state.program_ids = kernel.program_ids.clone();
     state.dns_grace = opts.dns_grace;
+    state.state_dir = opts.state_dir.clone();
+    if !suspended.is_empty() {
+        tracing::warn!(
+            ?suspended,
+            "restoring suspensions from {}",
+            opts.state_dir.display()
+        );
+    }
+    state.registry().suspended = suspended;
     state.unix_support = kernel.unix.clone();
     allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);

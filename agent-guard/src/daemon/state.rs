@@ -108,6 +108,54 @@ pub struct State {
     pub dns_proxy: std::sync::OnceLock<super::dns_proxy::DnsProxy>,
     /// Learned addresses stay this long past their TTL.
     pub dns_grace: std::time::Duration,
+    /// The daemon's state directory (suspensions survive restarts here).
+    pub state_dir: PathBuf,
+}
+
+/// File in the state directory that holds the suspended tenants/agents.
+pub const SUSPENDED_FILE: &str = "suspended.json";
+
+impl State {
+    /// Writes the suspension set (temp file, fsync, rename).
+    pub fn save_suspended(&self, set: &BTreeSet<(String, Option<String>)>) -> std::io::Result<()> {
+        use std::io::Write as _;
+        std::fs::create_dir_all(&self.state_dir)?;
+        let list: Vec<serde_json::Value> = set
+            .iter()
+            .map(|(t, a)| serde_json::json!({ "tenant": t, "agent": a }))
+            .collect();
+        let path = self.state_dir.join(SUSPENDED_FILE);
+        let tmp = self.state_dir.join(format!("{SUSPENDED_FILE}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(&list)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// Reads the suspension set saved by an earlier run; a missing file is
+    /// an empty set, a damaged one an error (starting without it could lift
+    /// a suspension).
+    pub fn load_suspended(state_dir: &Path) -> anyhow::Result<BTreeSet<(String, Option<String>)>> {
+        let path = state_dir.join(SUSPENDED_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+        };
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            tenant: String,
+            agent: Option<String>,
+        }
+        let list: Vec<Entry> = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is damaged ({e}); it lists the suspended tenants and agents: fix it, or remove it to lift every suspension",
+                path.display()
+            )
+        })?;
+        Ok(list.into_iter().map(|e| (e.tenant, e.agent)).collect())
+    }
 }
 
 /// Monotonic nanoseconds, the clock `bpf_ktime_get_ns()` reads.
@@ -156,6 +204,7 @@ impl State {
             unix_support: crate::kernel::UnixSupport::Unavailable("not loaded".into()),
             dns_proxy: std::sync::OnceLock::new(),
             dns_grace: std::time::Duration::from_secs(30),
+            state_dir: PathBuf::new(),
         }
     }
 
