@@ -162,26 +162,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
 
+    let mut kept = false;
     let result = serve(
         opts.clone(),
         (policy, policy_text, policy_path),
         cgroup_mount,
         cgroup_root.clone(),
         (listener, abstract_listener),
+        &mut kept,
     )
     .await;
 
-    // Clean up what this daemon created, even when serving failed.
+    // Clean up what this daemon created, even when serving failed; the
+    // pins too, unless tagged processes still run (then they keep the
+    // fence up for the next daemon).
     let _ = std::fs::remove_file(&opts.socket);
-    let _ = std::fs::remove_file(crate::kernel::procs_pin(&opts.pin_dir));
-    for name in crate::kernel::TAKEOVER_MAPS {
-        let _ = std::fs::remove_file(opts.pin_dir.join(name));
-    }
-    if bpffs.mounted {
-        kfs::unmount(&opts.pin_dir);
-    }
-    if bpffs.mounted || bpffs.created_dir {
-        let _ = std::fs::remove_dir(&opts.pin_dir);
+    if !kept {
+        let _ = std::fs::remove_file(crate::kernel::procs_pin(&opts.pin_dir));
+        for name in crate::kernel::TAKEOVER_MAPS {
+            let _ = std::fs::remove_file(opts.pin_dir.join(name));
+        }
+        if bpffs.mounted {
+            kfs::unmount(&opts.pin_dir);
+        }
+        if bpffs.mounted || bpffs.created_dir {
+            let _ = std::fs::remove_dir(&opts.pin_dir);
+        }
     }
     if created_root {
         let _ = std::fs::remove_dir(&cgroup_root);
@@ -215,6 +221,7 @@ async fn serve(
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
     (listener, abstract_listener): (tokio::net::UnixListener, tokio::net::UnixListener),
+    kept: &mut bool,
 ) -> anyhow::Result<()> {
     // Suspensions outlive the daemon: read before touching the kernel and
     // restored before the policy is applied, so no agent of a suspended
@@ -230,7 +237,7 @@ async fn serve(
             "a previous agent-guard left its programs attached (killed or crashed?): taking over"
         );
     }
-    let (kernel, maps, ring) = Kernel::load(
+    let (mut kernel, maps, ring) = Kernel::load(
         &cgroup_mount,
         &opts.pin_dir,
         opts.ring_bytes,
@@ -366,10 +373,36 @@ async fn serve(
     }
     .await;
 
+    // Tagged processes still running stay fenced: the programs remain
+    // attached (pinned) until a daemon with this --pin-dir takes over.
+    // Stopping the daemon must never set an agent free.
+    let running: std::collections::BTreeSet<u32> = state
+        .kernel()
+        .processes()
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
     let mut stop = AuditRecord::new("daemon");
-    stop.detail = Some(match &outcome {
+    let how = match &outcome {
         Ok(()) => "stopped".to_string(),
         Err(e) => format!("stopped on error: {e:#}"),
+    };
+    stop.detail = Some(if running.is_empty() {
+        how
+    } else {
+        kernel.keep_attached();
+        *kept = true;
+        tracing::warn!(
+            tagged = running.len(),
+            pin_dir = %opts.pin_dir.display(),
+            "tagged processes are still running: leaving the programs attached so they stay fenced; a daemon started with this --pin-dir takes over (stop the agents first for a full clean-up)"
+        );
+        format!(
+            "{how}; {} tagged processes still running: programs left attached (pinned in {}) until a daemon takes over",
+            running.len(),
+            opts.pin_dir.display()
+        )
     });
     state.audit(NODE_LOG, stop);
     let _ = shutdown_tx.send(true);

@@ -98,6 +98,8 @@ pub struct Kernel {
     /// expiry included) until a new daemon takes over. [`Kernel::release`]
     /// removes the pins at a clean shutdown.
     pins: Pins,
+    /// Set by [`Kernel::keep_attached`].
+    keep: bool,
     /// The Unix socket hooks, when this kernel has them.
     _unix: Option<unix::UnixHooks>,
     pub unix: UnixSupport,
@@ -246,6 +248,7 @@ impl Kernel {
             Self {
                 _ebpf: ebpf,
                 pins,
+                keep: false,
                 _unix: unix_hooks,
                 unix: unix_support,
                 attached,
@@ -266,7 +269,19 @@ impl Drop for Kernel {
             tracing::error!("panicking: links stay pinned, the kernel keeps enforcing");
             return;
         }
+        if self.keep {
+            return;
+        }
         self.pins.release();
+    }
+}
+
+impl Kernel {
+    /// Leave the programs attached (pinned) when this handle goes: tagged
+    /// processes are still running and must stay fenced until the next
+    /// daemon takes over.
+    pub fn keep_attached(&mut self) {
+        self.keep = true;
     }
 }
 
