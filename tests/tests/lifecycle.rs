@@ -33,6 +33,26 @@ fn code(mut c: Child) -> i32 {
     c.wait().expect("wait").code().unwrap_or(-1)
 }
 
+/// Waits until each launcher has exec'd its probe (so it was tagged and
+/// its launcher is done with the daemon): the status count alone can be
+/// reached while a launcher still waits for its reply.
+fn wait_exec(children: &[&Child]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for c in children {
+        let exe = format!("/proc/{}/exe", c.id());
+        while !std::fs::read_link(&exe)
+            .is_ok_and(|p| p.to_string_lossy().ends_with("agent-guard-probe"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "launcher {} never exec'd its probe",
+                c.id()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 #[test]
 fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
     if !kernel_test("a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over") {
@@ -58,7 +78,7 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
     let later_root = d.spawn_probe(
         "acme",
         "researcher",
-        &["after", "7000", "tcp", "127.0.0.1", &o],
+        &["after", "10000", "tcp", "127.0.0.1", &o],
     );
     // Neither policy allows `third`: refused only if the new state still
     // knows the process as the researcher.
@@ -67,7 +87,7 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
     let later_denied = d.spawn_probe(
         "acme",
         "researcher",
-        &["after", "7000", "tcp", "127.0.0.1", &t],
+        &["after", "10000", "tcp", "127.0.0.1", &t],
     );
     let probe_bin = agent_guard_tests::probe_bin();
     let later_task = std::process::Command::new(agent_guard_tests::agent_guard_bin())
@@ -86,14 +106,18 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
         .arg(&d.socket)
         .arg("--")
         .arg(&probe_bin)
-        .args(["after", "7000", "tcp", "127.0.0.1", &s])
+        .args(["after", "10000", "tcp", "127.0.0.1", &s])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn task");
-    // All five registered before the kill.
-    d.wait_status("five tagged processes", 10, |st| {
-        st["tracked_processes"].as_u64() >= Some(5)
-    });
+    // All five launched (tagged and exec'd) before the kill.
+    wait_exec(&[
+        &down_denied,
+        &down_allowed,
+        &later_root,
+        &later_denied,
+        &later_task,
+    ]);
 
     d.kill();
     assert_eq!(
@@ -180,9 +204,7 @@ fn a_stop_keeps_running_agents_fenced_and_otherwise_detaches_everything() {
         "researcher",
         &["after", "2500", "tcp", "127.0.0.1", &o],
     );
-    d.wait_status("the tagged process", 10, |st| {
-        st["tracked_processes"].as_u64() >= Some(1)
-    });
+    wait_exec(&[&late]);
     d.stop();
     assert_eq!(
         code(late),

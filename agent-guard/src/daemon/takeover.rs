@@ -67,39 +67,6 @@ pub struct Report {
     pub cgroups_quarantined: usize,
 }
 
-fn bpf_obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    #[repr(C)]
-    #[derive(Default)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        _rest: [u64; 2],
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("pin path has a NUL byte"))?;
-    let mut attr = Attr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: attr is the BPF_OBJ_GET prefix of union bpf_attr, zero-padded.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut Attr as *mut libc::c_void,
-            std::mem::size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd from the kernel, now ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Step 1: opens what a predecessor left in `pin_dir` and removes its
 /// pins. `None` when there is nothing (the usual start).
 pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
@@ -133,7 +100,7 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
     }
     let mut links = Vec::new();
     for p in &paths {
-        match bpf_obj_get(p) {
+        match crate::kernel::unix::get_object(p) {
             Ok(fd) => links.push(fd),
             Err(e) => tracing::warn!("left-over link pin {}: {e}", p.display()),
         }

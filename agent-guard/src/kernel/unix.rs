@@ -268,26 +268,40 @@ fn program_id(fd: BorrowedFd<'_>) -> Option<u32> {
     Some(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
 
-/// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` on a bpffs.
-pub fn pin_object(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()> {
+/// `union bpf_attr` for BPF_OBJ_PIN and BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    _rest: [u64; 2],
+}
+
+fn obj_call(cmd: libc::c_long, path: &std::path::Path, fd: u32) -> std::io::Result<libc::c_long> {
     use std::os::unix::ffi::OsStrExt as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct PinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        _rest: [u64; 2],
-    }
-    const BPF_OBJ_PIN: libc::c_long = 6;
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::other("pin path has a NUL byte"))?;
-    let mut attr = PinAttr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
+        bpf_fd: fd,
         ..Default::default()
     };
-    sys_bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+    sys_bpf(cmd, &mut attr)
+}
+
+/// `BPF_OBJ_PIN`: pins the object behind `fd` at `path` on a bpffs.
+pub fn pin_object(fd: BorrowedFd<'_>, path: &std::path::Path) -> std::io::Result<()> {
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    obj_call(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+}
+
+/// `BPF_OBJ_GET`: opens the object pinned at `path`.
+pub fn get_object(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let fd = obj_call(BPF_OBJ_GET, path, 0)?;
+    // SAFETY: a new fd from the kernel, now ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Relocates `object` against the maps `ebpf` created from it, loads the

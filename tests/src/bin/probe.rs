@@ -518,28 +518,13 @@ fn run(args: &[String]) -> i32 {
             last
         }
         "bench-connect" => {
+            // Mean wall ns per connect, then this process's CPU time
+            // (user + sys, getrusage) per connect.
             let (Some(a), Some(n)) = (addr(rest), rest.get(2).and_then(|n| n.parse::<u32>().ok()))
             else {
                 return usage();
             };
-            let cpu_start = cpu_time_ns();
-            let start = Instant::now();
-            for _ in 0..n {
-                if let Err(e) = TcpStream::connect(a) {
-                    eprintln!("probe: bench connect: {e}");
-                    return OTHER;
-                }
-            }
-            let wall = start.elapsed();
-            let cpu = cpu_time_ns().saturating_sub(cpu_start);
-            // Mean wall ns per connect (unchanged), then this process's CPU
-            // time (user + sys, getrusage) per connect.
-            println!(
-                "{} {}",
-                wall.as_nanos() as f64 / f64::from(n.max(1)),
-                cpu as f64 / f64::from(n.max(1))
-            );
-            OK
+            timed(n, || TcpStream::connect(a).map(drop))
         }
         "bench-unix" => {
             let (Some(path), Some(n)) = (
