@@ -227,12 +227,18 @@ fn standing(subject_id: u32, now: u64) -> (Option<u8>, u8, u32) {
 /// addr) at `now`: subject state, base set, grants, rate limit, uses.
 /// Counts the verdict.
 #[inline(always)]
-pub fn judge(subject_id: u32, proto: u8, port: u16, addr: [u8; 16], now: u64) -> Judgement {
+pub fn judge(
+    subject_id: u32,
+    generation: u8,
+    proto: u8,
+    port: u16,
+    addr: [u8; 16],
+    now: u64,
+) -> Judgement {
     let (why, mode, agent_id) = standing(subject_id, now);
     if let Some(r) = why {
         return settle(0, 0, r, mode);
     }
-    let generation = CONFIG.get(0).map(|c| c.generation).unwrap_or(0) as u8;
     let mut m = find_capability(subject_id, generation, proto, port, addr, now);
     if m.reason == reason::GRANTED && rate_limited(agent_id, m.tool_id, now) {
         m.reason = reason::RATE_LIMITED;
@@ -348,11 +354,13 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
     let proto = ctx_u32!(ctx.sock_addr, protocol) as u8;
     let (family, addr, port) = destination(ctx, v6);
     let now = unsafe { bpf_ktime_get_ns() };
-    let proxy_port = CONFIG.get(0).map(|c| c.dns_proxy_port).unwrap_or(0) as u16;
+    // CONFIG once per call: generation, DNS proxy port, wakeup threshold.
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    let proxy_port = cfg.dns_proxy_port as u16;
     let j = if is_dns(proxy_port, proto, port, &addr) {
         redirect_dns(ctx, subject_id, proxy_port, kind, v6, addr, now)
     } else {
-        judge(subject_id, proto, port, addr, now)
+        judge(subject_id, cfg.generation as u8, proto, port, addr, now)
     };
 
     if let Some(mut entry) = emit::reserve::<Event>(kind) {
@@ -367,7 +375,7 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
             ev.port = port;
             ev.addr = addr;
         }
-        entry.submit(emit::submit_flags());
+        entry.submit(emit::wake_flags(cfg.wakeup_bytes));
     }
     j.ret
 }

@@ -56,8 +56,13 @@ pub fn reserve<T: 'static>(kind: u8) -> Option<RingBufEntry<T>> {
 /// Submit flags: wake the consumer only when the backlog is large.
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    let threshold = CONFIG.get(0).map(|c| c.wakeup_bytes).unwrap_or(0) as u64;
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    wake_flags(CONFIG.get(0).map(|c| c.wakeup_bytes).unwrap_or(0))
+}
+
+/// [`submit_flags`] for a caller that already read `CONFIG`.
+#[inline(always)]
+pub fn wake_flags(wakeup_bytes: u32) -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(wakeup_bytes) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

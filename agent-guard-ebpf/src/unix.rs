@@ -14,7 +14,7 @@
 //! fields with `bpf_probe_read_kernel` (allowed for privileged loaders).
 
 use agent_guard_common::{
-    UNIX_OFFSETS_UNKNOWN,
+    Config, UNIX_OFFSETS_UNKNOWN,
     event::{Event, UnixEvent, kind, reason},
     subject::MODE_ENFORCE,
     unix::{AF_UNIX, CONTROL_PATH_ID, PROTO_UNIX, SUN_PATH_LEN, UnixPath, path_addr},
@@ -52,10 +52,7 @@ pub fn sendmsg_unix(ctx: SockAddrContext) -> i32 {
 /// use it: a pathname up to its first NUL, an abstract name whole. False
 /// when it cannot be read.
 #[inline(always)]
-fn read_path(ctx: &SockAddrContext, key: &mut UnixPath) -> bool {
-    let Some(cfg) = CONFIG.get(0) else {
-        return false;
-    };
+fn read_path(ctx: &SockAddrContext, cfg: &Config, key: &mut UnixPath) -> bool {
     let uaddr_off = cfg.unix_uaddr_off as usize;
     let len_off = cfg.unix_uaddrlen_off as usize;
     if cfg.unix_uaddr_off == UNIX_OFFSETS_UNKNOWN || uaddr_off + 8 > HEAD || len_off + 4 > HEAD {
@@ -119,7 +116,8 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let mut key = UnixPath::zeroed();
     let mut id = 0;
-    let j: Judgement = if !read_path(ctx, &mut key) {
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    let j: Judgement = if !read_path(ctx, &cfg, &mut key) {
         // Fail closed: an address we cannot read is not on any list.
         settle(0, 0, reason::NO_CAPABILITY, MODE_ENFORCE)
     } else {
@@ -129,7 +127,14 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
         if id == CONTROL_PATH_ID {
             settle(0, 0, reason::CONTROL_SOCKET, MODE_ENFORCE)
         } else {
-            judge(subject_id, PROTO_UNIX, 0, path_addr(id), now)
+            judge(
+                subject_id,
+                cfg.generation as u8,
+                PROTO_UNIX,
+                0,
+                path_addr(id),
+                now,
+            )
         }
     };
 
@@ -149,7 +154,7 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
             (*rec).path = key.path;
             (*rec)._pad = 0;
         }
-        entry.submit(emit::submit_flags());
+        entry.submit(emit::wake_flags(cfg.wakeup_bytes));
     }
     j.ret
 }

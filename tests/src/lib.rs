@@ -407,6 +407,16 @@ fn remove_cgroup_tree(dir: &Path, mount: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// A port free on 127.0.0.1 right now (for a daemon's per-agent DNS
+/// proxy, which binds it on 127.0.0.0/10 + subject id: daemons running side
+/// by side need their own).
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub fn probe_bin() -> PathBuf {
     let p = std::env::var_os("AGENT_GUARD_PROBE")
         .map(PathBuf::from)

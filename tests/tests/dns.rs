@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_guard_tests::{Daemon, Listener, kernel_test, probe};
+use agent_guard_tests::{Daemon, Listener, free_port, kernel_test, probe};
 
 /// A minimal authoritative DNS server for one name, answering A queries
 /// with whatever `answer` holds (TTL 1 s), NXDOMAIN for other names.
@@ -216,16 +216,6 @@ fn a_tool_named_by_dns_follows_its_answer() {
     );
 }
 
-/// A free port for the per-agent DNS proxy of one test daemon (the proxy
-/// binds it on 127.64.0.0/10, so daemons running side by side need their
-/// own).
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn per_agent_policy(port: u16) -> String {
     format!(
         "{}\n[[agent]]\ntenant = \"acme\"\nname = \"writer\"\ntools = []\n\n\
@@ -423,8 +413,9 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     );
 }
 
-/// A task scope that drops the DNS-named tool cannot resolve its name,
-/// and a grant of the tool lets it (grants widen the resolvable names).
+/// An agent without the DNS-named tool cannot resolve its name until a
+/// grant gives it the tool (grants widen the resolvable names), and
+/// sub-agents resolve as themselves.
 #[test]
 fn per_agent_dns_follows_grants() {
     if !kernel_test("per_agent_dns_follows_grants") {

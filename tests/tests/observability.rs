@@ -104,11 +104,7 @@ impl Scenario {
         // Per-agent DNS, so refused queries produce their series. No query
         // in the scenario goes upstream (only refused names are asked), so
         // the upstream is a port nothing answers on.
-        let proxy_port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port()
-            .to_string();
+        let proxy_port = agent_guard_tests::free_port().to_string();
         Daemon::start_with(
             &policy(self.search.port),
             &[

@@ -147,9 +147,7 @@ fn daemon_alive(pid: u32) -> bool {
 /// The cgroup of `pid` relative to `cgroup_root`, or `None` outside it
 /// (or gone).
 fn cgroup_under(pid: u32, cgroup_mount: &Path, cgroup_root: &Path) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let full = cgroup_mount.join(path.trim_start_matches('/'));
+    let full = cgroup_mount.join(kfs::process_cgroup(pid)?);
     let rel = full.strip_prefix(cgroup_root).ok()?;
     Some(
         rel.components()

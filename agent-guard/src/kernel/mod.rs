@@ -58,6 +58,12 @@ pub enum KernelError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("pinning at {path}: {source}")]
+    PinIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Fs(#[from] fs::FsError),
     #[error(transparent)]
@@ -312,12 +318,9 @@ struct Pins {
 impl Pins {
     fn new(pin_dir: &std::path::Path) -> Result<Self, KernelError> {
         let dir = links_dir(pin_dir, std::process::id());
-        std::fs::create_dir_all(&dir).map_err(|e| KernelError::Pin {
+        std::fs::create_dir_all(&dir).map_err(|source| KernelError::PinIo {
             path: dir.clone(),
-            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
-                call: "mkdir",
-                io_error: e,
-            }),
+            source,
         })?;
         Ok(Self {
             dir,
@@ -353,12 +356,9 @@ impl Pins {
     fn pin_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), KernelError> {
         let path = self.dir.join(name);
         let _ = std::fs::remove_file(&path);
-        unix::pin_object(fd, &path).map_err(|e| KernelError::Pin {
+        unix::pin_object(fd, &path).map_err(|source| KernelError::PinIo {
             path: path.clone(),
-            source: aya::pin::PinError::SyscallError(aya::sys::SyscallError {
-                call: "BPF_OBJ_PIN",
-                io_error: e,
-            }),
+            source,
         })?;
         self.raw.push(path);
         Ok(())
