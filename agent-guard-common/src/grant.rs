@@ -39,12 +39,13 @@ impl GrantKey {
     }
 }
 
-/// `CAPS[key]` and `GRANTS[key]`: what a matching call is allowed under.
+/// `CAPS[key]`: what a matching call is allowed under.
 ///
 /// `CAPS` holds the policy's base capability sets (keys carry the policy
-/// generation); `GRANTS` holds just-in-time grants (generation 0), whose
-/// life is in `GRANT_STATE[grant_id]`. Two tries, because an LPM lookup
-/// returns only the longest match: a dead grant must not hide a base entry.
+/// generation); `GRANTS` holds just-in-time grants (generation 0, values
+/// [`GrantSlots`]), whose life is in `GRANT_STATE[grant_id]`. Two tries,
+/// because an LPM lookup returns only the longest match: a dead grant must
+/// not hide a base entry.
 ///
 /// Owner: daemon writes; programs read per call.
 #[repr(C)]
@@ -53,6 +54,39 @@ pub struct GrantValue {
     pub tool_id: u32,
     /// 0 for the agent's base capability set from policy.
     pub grant_id: u32,
+}
+
+/// How many grants one `GRANTS` key can hold at once.
+pub const GRANT_SLOTS: usize = 8;
+
+/// `GRANTS[key]`: every live grant that covers the key, so overlapping
+/// grants (same endpoint: the same tool granted twice, two tools sharing an
+/// endpoint, a shorter prefix of another grant) each hold on their own. The
+/// daemon folds the grants of shorter covering prefixes into each key
+/// (an LPM lookup returns only the longest match) and orders the slots:
+/// grants without a use count first, then by id. The programs take the
+/// first slot whose grant is alive.
+///
+/// Owner: daemon writes; programs read per call when `CAPS` misses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantSlots {
+    /// Slots in use, from the front (at most [`GRANT_SLOTS`]).
+    pub len: u32,
+    pub _pad: u32,
+    pub tool_ids: [u32; GRANT_SLOTS],
+    pub grant_ids: [u32; GRANT_SLOTS],
+}
+
+impl GrantSlots {
+    /// The (tool id, grant id) pairs in use.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let n = (self.len as usize).min(GRANT_SLOTS);
+        self.tool_ids[..n]
+            .iter()
+            .copied()
+            .zip(self.grant_ids[..n].iter().copied())
+    }
 }
 
 /// `GrantValue::grant_id` of a `CAPS` entry whose tool needs two-person

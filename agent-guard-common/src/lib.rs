@@ -118,6 +118,7 @@ mod pod {
     unsafe impl aya::Pod for super::subject::Subject {}
     unsafe impl aya::Pod for super::grant::GrantKey {}
     unsafe impl aya::Pod for super::grant::GrantValue {}
+    unsafe impl aya::Pod for super::grant::GrantSlots {}
     unsafe impl aya::Pod for super::grant::GrantState {}
     unsafe impl aya::Pod for super::grant::ToolLimit {}
     unsafe impl aya::Pod for super::grant::RateWindow {}

@@ -9,7 +9,7 @@ use agent_guard_common::{
     dns::{self, DnsOrig},
     event::{AF_INET, AF_INET6, Event, kind, reason, verdict},
     grant::{
-        APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GrantKey,
+        APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_SLOTS, GRANT_REVOKED, GrantKey,
         PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
     },
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR},
@@ -122,26 +122,52 @@ fn find_capability(
         };
     }
     key.data.generation = 0;
-    let Some(grant) = GRANTS.get(&key) else {
+    let Some(slots) = GRANTS.get(&key) else {
         return Match {
             tool_id: 0,
             grant_id: 0,
             reason: reason::NO_CAPABILITY,
         };
     };
-    let mut m = Match {
-        tool_id: grant.tool_id,
-        grant_id: grant.grant_id,
-        reason: reason::GRANTED,
-    };
-    // SAFETY: plain data copied out.
-    match unsafe { GRANT_STATE.get(&grant.grant_id) }.copied() {
-        None => m.reason = reason::REVOKED,
-        Some(st) if st.flags & GRANT_REVOKED != 0 => m.reason = reason::REVOKED,
-        Some(st) if st.expires_at_ns != 0 && now >= st.expires_at_ns => m.reason = reason::EXPIRED,
-        Some(_) => {}
+    // The first live grant of the key wins; if none is alive, the first
+    // slot's reason is reported.
+    let mut dead: Option<Match> = None;
+    let len = slots.len as usize;
+    for i in 0..GRANT_SLOTS {
+        if i >= len {
+            break;
+        }
+        let m = Match {
+            tool_id: slots.tool_ids[i],
+            grant_id: slots.grant_ids[i],
+            reason: grant_standing(slots.grant_ids[i], now),
+        };
+        if m.reason == reason::GRANTED {
+            return m;
+        }
+        if dead.is_none() {
+            dead = Some(m);
+        }
     }
-    m
+    dead.unwrap_or(Match {
+        tool_id: 0,
+        grant_id: 0,
+        reason: reason::NO_CAPABILITY,
+    })
+}
+
+/// Is grant `grant_id` alive at `now`: not revoked, not expired, a use
+/// left? (The use itself is taken after the rate limit, in `take_use`.)
+#[inline(always)]
+fn grant_standing(grant_id: u32, now: u64) -> u8 {
+    // SAFETY: plain data copied out.
+    match unsafe { GRANT_STATE.get(&grant_id) }.copied() {
+        None => reason::REVOKED,
+        Some(st) if st.flags & GRANT_REVOKED != 0 => reason::REVOKED,
+        Some(st) if st.expires_at_ns != 0 && now >= st.expires_at_ns => reason::EXPIRED,
+        Some(st) if st.flags & GRANT_LIMITED_USES != 0 && st.uses_left <= 0 => reason::EXHAUSTED,
+        Some(_) => reason::GRANTED,
+    }
 }
 
 /// Fixed-window rate limit per (agent, tool). A window reset can race with

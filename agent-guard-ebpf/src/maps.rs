@@ -5,7 +5,7 @@ use agent_guard_common::{
     Config, capacity,
     dns::DnsOrig,
     event::{kind, verdict},
-    grant::{GrantKey, GrantState, GrantValue, RateWindow, ToolLimit},
+    grant::{GrantKey, GrantSlots, GrantState, GrantValue, RateWindow, ToolLimit},
     subject::Subject,
     unix::UnixPath,
 };
@@ -39,10 +39,11 @@ pub static SUBJECTS: HashMap<u32, Subject> = HashMap::with_max_entries(capacity:
 #[map]
 pub static CAPS: LpmTrie<GrantKey, GrantValue> = LpmTrie::with_max_entries(capacity::CAPS, 0);
 
-/// (subject, 0, proto, port, address prefix) -> (tool, grant id): just-in-
-/// time grants. Written by the daemon; read when `CAPS` has no match.
+/// (subject, 0, proto, port, address prefix) -> every live (tool, grant id)
+/// covering it: just-in-time grants. Written by the daemon; read when
+/// `CAPS` has no match.
 #[map]
-pub static GRANTS: LpmTrie<GrantKey, GrantValue> = LpmTrie::with_max_entries(capacity::GRANTS, 0);
+pub static GRANTS: LpmTrie<GrantKey, GrantSlots> = LpmTrie::with_max_entries(capacity::GRANTS, 0);
 
 /// grant id -> expiry, uses, revoked flag. Written by the daemon; programs
 /// check it and count uses.

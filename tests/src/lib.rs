@@ -248,6 +248,71 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
+    /// A map of this daemon's programs, opened by kernel id (found through
+    /// the program ids `status --json` reports), so a test can read what
+    /// the kernel holds without asking the daemon.
+    pub fn kernel_map(&self, name: &str) -> aya::maps::MapData {
+        let status = self.status();
+        let ids: Vec<u32> = status["program_ids"]
+            .as_object()
+            .expect("status.program_ids")
+            .values()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect();
+        for info in aya::programs::loaded_programs().flatten() {
+            if !ids.contains(&info.id()) {
+                continue;
+            }
+            for map_id in info.map_ids().ok().flatten().unwrap_or_default() {
+                let Ok(m) = aya::maps::MapInfo::from_id(map_id) else {
+                    continue;
+                };
+                if m.name_as_str() == Some(name) {
+                    return aya::maps::MapData::from_id(map_id).expect("open map by id");
+                }
+            }
+        }
+        panic!("no map {name} among the daemon's programs {ids:?}");
+    }
+
+    /// What the kernel's `GRANTS` map holds: (subject id, port, prefix
+    /// length) -> grant ids in slot order.
+    pub fn kernel_grants(&self) -> std::collections::BTreeMap<(u32, u16, u32), Vec<u32>> {
+        use agent_guard_common::grant::{GrantKey, GrantSlots};
+        let map = aya::maps::Map::LpmTrie(self.kernel_map("GRANTS"));
+        let trie: aya::maps::LpmTrie<_, GrantKey, GrantSlots> =
+            aya::maps::LpmTrie::try_from(map).expect("GRANTS is an LPM trie");
+        trie.iter()
+            .map(|r| {
+                let (k, v) = r.expect("read GRANTS");
+                let d = k.data();
+                (
+                    (
+                        u32::from_be_bytes(d.subject),
+                        u16::from_be_bytes(d.port),
+                        k.prefix_len(),
+                    ),
+                    v.iter().map(|(_, g)| g).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// What the kernel's `GRANT_STATE` map holds: grant id -> (uses left,
+    /// revoked).
+    pub fn kernel_grant_state(&self) -> std::collections::BTreeMap<u32, (i64, bool)> {
+        use agent_guard_common::grant::{GRANT_REVOKED, GrantState};
+        let map = aya::maps::Map::HashMap(self.kernel_map("GRANT_STATE"));
+        let h: aya::maps::HashMap<_, u32, GrantState> =
+            aya::maps::HashMap::try_from(map).expect("GRANT_STATE is a hash map");
+        h.iter()
+            .map(|r| {
+                let (id, st) = r.expect("read GRANT_STATE");
+                (id, (st.uses_left, st.flags & GRANT_REVOKED != 0))
+            })
+            .collect()
+    }
+
     /// Polls `status --json` (up to `secs`) until `pred` holds; returns that
     /// status, or fails the test naming `what` and the last status.
     pub fn wait_status(&self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {

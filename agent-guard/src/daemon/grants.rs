@@ -4,16 +4,22 @@
 //! every kernel key of the grant points at, so expiry is enforced by the
 //! kernel at call time and a revoke is a single map write.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
-use agent_guard_common::grant::{GRANT_LIMITED_USES, GRANT_REVOKED, GrantState, GrantValue};
+use agent_guard_common::grant::{
+    GRANT_LIMITED_USES, GRANT_REVOKED, GRANT_SLOTS, GrantSlots, GrantState,
+};
 
 use super::{
     events::format_ts,
-    state::{State, mono_now_ns},
+    state::{Registry, State, mono_now_ns},
     subjects::Grant,
 };
-use crate::{audit::AuditRecord, kernel::maps::CapRule, policy::DivergenceAction};
+use crate::{
+    audit::AuditRecord,
+    kernel::{KernelMaps, maps::CapRule},
+    policy::DivergenceAction,
+};
 
 /// What `agent-guard grant` asks for.
 #[derive(Debug, Clone)]
@@ -160,8 +166,10 @@ impl State {
     }
 
     /// (Re)writes the `GRANTS` keys of grant `id` for every subject it
-    /// reaches now: new keys first, then stale ones removed, so a call
-    /// allowed before and after is never refused in between.
+    /// reaches now. Each touched key is rewritten whole from the registry
+    /// (every grant covering it), keys that keep a holder before keys that
+    /// lose their last one are removed, so a call allowed before and after
+    /// is never refused in between, and no other grant's entry is lost.
     pub fn reinstall_grant(&self, id: u32) -> Result<(), String> {
         let mut reg = self.registry();
         let Some(g) = reg.grants.get(&id).cloned() else {
@@ -172,7 +180,6 @@ impl State {
             self.revoke_with(id, "revoked", "tool no longer in the policy");
             return Ok(());
         }
-        let tool_id = reg.ids.tool(&g.tool);
         let subjects: Vec<u32> = reg
             .identities
             .keys()
@@ -183,53 +190,110 @@ impl State {
         for s in subjects {
             // Per subject: with per-agent DNS each resolved its own addresses.
             for ep in &reg.tool_keys(&g.tool, s).unwrap_or_default() {
-                entries.push(CapRule {
+                let rule = CapRule {
                     subject: s,
                     generation: 0,
                     proto: ep.proto,
                     port: ep.port,
                     addr: ep.addr,
                     prefix_len: ep.prefix_len,
-                });
+                };
+                if !entries.contains(&rule) {
+                    entries.push(rule);
+                }
             }
         }
-        let stale: Vec<CapRule> = g
-            .entries
-            .iter()
-            .filter(|e| !entries.contains(e))
-            .copied()
-            .collect();
-        {
-            let mut kernel = self.kernel();
-            for e in &entries {
-                kernel
-                    .insert_grant(
-                        e,
-                        GrantValue {
-                            tool_id,
-                            grant_id: id,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
-            }
-            for e in &stale {
-                kernel.remove_grant(e);
-            }
-        }
+        let mut touched = g.entries.clone();
+        touched.extend(entries.iter().copied());
         if let Some(g) = reg.grants.get_mut(&id) {
             g.entries = entries;
         }
-        Ok(())
+        let keys = covered_keys(&reg, &touched);
+        // Refuse before writing anything: a key holds GRANT_SLOTS grants.
+        if let Some(full) = keys.iter().find(|k| holders(&reg, k).len() > GRANT_SLOTS) {
+            let msg = format!(
+                "{} grants would overlap on {}: at most {GRANT_SLOTS} live grants can cover one endpoint of one agent; revoke one first",
+                holders(&reg, full).len(),
+                endpoint_text(full),
+            );
+            if let Some(now) = reg.grants.get_mut(&id) {
+                now.entries = g.entries;
+            }
+            return Err(msg);
+        }
+        let mut kernel = self.kernel();
+        sync_grant_keys(&mut reg, &mut kernel, &keys)
     }
 
     fn drop_grant(&self, id: u32) -> Option<Grant> {
-        let g = self.registry().grants.remove(&id)?;
+        let mut reg = self.registry();
+        let g = reg.grants.remove(&id)?;
+        let keys = covered_keys(&reg, &g.entries);
         let mut kernel = self.kernel();
-        for e in &g.entries {
-            kernel.remove_grant(e);
+        if let Err(e) = sync_grant_keys(&mut reg, &mut kernel, &keys) {
+            tracing::error!(grant = id, "rewriting GRANTS after dropping a grant: {e}");
         }
         kernel.remove_grant_state(id);
         Some(g)
+    }
+
+    /// Compares the registry's grants with the kernel's `GRANTS` and
+    /// `GRANT_STATE` maps; returns every disagreement (empty = they agree).
+    pub fn grant_disagreements(&self) -> Vec<String> {
+        let mut reg = self.registry();
+        let kernel = self.kernel();
+        let mut problems = Vec::new();
+        let mut expected: HashMap<CapRule, Vec<(u32, u32)>> = HashMap::new();
+        let all: Vec<CapRule> = reg
+            .grants
+            .values()
+            .flat_map(|g| g.entries.clone())
+            .collect();
+        for k in all {
+            if !expected.contains_key(&k) {
+                let want = slot_pairs(&mut reg, &k);
+                expected.insert(k, want);
+            }
+        }
+        let actual: HashMap<CapRule, Vec<(u32, u32)>> = kernel
+            .grant_entries()
+            .into_iter()
+            .map(|(k, v)| (k, v.iter().collect()))
+            .collect();
+        for (k, want) in &expected {
+            match actual.get(k) {
+                None => problems.push(format!("{}: missing in the kernel", endpoint_text(k))),
+                Some(have) if have != want => problems.push(format!(
+                    "{}: kernel holds (tool, grant) {have:?}, registry {want:?}",
+                    endpoint_text(k)
+                )),
+                Some(_) => {}
+            }
+        }
+        for (k, have) in &actual {
+            if !expected.contains_key(k) {
+                problems.push(format!(
+                    "{}: in the kernel ({have:?}) but no grant of the registry covers it",
+                    endpoint_text(k)
+                ));
+            }
+        }
+        for g in reg.grants.values() {
+            match kernel.grant_state(g.id) {
+                None => problems.push(format!("grant {}: no GRANT_STATE entry", g.id)),
+                Some(st) if st.expires_at_ns != g.expires_at_ns => problems.push(format!(
+                    "grant {}: kernel expiry {} ns, registry {} ns",
+                    g.id, st.expires_at_ns, g.expires_at_ns
+                )),
+                Some(st) if st.flags & GRANT_REVOKED != 0 => problems.push(format!(
+                    "grant {}: revoked in the kernel, active in the registry",
+                    g.id
+                )),
+                Some(_) => {}
+            }
+        }
+        problems.sort();
+        problems
     }
 
     /// Revokes a grant: one `GRANT_STATE` write makes every key of it deny
@@ -395,4 +459,110 @@ impl State {
         ));
         self.audit(&ident.tenant, rec);
     }
+}
+
+/// `touched` plus every installed grant key that one of them covers: the
+/// keys whose holders change when the grants at `touched` do.
+fn covered_keys(reg: &Registry, touched: &[CapRule]) -> Vec<CapRule> {
+    let mut keys: Vec<CapRule> = Vec::new();
+    let mut add = |k: CapRule| {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    };
+    for t in touched {
+        add(*t);
+    }
+    for g in reg.grants.values() {
+        for e in &g.entries {
+            if touched.iter().any(|t| t.covers(e)) {
+                add(*e);
+            }
+        }
+    }
+    keys
+}
+
+/// Grants covering `key` (an entry of theirs at the key or at a shorter
+/// prefix containing it), in slot order: no use count first, then by id,
+/// so a call an unlimited grant covers never spends a counted use.
+fn holders<'a>(reg: &'a Registry, key: &CapRule) -> Vec<&'a Grant> {
+    let mut out: Vec<&Grant> = reg
+        .grants
+        .values()
+        .filter(|g| g.entries.iter().any(|e| e.covers(key)))
+        .collect();
+    out.sort_by_key(|g| (g.uses.is_some(), g.id));
+    out
+}
+
+/// The (tool id, grant id) slots `key` should hold: none unless a grant
+/// has an entry at exactly this key (shorter prefixes live in keys of
+/// their own).
+fn slot_pairs(reg: &mut Registry, key: &CapRule) -> Vec<(u32, u32)> {
+    if !reg.grants.values().any(|g| g.entries.contains(key)) {
+        return Vec::new();
+    }
+    let found: Vec<(String, u32)> = holders(reg, key)
+        .into_iter()
+        .take(GRANT_SLOTS)
+        .map(|g| (g.tool.clone(), g.id))
+        .collect();
+    found
+        .into_iter()
+        .map(|(tool, id)| (reg.ids.tool(&tool), id))
+        .collect()
+}
+
+/// Rewrites each of `keys` in `GRANTS` from the registry: keys with
+/// holders first, then the keys left without one are removed.
+fn sync_grant_keys(
+    reg: &mut Registry,
+    kernel: &mut KernelMaps,
+    keys: &[CapRule],
+) -> Result<(), String> {
+    let mut empty = Vec::new();
+    let mut first_err = None;
+    for k in keys {
+        let pairs = slot_pairs(reg, k);
+        if pairs.is_empty() {
+            empty.push(*k);
+            continue;
+        }
+        let mut slots = GrantSlots::default();
+        for (i, (tool, grant)) in pairs.iter().enumerate() {
+            slots.tool_ids[i] = *tool;
+            slots.grant_ids[i] = *grant;
+        }
+        slots.len = pairs.len() as u32;
+        if let Err(e) = kernel.insert_grant(k, slots) {
+            first_err.get_or_insert_with(|| format!("{}: {e}", endpoint_text(k)));
+        }
+    }
+    for k in &empty {
+        kernel.remove_grant(k);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// A grant key for people: `subject 7 tcp 127.0.0.1/32:18081`.
+fn endpoint_text(k: &CapRule) -> String {
+    let addr = std::net::Ipv6Addr::from(k.addr);
+    let (addr, len) = match addr.to_ipv4_mapped() {
+        Some(v4) if k.prefix_len >= 96 => (v4.to_string(), k.prefix_len - 96),
+        _ => (addr.to_string(), k.prefix_len),
+    };
+    if k.proto == agent_guard_common::unix::PROTO_UNIX {
+        return format!(
+            "subject {} unix path {}",
+            k.subject,
+            std::net::Ipv6Addr::from(k.addr)
+        );
+    }
+    let proto = match k.proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        p => format!("proto {p}"),
+    };
+    format!("subject {} {proto} {addr}/{len}:{}", k.subject, k.port)
 }

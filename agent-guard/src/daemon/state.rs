@@ -330,6 +330,8 @@ impl State {
 
     /// What `agent-guard status --json` shows.
     pub fn status(&self) -> serde_json::Value {
+        // Before the registry lock: the check takes it itself.
+        let grant_problems = self.grant_disagreements();
         let reg = self.registry();
         let (generation, origin, hash) = reg
             .loaded
@@ -466,6 +468,10 @@ impl State {
             "tracked_processes": procs.len(),
             "agents": agents,
             "grants": grants,
+            // The registry's grants checked against the kernel's GRANTS and
+            // GRANT_STATE maps: empty when status and kernel agree.
+            "grant_disagreements": grant_problems,
+            "program_ids": self.program_ids.iter().map(|(n, id)| (n.clone(), serde_json::json!(id))).collect::<serde_json::Map<_, _>>(),
             "dns": dns,
             "dns_mode": dns_mode,
             "dns_proxy": self.dns_proxy.get().map(|p| serde_json::json!({

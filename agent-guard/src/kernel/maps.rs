@@ -3,7 +3,7 @@
 use agent_guard_common::{
     Config,
     event::{kind, verdict},
-    grant::{FIXED_PREFIX_BITS, GrantKey, GrantState, GrantValue, ToolLimit},
+    grant::{FIXED_PREFIX_BITS, GrantKey, GrantSlots, GrantState, GrantValue, ToolLimit},
     maps as names,
     subject::Subject,
     unix::UnixPath,
@@ -43,6 +43,36 @@ pub struct CapRule {
 }
 
 impl CapRule {
+    fn from_key(key: &Key<GrantKey>) -> Self {
+        let d = key.data();
+        Self {
+            subject: u32::from_be_bytes(d.subject),
+            generation: d.generation,
+            proto: d.proto,
+            port: u16::from_be_bytes(d.port),
+            addr: d.addr,
+            prefix_len: key.prefix_len().saturating_sub(FIXED_PREFIX_BITS) as u8,
+        }
+    }
+
+    /// Does this key's prefix contain all of `other`'s (same subject,
+    /// generation, protocol and port; a prefix no longer than `other`'s)?
+    pub fn covers(&self, other: &CapRule) -> bool {
+        if (self.subject, self.generation, self.proto, self.port)
+            != (other.subject, other.generation, other.proto, other.port)
+            || self.prefix_len > other.prefix_len
+        {
+            return false;
+        }
+        let a = u128::from_be_bytes(self.addr);
+        let b = u128::from_be_bytes(other.addr);
+        let mask = match self.prefix_len {
+            0 => 0,
+            n => u128::MAX << (128 - u32::from(n.min(128))),
+        };
+        a & mask == b & mask
+    }
+
     fn key(&self) -> Key<GrantKey> {
         Key::new(
             FIXED_PREFIX_BITS + u32::from(self.prefix_len),
@@ -63,7 +93,7 @@ pub struct KernelMaps {
     cgroups: HashMap<MapData, u64, u32>,
     subjects: HashMap<MapData, u32, Subject>,
     caps: LpmTrie<MapData, GrantKey, GrantValue>,
-    grants: LpmTrie<MapData, GrantKey, GrantValue>,
+    grants: LpmTrie<MapData, GrantKey, GrantSlots>,
     grant_state: HashMap<MapData, u32, GrantState>,
     tools: HashMap<MapData, u32, ToolLimit>,
     config: Array<MapData, Config>,
@@ -153,14 +183,28 @@ impl KernelMaps {
         let _ = self.caps.remove(&rule.key());
     }
 
-    pub fn insert_grant(&mut self, rule: &CapRule, value: GrantValue) -> Result<(), KernelError> {
+    pub fn insert_grant(&mut self, rule: &CapRule, slots: GrantSlots) -> Result<(), KernelError> {
         self.grants
-            .insert(&rule.key(), value, 0)
+            .insert(&rule.key(), slots, 0)
             .map_err(map_err(names::GRANTS))
     }
 
     pub fn remove_grant(&mut self, rule: &CapRule) {
         let _ = self.grants.remove(&rule.key());
+    }
+
+    /// The grants the kernel holds at exactly `rule`'s key.
+    pub fn grant_slots(&self, rule: &CapRule) -> Option<GrantSlots> {
+        self.grants.get(&rule.key(), 0).ok()
+    }
+
+    /// Every `GRANTS` key with its slots, as the kernel has them.
+    pub fn grant_entries(&self) -> Vec<(CapRule, GrantSlots)> {
+        self.grants
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (CapRule::from_key(&k), v))
+            .collect()
     }
 
     pub fn set_grant_state(&mut self, id: u32, state: GrantState) -> Result<(), KernelError> {
