@@ -23,6 +23,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
+use crate::judgement::{ALLOW, DENY, Judgement};
 use crate::{
     emit,
     maps::{
@@ -30,11 +31,6 @@ use crate::{
         TOOLS, bump,
     },
 };
-
-/// Return value that lets the call proceed.
-pub const ALLOW: i32 = 1;
-/// Return value that makes the call fail with EPERM.
-pub const DENY: i32 = 0;
 
 /// Subject of the calling task: its process first, then its cgroup. Both
 /// keys come from the task, never from the socket (a passed-in socket is
@@ -216,16 +212,6 @@ fn take_use(grant_id: u32) -> bool {
         }
         atomic_xadd::<i64, i64, { AtomicOrdering::SeqCst }>(&raw mut (*state).uses_left, -1) > 0
     }
-}
-
-/// The verdict on one call: what matched, and whether it proceeds.
-pub struct Judgement {
-    pub tool_id: u32,
-    pub grant_id: u32,
-    pub reason: u8,
-    pub verdict: u8,
-    /// [`ALLOW`] or [`DENY`], the program's return value.
-    pub ret: i32,
 }
 
 /// Why a subject may reach nothing right now (missing, suspended,

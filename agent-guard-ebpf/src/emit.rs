@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    decide::Judgement,
+    judgement::Judgement,
     maps::{CONFIG, EVENTS, LOST, bump},
 };
 

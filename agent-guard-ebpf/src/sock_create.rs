@@ -9,7 +9,8 @@ use agent_guard_common::{
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
 
 use crate::{
-    decide::{ALLOW, DENY, current_subject},
+    decide::current_subject,
+    judgement::{ALLOW, DENY},
     emit,
     maps::{DECISIONS, SUBJECTS, bump},
 };

@@ -26,7 +26,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    decide::{ALLOW, Judgement, current_subject, judge, settle},
+    decide::{current_subject, judge, settle},
+    judgement::{ALLOW, Judgement},
     emit,
     maps::{CONFIG, UNIX_PATHS},
 };

@@ -207,20 +207,22 @@ impl Metrics {
     }
 }
 
-async fn metrics_handler(
-    State(state): State<std::sync::Arc<crate::daemon::state::State>>,
-) -> impl IntoResponse {
-    state.refresh_gauges();
+/// What a scrape renders: the daemon refreshes its gauges from a snapshot
+/// of its state and renders the registry. Metrics know nothing of the
+/// daemon's state; the daemon hands them this.
+pub type Scrape = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+async fn metrics_handler(State(scrape): State<Scrape>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        scrape(),
     )
 }
 
 /// Binds `addr` and returns the bound address and the server future.
 pub async fn serve(
     addr: SocketAddr,
-    state: std::sync::Arc<crate::daemon::state::State>,
+    scrape: Scrape,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(
     SocketAddr,
@@ -230,7 +232,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .with_state(state);
+        .with_state(scrape);
     let fut = async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {

@@ -17,7 +17,7 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use record::AuditRecord;
+pub use record::{AuditRecord, format_ts};
 pub use writer::{AuditWriter, WriterConfig};
 
 /// Directory of records that belong to the node, not a tenant.

@@ -103,6 +103,16 @@ impl AuditRecord {
     }
 }
 
+/// `ts` of a record: RFC 3339 UTC with nanoseconds.
+pub fn format_ts(at: time::OffsetDateTime) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

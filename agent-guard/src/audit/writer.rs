@@ -189,7 +189,7 @@ impl AuditWriter {
             let result = write_pending(chain).and_then(|()| {
                 if chain.dropped > 0 {
                     let mut gap = AuditRecord::new("gap");
-                    gap.ts = crate::daemon::events::format_ts(time::OffsetDateTime::now_utc());
+                    gap.ts = super::format_ts(time::OffsetDateTime::now_utc());
                     gap.lost = Some(BTreeMap::from([("audit".to_string(), chain.dropped)]));
                     gap.detail = Some(format!(
                         "{} audit records were lost: writing failed and the in-memory buffer ({} records) was full",
@@ -329,7 +329,7 @@ impl AuditWriter {
             // End the torn line so the next record starts on its own line.
             chain.pending.push(b'\n');
             let mut gap = AuditRecord::new("gap");
-            gap.ts = crate::daemon::events::format_ts(time::OffsetDateTime::now_utc());
+            gap.ts = super::format_ts(time::OffsetDateTime::now_utc());
             gap.lost = Some(BTreeMap::from([("audit".to_string(), 1)]));
             gap.torn_bytes = Some(resume.torn);
             gap.detail = Some(format!(
@@ -428,7 +428,7 @@ fn sign_checkpoint(log: &str, chain: &mut Chain, cfg: &WriterConfig) -> Result<(
     let (Some(signer), Some(seq)) = (&cfg.signer, chain.next_seq.checked_sub(1)) else {
         return Ok(());
     };
-    let ts = crate::daemon::events::format_ts(time::OffsetDateTime::now_utc());
+    let ts = super::format_ts(time::OffsetDateTime::now_utc());
     let cp = signer.sign(CHECKPOINT, log, seq, &chain.prev, ts);
     checkpoint::append(&chain.dir, &cp)?;
     Ok(())
@@ -476,7 +476,7 @@ fn rotate(log: &str, chain: &mut Chain, cfg: &WriterConfig) -> Result<Vec<String
         _ => (chain.next_seq, chain.prev.clone()),
     };
     if let Some(signer) = &cfg.signer {
-        let ts = crate::daemon::events::format_ts(time::OffsetDateTime::now_utc());
+        let ts = super::format_ts(time::OffsetDateTime::now_utc());
         let cp = signer.sign(ANCHOR, log, start_seq, &start_prev, ts);
         checkpoint::append(&chain.dir, &cp)?;
     }

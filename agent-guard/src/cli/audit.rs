@@ -14,10 +14,10 @@ use crate::{
     audit::{
         AuditRecord, AuditWriter, WriterConfig,
         checkpoint::Signer,
+        format_ts,
         replay::{self, Filter, WhatIf},
         verify::{self, KeySource},
     },
-    daemon::events::format_ts,
     policy::Policy,
 };
 

@@ -23,7 +23,7 @@ use tokio::{
 };
 
 use super::state::{PipelineMsg, State, ppid_of};
-use crate::audit::{AuditRecord, AuditWriter, NODE_LOG, writer::Appended};
+use crate::audit::{AuditRecord, AuditWriter, NODE_LOG, format_ts, writer::Appended};
 
 /// Records taken from the ring buffer between two flushes.
 const DRAIN_BATCH: usize = 8192;
@@ -105,15 +105,6 @@ fn wall_clock(mono_ns: u64) -> String {
         now_wall - time::Duration::nanoseconds((now_mono - mono_ns as i128) as i64)
     };
     format_ts(at)
-}
-
-pub fn format_ts(at: time::OffsetDateTime) -> String {
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
-    );
-    at.to_offset(time::UtcOffset::UTC)
-        .format(&fmt)
-        .unwrap_or_default()
 }
 
 pub struct Pipeline {

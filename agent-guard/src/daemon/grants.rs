@@ -11,12 +11,11 @@ use agent_guard_common::grant::{
 };
 
 use super::{
-    events::format_ts,
     state::{Registry, State, mono_now_ns},
     subjects::Grant,
 };
 use crate::{
-    audit::AuditRecord,
+    audit::{AuditRecord, format_ts},
     kernel::{KernelMaps, maps::CapRule},
     policy::DivergenceAction,
 };

@@ -2,8 +2,6 @@
 //! clean up on SIGTERM/SIGINT.
 
 pub mod dns;
-pub mod dns_agent;
-pub mod dns_proxy;
 pub mod events;
 pub mod grants;
 pub mod state;
@@ -276,7 +274,7 @@ async fn serve(
     allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);
     if opts.dns_per_agent {
-        dns_agent::start(&state, opts.dns_server, opts.dns_proxy_port)
+        dns::agent::start(&state, opts.dns_server, opts.dns_proxy_port)
             .context("starting the per-agent DNS proxy")?;
         tracing::info!(
             port = opts.dns_proxy_port,
@@ -330,7 +328,7 @@ async fn serve(
                 }
             }
         }
-        let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, state.clone(), shutdown_rx.clone())
+        let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, scrape(&state), shutdown_rx.clone())
             .await
             .with_context(|| format!("binding metrics address {}", opts.metrics_addr))?;
         *state.metrics_addr.write().unwrap_or_else(|p| p.into_inner()) = Some(bound);
@@ -343,9 +341,9 @@ async fn serve(
         // A node without a resolver configuration still enforces; tools
         // named by host then reach nothing (fail closed), loudly.
         let dns_task = if opts.dns_per_agent {
-            Some(tokio::spawn(dns_agent::sweep(state.clone(), shutdown_rx.clone())))
-        } else { match dns::resolver(opts.dns_server) {
-            Ok(resolver) => Some(tokio::spawn(dns::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()))),
+            Some(tokio::spawn(dns::agent::sweep(state.clone(), shutdown_rx.clone())))
+        } else { match dns::resolve::resolver(opts.dns_server) {
+            Ok(resolver) => Some(tokio::spawn(dns::resolve::run(state.clone(), resolver, opts.dns_grace, shutdown_rx.clone()))),
             Err(e) => {
                 tracing::error!("no DNS resolver ({e:#}); tools named by host get no addresses");
                 None
@@ -504,4 +502,14 @@ async fn watch_policy(state: Arc<state::State>, mut shutdown: watch::Receiver<bo
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The metrics server's view of the daemon: gauges refreshed from the
+/// state, then the registry rendered.
+fn scrape(state: &Arc<state::State>) -> crate::metrics::Scrape {
+    let state = state.clone();
+    Arc::new(move || {
+        state.refresh_gauges();
+        state.metrics.render()
+    })
 }

@@ -57,7 +57,7 @@ pub struct Registry {
     pub divergences: HashMap<u32, u32>,
     pub next_task: u32,
     /// Addresses of the policy's `host` endpoints.
-    pub dns: super::dns::DnsTable,
+    pub dns: super::dns::table::DnsTable,
     /// Path ids of the policy's Unix socket addresses (in `UNIX_PATHS`).
     /// Ids are never reused, so a stale key can never name another path.
     pub unix_ids: BTreeMap<Vec<u8>, u32>,
@@ -105,7 +105,7 @@ pub struct State {
     /// Whether Unix socket calls are fenced on this kernel.
     pub unix_support: crate::kernel::UnixSupport,
     /// The per-agent DNS proxy, when `--dns-mode per-agent`.
-    pub dns_proxy: std::sync::OnceLock<super::dns_proxy::DnsProxy>,
+    pub dns_proxy: std::sync::OnceLock<super::dns::proxy::DnsProxy>,
     /// Learned addresses stay this long past their TTL.
     pub dns_grace: std::time::Duration,
     /// The daemon's state directory (suspensions survive restarts here).

@@ -1,5 +1,5 @@
 //! Per-agent DNS (`--dns-mode per-agent`): the glue between the proxy
-//! (dns_proxy.rs), the kernel redirect (decide.rs, dns.rs in the eBPF
+//! (proxy.rs), the kernel redirect (decide.rs, dns.rs in the eBPF
 //! crate) and the capability image.
 //!
 //! Every DNS call (port 53) of a tagged process is sent by the kernel to
@@ -24,11 +24,9 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{
-    dns_proxy::{DnsGate, DnsProxy, ProxyConfig},
-    state::{Registry, State},
-};
+use super::proxy::{DnsGate, DnsProxy, ProxyConfig};
 use crate::audit::AuditRecord;
+use crate::daemon::state::{Registry, State};
 
 /// Bounds on how long one answer keeps an address open.
 const MIN_TTL: Duration = Duration::from_secs(1);
@@ -73,7 +71,7 @@ pub fn start(
         Some(u) => vec![u],
         None => {
             let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-            super::dns_proxy::upstreams_from_resolv_conf(&text)
+            super::proxy::upstreams_from_resolv_conf(&text)
         }
     };
     if upstreams.is_empty() {
@@ -95,7 +93,7 @@ pub fn start(
         ProxyConfig {
             port,
             upstreams,
-            timeout: super::dns_proxy::DEFAULT_TIMEOUT,
+            timeout: super::proxy::DEFAULT_TIMEOUT,
         },
         Arc::new(Gate {
             state: Arc::downgrade(state),
