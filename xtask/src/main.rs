@@ -16,9 +16,6 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_audit;
-mod bench_grants;
-mod bench_local;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &[

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{BenchArgs, Guard, daemon_status, median, wait_for_foreign_daemons};
+use super::common::{
+    BenchArgs, Guard, PROBE_EPERM, cpu_ticks, daemon_status, median, tagged_probe,
+    wait_for_foreign_daemons,
+};
 use crate::{Built, describe};
 
 // ---------------------------------------------------------------------------
@@ -365,8 +368,6 @@ const CALIBRATION_ATTEMPTS: u32 = 20_000;
 const DRAIN_QUIET: Duration = Duration::from_millis(2500);
 /// Give up waiting for the drain after this long.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-/// `agent-guard-probe` exit status for EPERM.
-const PROBE_EPERM: i32 = 10;
 
 /// Counts taken from a tenant's audit files.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -424,16 +425,6 @@ fn status_counts(built: &Built, guard: &Guard) -> Result<StatusCounts> {
             .as_u64()
             .context("`status --json` has no decisions.deny")?,
     })
-}
-
-/// utime + stime of `pid` in clock ticks (USER_HZ = 100 on Linux).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 /// One flood at one ring size.
@@ -674,13 +665,8 @@ fn flood_policy() -> String {
 }
 
 fn probe_cmd(built: &Built, guard: &Guard, port: u16, attempts: u32) -> Command {
-    let mut cmd = Command::new(&built.daemon);
-    cmd.arg("run")
-        .arg("--socket")
-        .arg(&guard.socket)
-        .args(["--tenant", FLOOD_TENANT, "--agent", FLOOD_AGENT, "--"])
-        .arg(&built.probe)
-        .args(["repeat", &attempts.to_string(), "tcp", "127.0.0.1"])
+    let mut cmd = tagged_probe(built, &guard.socket, FLOOD_TENANT, FLOOD_AGENT);
+    cmd.args(["repeat", &attempts.to_string(), "tcp", "127.0.0.1"])
         .arg(port.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -11,31 +11,28 @@
 //! verdict after it was sent.
 
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{AGENT, Guard, TENANT, daemon_status, median, wait_for_foreign_daemons};
+use super::common::{
+    AGENT, Guard, PAY_TOOL, TENANT, control_request, daemon_status, events_lost, median,
+    tagged_probe, wait_for_foreign_daemons,
+};
 use crate::{Built, describe};
 
 /// Goal: the kernel enforces a grant or revoke within 1 ms of the command
 /// returning.
 pub(crate) const TARGET_NS: i64 = 1_000_000;
-/// The tool granted and revoked; it is not among agent `a`'s own tools.
-pub(crate) const PAY_TOOL: &str = "pay";
 /// How long each grant would last if it were not revoked.
 const PAY_TTL_MS: u64 = 60_000;
 /// Time the probe gets to start (tagging, exec) before the first request.
 const PROBE_SETTLE: Duration = Duration::from_millis(300);
 /// Probe run time beyond the rounds' planned length.
 const PROBE_SLACK_MS: u64 = 3000;
-/// How long a control request may take before the bench gives up.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Current CLOCK_MONOTONIC in ns, the clock the probe stamps its lines with.
 pub(crate) fn mono_ns() -> u64 {
@@ -56,34 +53,6 @@ pub(crate) fn mono_ns() -> u64 {
     // matches the C layout on 64-bit Linux (two longs).
     unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// One request line to the control socket; the reply's `data` when `ok`.
-pub(crate) fn control_request(socket: &Path, request: &Value) -> Result<Value> {
-    let mut line = serde_json::to_string(request).context("serializing a control request")?;
-    line.push('\n');
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
-    stream
-        .set_read_timeout(Some(CONTROL_TIMEOUT))
-        .context("setting a read timeout on the control socket")?;
-    stream
-        .write_all(line.as_bytes())
-        .context("writing to the control socket")?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .context("reading the control socket's reply")?;
-    let value: Value = serde_json::from_str(reply.trim())
-        .with_context(|| format!("the daemon replied {:?}, not JSON", reply.trim()))?;
-    if value["ok"] != Value::Bool(true) {
-        bail!(
-            "the daemon refused {}: {}",
-            line.trim(),
-            value["error"].as_str().unwrap_or("(no error text)")
-        );
-    }
-    Ok(value["data"].clone())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -399,13 +368,8 @@ pub(crate) fn measure(
     let err_path = guard.dir.join("watch-connect.stderr");
     let err_file = std::fs::File::create(&err_path)
         .with_context(|| format!("creating {}", err_path.display()))?;
-    let mut cmd = Command::new(&built.daemon);
-    cmd.arg("run")
-        .arg("--socket")
-        .arg(&guard.socket)
-        .args(["--tenant", TENANT, "--agent", AGENT, "--"])
-        .arg(&built.probe)
-        .args(["watch-connect", "127.0.0.1"])
+    let mut cmd = tagged_probe(built, &guard.socket, TENANT, AGENT);
+    cmd.args(["watch-connect", "127.0.0.1"])
         .arg(pay_port.to_string())
         .arg(duration_ms.to_string())
         .arg(spacing_ns.to_string())
@@ -522,12 +486,7 @@ pub(crate) fn measure(
         ),
     }
     let matched = match_requests(&requests, &log.changes, probe_end);
-    let events_lost = status["events_lost"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, v)| v.as_u64())
-        .sum();
+    let events_lost = events_lost(&status);
     Ok(GrantLatency {
         rounds: u32::try_from(requests.len() / 2).unwrap_or(u32::MAX),
         spacing_ns,

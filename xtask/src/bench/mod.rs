@@ -19,13 +19,13 @@
 //! its two a samples). The daemon is started afresh in every round, so `a`
 //! always runs with nothing of ours attached.
 //!
-//! Before the rounds, part 1 (`bench_grants`) measures how soon after a
+//! Before the rounds, part 1 (`grants`) measures how soon after a
 //! `grant` / `revoke` returns the kernel enforces it.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,10 +33,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench_audit;
-use crate::bench_grants::{self, GrantLatency, PAY_TOOL, control_request};
-use crate::bench_local;
+mod audit;
+mod common;
+mod grants;
+mod local;
+
+use self::common::{
+    AGENT, Guard, PAY_TOOL, PROBE_EPERM, TENANT, cgroup2_mount, control_request, daemon_status,
+    events_lost, median, tagged_probe, wait_for_foreign_daemons,
+};
+use self::grants::GrantLatency;
 use crate::{Built, Workspace, describe};
+
+pub use self::common::BenchArgs;
 
 /// Target: daemon running, untagged process (median paired ratio b/a).
 const TARGET_B: f64 = 1.005;
@@ -45,9 +54,6 @@ const TARGET_C: f64 = 1.02;
 /// Target: tagged process, 10,000 grant entries and a rate limit (median
 /// paired ratio d/a).
 const TARGET_D: f64 = 1.02;
-pub(crate) const TENANT: &str = "bench";
-/// The agent of `c` (base capabilities) and of the grant latency probe.
-pub(crate) const AGENT: &str = "a";
 /// The agent of `d`: no tools of its own, everything through grants.
 const AGENT_D: &str = "d";
 /// The rate-limited tool covering the listener, granted to agent `d`.
@@ -63,10 +69,6 @@ const GRANT_TOOL_ENDPOINTS: u32 = 100;
 const GRANT_TTL_MS: u64 = 3_600_000;
 /// Endpoints per `[[tool]]` in the generated policy.
 const ENDPOINTS_PER_TOOL: u32 = 1000;
-/// How long the daemon gets to answer `status`.
-const DAEMON_READY: Duration = Duration::from_secs(30);
-/// How long the daemon gets to exit after SIGTERM.
-const DAEMON_STOP: Duration = Duration::from_secs(30);
 /// A sample whose listener dropped a connection is run again, at most this often.
 const MAX_ATTEMPTS: u32 = 3;
 /// Threads accepting (and at once dropping) connections; a second one keeps
@@ -79,88 +81,6 @@ const ACCEPT_THREADS: usize = 2;
 const LISTEN_BACKLOG: i32 = 4096;
 /// Connects per sample above which port search dominates (see --connects).
 const PORT_PRESSURE: u32 = 10_000;
-/// How long a sample waits for other agent-guard daemons (e.g. a test run)
-/// to go away before it runs with them and says so.
-const FOREIGN_WAIT: Duration = Duration::from_secs(60);
-/// `agent-guard-probe` exit status for EPERM.
-const PROBE_EPERM: i32 = 10;
-
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    /// Rounds of `a b c c b a` samples [default: 7, or 2 with --quick].
-    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=1000))]
-    rounds: Option<u32>,
-    /// connect() calls per sample [default: 8000, or 5000 with --quick].
-    /// Above ~10000 the samples measure ephemeral port search instead: a
-    /// port whose TIME_WAIT is younger than 1 s cannot be reused, and
-    /// connect() prefers half of the 28k-port range, so loopback connects
-    /// jump from ~11 us to ~55 us on the reference machine.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
-    connects: Option<u32>,
-    /// Smoke run: 2 rounds of 5000 connects per sample.
-    #[arg(long)]
-    pub(crate) quick: bool,
-    /// Endpoint entries (distinct 10.x.y.z/32, various ports) in the tagged
-    /// agent's tools, besides the listener's own entry.
-    #[arg(long, value_name = "E", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    endpoints: u32,
-    /// Pause before each sample so the previous sample's TIME_WAIT ports are
-    /// reusable again (tcp_tw_reuse waits >1 s) and every sample starts alike.
-    #[arg(long, value_name = "MS", default_value_t = 2000)]
-    pause_ms: u64,
-    /// Skip part 1, the grant/revoke -> enforcement latency measurement.
-    #[arg(long)]
-    skip_grants: bool,
-    /// Grant + revoke rounds in part 1.
-    #[arg(long, value_name = "K", default_value_t = 50,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    grant_rounds: u32,
-    /// Pause after each grant and each revoke in part 1.
-    #[arg(long, value_name = "MS", default_value_t = 20,
-          value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    grant_gap_ms: u64,
-    /// Space the part-1 probe's connect attempts this far apart (busy wait),
-    /// which bounds the resolution; 0 is a tight loop. Every attempt is a
-    /// decision event the daemon must audit: a tight loop (~3.5 us per
-    /// attempt here) floods it with ~300k events/s, which slows its replies
-    /// (grant ~5 ms) and preempts the probe for milliseconds.
-    #[arg(long, value_name = "NS", default_value_t = 20_000)]
-    watch_spacing_ns: u64,
-    /// Do not pin the connect probe to CPU 0 and the listener's threads to
-    /// CPU 1 (pinning needs 2+ CPUs and is skipped otherwise).
-    #[arg(long)]
-    no_pin: bool,
-    /// Skip part 3, `audit verify` / `audit replay` speed.
-    #[arg(long)]
-    pub(crate) skip_audit: bool,
-    /// Records generated for part 3 [default: 1000000, or 100000 with --quick].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1000..=100_000_000))]
-    pub(crate) audit_records: Option<u64>,
-    /// Timed runs of each audit command in part 3 (the median is reported).
-    #[arg(long, value_name = "K", default_value_t = 3,
-          value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub(crate) audit_runs: u32,
-    /// Skip part 4, the deny flood through the event pipeline.
-    #[arg(long)]
-    pub(crate) skip_flood: bool,
-    /// Attempts per flood probe = what one probe alone does in this many
-    /// seconds (calibrated before the flood; with every core flooding and
-    /// the daemon busy the flood lasts ~3x longer) [default: 3, or 1 with
-    /// --quick].
-    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub(crate) flood_seconds: Option<u64>,
-    /// Attempts per flood probe, instead of calibrating to --flood-seconds.
-    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
-    pub(crate) flood_attempts: Option<u32>,
-    /// Run the deny flood at the default ring size only, even if events
-    /// were lost (no retries with 16 and 64 MiB rings).
-    #[arg(long)]
-    pub(crate) flood_default_ring_only: bool,
-    /// Skip part 5, Unix socket connects and per-agent DNS queries.
-    #[arg(long)]
-    pub(crate) skip_local: bool,
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Config {
@@ -279,7 +199,7 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
             "bench: part 1: {} x (grant, {} ms, revoke, {} ms) with a tagged watch-connect probe",
             args.grant_rounds, args.grant_gap_ms, args.grant_gap_ms
         );
-        let g = bench_grants::measure(
+        let g = grants::measure(
             built,
             &mut guard,
             pay_listener.addr.port(),
@@ -330,12 +250,7 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         let daemon_cpu = guard.daemon_cpu();
         guard.stop_daemon()?;
         let allow = status["decisions"]["allow"].as_u64().unwrap_or(0);
-        let events_lost: u64 = status["events_lost"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, v)| v.as_u64())
-            .sum();
+        let events_lost = events_lost(&status);
         // The four tagged samples' connects must have been judged and
         // allowed, otherwise `c` and `d` did not measure the decision path.
         if allow < 4 * u64::from(n) {
@@ -387,14 +302,14 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
             "bench: part 3: audit generate / verify / replay at {records} records, {} runs each",
             args.audit_runs
         );
-        let a = bench_audit::audit_speed(built, records, args.audit_runs)?;
+        let a = audit::audit_speed(built, records, args.audit_runs)?;
         print!("{}", a.table());
         Some(a)
     };
     let flood = if args.skip_flood {
         None
     } else {
-        let f = bench_audit::flood(built, &cgroup2, args)?;
+        let f = audit::flood(built, &cgroup2, args)?;
         print!("{}", f.table());
         Some(f)
     };
@@ -407,7 +322,7 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         } else {
             (5000, 2000)
         };
-        let l = bench_local::local_cost(built, &cgroup2, rounds.min(5), unix_n, dns_n)?;
+        let l = local::local_cost(built, &cgroup2, rounds.min(5), unix_n, dns_n)?;
         print!("{}", l.table());
         Some(l)
     };
@@ -436,16 +351,14 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         .map_or(json!({ "skipped": "--skip-grants" }), GrantLatency::json);
     results["audit_speed"] = audit_speed.as_ref().map_or(
         json!({ "skipped": "--skip-audit" }),
-        bench_audit::AuditSpeed::json,
+        audit::AuditSpeed::json,
     );
-    results["deny_flood"] = flood.as_ref().map_or(
-        json!({ "skipped": "--skip-flood" }),
-        bench_audit::Flood::json,
-    );
-    results["local_endpoints"] = local.as_ref().map_or(
-        json!({ "skipped": "--skip-local" }),
-        bench_local::LocalCost::json,
-    );
+    results["deny_flood"] = flood
+        .as_ref()
+        .map_or(json!({ "skipped": "--skip-flood" }), audit::Flood::json);
+    results["local_endpoints"] = local
+        .as_ref()
+        .map_or(json!({ "skipped": "--skip-local" }), local::LocalCost::json);
     let dir = ws.target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("results.json");
@@ -487,13 +400,8 @@ impl Runner<'_> {
             }
             Config::C | Config::D => {
                 let agent = if config == Config::D { AGENT_D } else { AGENT };
-                let mut cmd = Command::new(&self.built.daemon);
-                cmd.arg("run")
-                    .arg("--socket")
-                    .arg(&self.guard_socket)
-                    .args(["--tenant", TENANT, "--agent", agent, "--"])
-                    .arg(&self.built.probe)
-                    .args(args);
+                let mut cmd = tagged_probe(self.built, &self.guard_socket, TENANT, agent);
+                cmd.args(args);
                 cmd
             }
         }
@@ -671,25 +579,6 @@ impl Runner<'_> {
     }
 }
 
-/// Waits (up to FOREIGN_WAIT) for other `agent-guard daemon` processes to
-/// exit; returns how many are still running.
-pub(crate) fn wait_for_foreign_daemons(our_socket: &Path) -> usize {
-    let waited = Instant::now();
-    let mut foreign_daemons = count_foreign_daemons(our_socket);
-    if foreign_daemons > 0 {
-        eprintln!(
-            "bench:   {foreign_daemons} other agent-guard daemon(s) running; waiting up \
-             to {} s for them to exit",
-            FOREIGN_WAIT.as_secs()
-        );
-    }
-    while foreign_daemons > 0 && waited.elapsed() < FOREIGN_WAIT {
-        std::thread::sleep(Duration::from_secs(1));
-        foreign_daemons = count_foreign_daemons(our_socket);
-    }
-    foreign_daemons
-}
-
 // ---------------------------------------------------------------------------
 // CPU pinning
 // ---------------------------------------------------------------------------
@@ -858,321 +747,8 @@ fn accept_loop(listener: &TcpListener, count: &AtomicU64) {
 }
 
 // ---------------------------------------------------------------------------
-// Daemon and cleanup
-// ---------------------------------------------------------------------------
-
-/// Owns everything the bench creates outside its own process: the work
-/// directory, the daemon process and the daemon's cgroup subtree. Drop
-/// stops the daemon (SIGTERM by pid, then SIGKILL), unmounts the pin
-/// directory if the daemon left it mounted, removes the cgroup subtree and
-/// the work directory.
-pub(crate) struct Guard {
-    pub(crate) dir: PathBuf,
-    pub(crate) policy: PathBuf,
-    pub(crate) socket: PathBuf,
-    pin_dir: PathBuf,
-    pub(crate) audit_dir: PathBuf,
-    log: PathBuf,
-    cgroup_root: PathBuf,
-    daemon: Option<Child>,
-    /// More `agent-guard daemon` arguments (e.g. `--ring-bytes`).
-    pub(crate) extra_args: Vec<std::ffi::OsString>,
-}
-
-impl Guard {
-    /// `tag` tells apart the work directories (and cgroup roots) of several
-    /// guards in one run; "" for the first.
-    pub(crate) fn create(cgroup2: &Path, tag: &str) -> Result<Self> {
-        let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("agent-guard-bench-{pid}{tag}"));
-        if dir.exists() {
-            bail!(
-                "{} exists already (left over from an earlier run?); remove it",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let guard = Self {
-            policy: dir.join("policy.toml"),
-            socket: dir.join("agent-guard.sock"),
-            pin_dir: dir.join("bpf"),
-            audit_dir: dir.join("audit"),
-            log: dir.join("daemon.log"),
-            cgroup_root: cgroup2.join(format!("ag-bench-{pid}{tag}")),
-            dir,
-            daemon: None,
-            extra_args: Vec::new(),
-        };
-        Ok(guard)
-    }
-
-    pub(crate) fn start_daemon(&mut self, bin: &Path) -> Result<()> {
-        if self.daemon.is_some() {
-            bail!("internal error: the bench daemon is already running");
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("creating {}", self.log.display()))?;
-        let log_err = log.try_clone().context("duplicating the log file")?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("daemon")
-            .arg("--policy")
-            .arg(&self.policy)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--audit-dir")
-            .arg(&self.audit_dir)
-            .arg("--cgroup-root")
-            .arg(&self.cgroup_root)
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
-        self.daemon = Some(child);
-
-        let deadline = Instant::now() + DAEMON_READY;
-        loop {
-            if let Some(child) = self.daemon.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.daemon = None;
-                bail!(
-                    "the daemon exited during startup ({status}); its log:\n{}",
-                    self.log_tail()
-                );
-            }
-            let ready = Command::new(bin)
-                .arg("status")
-                .arg("--socket")
-                .arg(&self.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the daemon did not answer `status` within {} s; its log:\n{}",
-                    DAEMON_READY.as_secs(),
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM by pid and wait; an error if it does not exit in time or
-    /// exits with a failure.
-    pub(crate) fn stop_daemon(&mut self) -> Result<()> {
-        let Some(mut child) = self.daemon.take() else {
-            return Ok(());
-        };
-        let pid = child.id();
-        match terminate(&mut child, DAEMON_STOP) {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => bail!(
-                "the daemon (pid {pid}) exited with {status} after SIGTERM; its log:\n{}",
-                self.log_tail()
-            ),
-            Err(e) => Err(e.context(format!("stopping the daemon (pid {pid})"))),
-        }
-    }
-
-    /// The running daemon's pid.
-    pub(crate) fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(Child::id)
-    }
-
-    /// utime + stime of the running daemon from /proc/PID/stat (clock ticks
-    /// of 10 ms, USER_HZ on Linux).
-    pub(crate) fn daemon_cpu(&self) -> Option<Duration> {
-        let pid = self.daemon.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are
-        // fields 14 and 15 of the whole line.
-        let (_, rest) = stat.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        Some(Duration::from_millis((utime + stime) * 10))
-    }
-
-    pub(crate) fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(30);
-        lines[from..].join("\n")
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let pid = child.id();
-            if let Err(e) = terminate(&mut child, DAEMON_STOP) {
-                eprintln!("bench: cleanup: daemon pid {pid}: {e:#}");
-            }
-        }
-        // The daemon unmounts its pin dir and removes its cgroups on a clean
-        // exit; after a crash or SIGKILL do it here.
-        if is_mount_point(&self.pin_dir) {
-            let ok = Command::new("umount")
-                .arg(&self.pin_dir)
-                .stdin(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                eprintln!(
-                    "bench: cleanup: could not unmount {}",
-                    self.pin_dir.display()
-                );
-            }
-        }
-        if self.cgroup_root.exists()
-            && let Err(e) = remove_cgroup_tree(&self.cgroup_root)
-        {
-            eprintln!(
-                "bench: cleanup: could not remove cgroup {}: {e}",
-                self.cgroup_root.display()
-            );
-        }
-        if is_mount_point(&self.pin_dir) {
-            eprintln!(
-                "bench: cleanup: {} is still mounted; leaving {}",
-                self.pin_dir.display(),
-                self.dir.display()
-            );
-        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("bench: cleanup: removing {}: {e}", self.dir.display());
-        }
-    }
-}
-
-/// SIGTERM to `child` by its pid, wait up to `timeout`, then SIGKILL (std
-/// kills by pid too) and reap. Returns the exit status after SIGTERM, or an
-/// error when SIGKILL was needed.
-fn terminate(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Ok(status);
-    }
-    let pid = child.id().to_string();
-    let sent = Command::new("kill")
-        .args(["-TERM", &pid])
-        .stdin(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if sent {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().context("waiting for the daemon")? {
-                return Ok(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    if sent {
-        bail!("no exit within {} s of SIGTERM; killed", timeout.as_secs())
-    }
-    bail!("could not send SIGTERM (`kill -TERM {pid}`); killed")
-}
-
-/// rmdir a cgroup directory and its children, deepest first (cgroupfs
-/// refuses unlinking its files; rmdir removes an empty cgroup whole).
-fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            remove_cgroup_tree(&entry.path())?;
-        }
-    }
-    std::fs::remove_dir(dir)
-}
-
-pub(crate) fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("status").arg("--socket").arg(socket).arg("--json");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            describe(&cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("`{}` did not print JSON", describe(&cmd)))
-}
-
-// ---------------------------------------------------------------------------
 // Host facts
 // ---------------------------------------------------------------------------
-
-/// Mount entries of /proc/self/mountinfo as (mount point, fs type).
-fn mounts() -> Result<Vec<(PathBuf, String)>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
-            let fstype = post.split(' ').next()?;
-            Some((
-                PathBuf::from(unescape_mount(mount_point)),
-                fstype.to_owned(),
-            ))
-        })
-        .collect())
-}
-
-/// Undo mountinfo's octal escapes (`\040` for space and so on).
-fn unescape_mount(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(oct) = bytes.get(i + 1..i + 4)
-            && let Ok(v) = u8::from_str_radix(&String::from_utf8_lossy(oct), 8)
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    mounts()?
-        .into_iter()
-        .find(|(_, fstype)| fstype == "cgroup2")
-        .map(|(p, _)| p)
-        .context("no cgroup2 file system in /proc/self/mountinfo")
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    mounts().is_ok_and(|m| m.iter().any(|(mp, _)| mp == p))
-}
 
 /// `TcpExt: ListenDrops` in /proc/net/netstat: SYNs or handshakes a
 /// listener dropped (it includes ListenOverflows, the accept queue full).
@@ -1203,32 +779,6 @@ fn time_wait_sockets() -> u64 {
             fields.get(i + 1)?.parse().ok()
         })
         .unwrap_or(0)
-}
-
-/// Other `agent-guard daemon` processes (not ours, which is the one serving
-/// `our_socket`): their programs sit at the cgroup2 root too and would tax
-/// every configuration.
-fn count_foreign_daemons(our_socket: &Path) -> usize {
-    use std::os::unix::ffi::OsStrExt as _;
-    let ours = our_socket.as_os_str().as_bytes();
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let mut args = cmdline.split(|b| *b == 0);
-            let argv0 = args.next().unwrap_or_default();
-            argv0.ends_with(b"agent-guard")
-                && args.next() == Some(b"daemon".as_slice())
-                && !args.any(|a| a == ours)
-        })
-        .count()
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -1366,16 +916,6 @@ fn policy_toml(listener_port: u16, pay_port: u16, endpoints: u32) -> String {
 // ---------------------------------------------------------------------------
 // Statistics and output
 // ---------------------------------------------------------------------------
-
-pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
@@ -1701,19 +1241,6 @@ fn results_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&[]).is_nan());
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mount(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
-    }
 
     #[test]
     fn policy_has_distinct_endpoints() {

@@ -30,11 +30,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{Guard, median};
+use super::common::{AGENT, Guard, TENANT, median};
 use crate::{Built, describe};
 
-const TENANT: &str = "bench";
-const AGENT: &str = "a";
 const NAME: &str = "api.bench.agent-guard.test";
 
 /// Results of part 5.
