@@ -56,6 +56,15 @@ pub struct AuditRecord {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
+    /// For a process tree launched with a signed token: whom it acts for,
+    /// and the token's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// control: the verb asked for (`run`, `grant`, `revoke`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
     /// The call was outside the task's declared tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub divergence: Option<bool>,

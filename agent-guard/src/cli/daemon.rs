@@ -93,6 +93,19 @@ pub struct Args {
     /// process exited.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     idle_subject_age: std::time::Duration,
+    /// Members of this group (name or gid) may use the control socket to
+    /// launch agents with a signed token (`run --token`); the socket becomes
+    /// root:GROUP 0660. Every other verb stays root's.
+    #[arg(long, value_name = "GROUP")]
+    control_group: Option<String>,
+    /// This node's id: a launch token's `aud` must name it (or be `*`).
+    /// Default: the host name.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Clock difference allowed when checking a launch token's `exp` and
+    /// `nbf`.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    token_clock_skew: std::time::Duration,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -100,6 +113,11 @@ pub struct Args {
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     init_logging(&args.log_format);
+    let control_gid = args
+        .control_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
     let opts = daemon::Options {
         policy: args.policy,
         socket: args.socket,
@@ -121,6 +139,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         checkpoint_every: args.checkpoint_every,
         checkpoint_interval: args.checkpoint_interval,
         audit_buffer_records: args.audit_buffer_records,
+        control: daemon::launch::ControlConfig {
+            node_id: args.node_id.unwrap_or_else(daemon::launch::node_id),
+            token_skew: args.token_clock_skew,
+            control_gid,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -129,6 +152,20 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(daemon::run(opts))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A group name or numeric gid, checked to exist.
+fn resolve_group(name: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => anyhow::bail!(
+            "--control-group {name:?}: no such group (create it with `groupadd {name}`, or give a numeric gid)"
+        ),
+        Err(e) => anyhow::bail!("--control-group {name:?}: looking the group up: {e}"),
+    }
 }
 
 fn init_logging(format: &str) {

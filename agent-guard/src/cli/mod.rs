@@ -7,6 +7,7 @@ mod grant;
 mod policy;
 mod run;
 mod status;
+mod token;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -57,6 +58,9 @@ enum Command {
     /// Verify or replay the audit trail.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Make signing keys and signed launch tokens (`run --token`).
+    #[command(subcommand)]
+    Token(token::Command),
 }
 
 /// `--socket`, shared by the client subcommands.
@@ -74,6 +78,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::main(args),
         Command::Policy(cmd) => policy::main(cmd),
         Command::Audit(cmd) => audit::main(cmd),
+        Command::Token(cmd) => token::main(cmd),
         Command::Doctor(args) => doctor::main(args),
         Command::Grant(args) => grant::grant(args),
         Command::Revoke(args) => grant::revoke(args),

@@ -26,31 +26,42 @@ const EXIT_NOT_FOUND: u8 = 127;
       --tools search --ttl 15m -- python3 agent.py
   # from inside a tagged agent: start a narrower sub-agent
   agent-guard run --agent summarizer --tools search -- python3 summarize.py
+  # as an orchestrator that is not root (in the daemon's --control-group):
+  agent-guard token issue --key issuer.key --tenant acme --agent researcher \\
+      --tools search --ttl 15m --on-behalf-of alice@example.com > launch.jwt
+  agent-guard run --token launch.jwt -- python3 agent.py
 
 Exit status: CMD's own; 125 when agent-guard could not start it (daemon unreachable, unknown
 tenant/agent, refused), 126 when CMD is not executable, 127 when it is not found.")]
 pub struct Args {
     /// Tenant the agent belongs to (required outside an agent; inside one it
     /// can only be the caller's own).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "token")]
     tenant: Option<String>,
     /// Agent name (as in the policy's [[agent]] table); from inside a tagged
     /// process, the name of the new sub-agent.
-    #[arg(long)]
-    agent: String,
+    #[arg(long, required_unless_present = "token", conflicts_with = "token")]
+    agent: Option<String>,
     /// What the process is started to do; recorded in every audit record.
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", conflicts_with = "token")]
     task: Option<String>,
     /// Only these tools (comma-separated), a subset of the agent's.
-    #[arg(long, value_name = "TOOL,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "TOOL,...",
+        value_delimiter = ',',
+        conflicts_with = "token"
+    )]
     tools: Option<Vec<String>>,
     /// The process and its children lose every capability after this long
     /// (e.g. 30s, 15m, 2h).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "token")]
     ttl: Option<Duration>,
     #[command(flatten)]
     socket: SocketArg,
-    /// Signed identity token (not supported yet).
+    /// Signed launch token (`agent-guard token issue`; `-` reads standard
+    /// input). Tenant, agent, task, tools and TTL come from the token; the
+    /// caller need not be root, only in the daemon's --control-group.
     #[arg(long, value_name = "FILE")]
     token: Option<PathBuf>,
     /// The command to start, after `--`.
@@ -59,15 +70,21 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
-    if args.token.is_some() {
-        eprintln!(
-            "agent-guard run: --token is not supported yet; identity comes from the launcher"
-        );
-        return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
-    }
+    let token = match &args.token {
+        None => None,
+        Some(path) => match read_token(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("agent-guard run: {e}");
+                eprintln!("agent-guard run: nothing was started");
+                return Ok(ExitCode::from(EXIT_LAUNCH_FAILED));
+            }
+        },
+    };
     let request = Request::Register {
+        token,
         tenant: args.tenant.clone(),
-        agent: args.agent.clone(),
+        agent: args.agent.clone().unwrap_or_default(),
         task: args.task.clone(),
         // `--tools ""` asks for no tools at all.
         tools: args
@@ -125,6 +142,27 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     ))
 }
 
+/// Reads a token file (`-`: standard input), refusing oversized ones.
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let limit = crate::identity::token::MAX_TOKEN_BYTES as u64 + 2;
+    let mut text = String::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin().take(limit).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_string(&mut text))
+    };
+    read.map_err(|e| format!("reading token {}: {e}", path.display()))?;
+    if text.len() as u64 >= limit {
+        return Err(format!(
+            "token {} is larger than {} bytes",
+            path.display(),
+            crate::identity::token::MAX_TOKEN_BYTES
+        ));
+    }
+    Ok(text.trim().to_string())
+}
+
 /// Checks with the kernel, not just the socket's word, that this process is
 /// tagged as the reply says: a tagged root agent could put a fake daemon on
 /// the socket path, but it cannot create or pin a BPF map.
@@ -136,6 +174,12 @@ fn verify_tagged(reg: &Registration) -> Result<(), String> {
     // answers the same way) means "started inside a strict agent".
     if harden::under_strict_filter() {
         return Ok(());
+    }
+    // Not root (an orchestrator launching with a token): bpf() is not ours
+    // to call, so check the cgroup instead. Only root can move a process
+    // into the agent's cgroup, so a fake daemon could not have.
+    if !nix::unistd::geteuid().is_root() {
+        return verify_cgroup(reg);
     }
     let refuse = |why: String| {
         format!("could not confirm with the kernel that this process is fenced: {why}")
@@ -159,5 +203,24 @@ fn verify_tagged(reg: &Registration) -> Result<(), String> {
         Ok(Some(s)) => Err(refuse(format!("the kernel has this process as subject {s}, the daemon said {}", reg.subject_id))),
         Ok(None) => Err(refuse("this process is not in the kernel's PROCS map (is the socket served by a real daemon?)".into())),
         Err(e) => Err(refuse(e.to_string())),
+    }
+}
+
+/// The non-root check: this process sits in the cgroup the daemon named.
+fn verify_cgroup(reg: &Registration) -> Result<(), String> {
+    let refuse = |why: String| format!("could not confirm that this process is fenced: {why}");
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| refuse(format!("reading /proc/self/cgroup: {e}")))?;
+    let mine = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| refuse("no cgroup2 entry in /proc/self/cgroup".into()))?;
+    if mine.len() > 1 && reg.cgroup.ends_with(mine) {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "this process is in cgroup {mine}, the daemon said {}",
+            reg.cgroup
+        )))
     }
 }

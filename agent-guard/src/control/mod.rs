@@ -36,9 +36,13 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub enum Request {
     /// Tag the calling process (the peer) before it execs: as (tenant,
     /// agent), a task scope of it, or a sub-agent of the caller.
+    ///
+    /// With `token`, every other field is taken from the signed token and
+    /// must be left out.
     Register {
         #[serde(default)]
         tenant: Option<String>,
+        #[serde(default)]
         agent: String,
         #[serde(default)]
         task: Option<String>,
@@ -46,6 +50,9 @@ pub enum Request {
         tools: Option<Vec<String>>,
         #[serde(default)]
         ttl_ms: Option<u64>,
+        /// A signed launch token (compact JWS), see `identity::token`.
+        #[serde(default)]
+        token: Option<String>,
     },
     /// Give (tenant, agent) a tool for a while.
     Grant {

@@ -9,10 +9,14 @@ use tokio::{
 };
 
 use super::{MAX_REQUEST_BYTES, Request, Response};
-use crate::daemon::{
-    grants::GrantRequest,
-    state::{State, mono_now_ns},
-    subjects::LaunchRequest,
+use crate::{
+    audit::NODE_LOG,
+    daemon::{
+        grants::GrantRequest,
+        launch::Caller,
+        state::{State, mono_now_ns},
+        subjects::{Identity, LaunchRequest},
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
+}
+
+/// Lets group `gid` connect to the socket at `path` (root:gid 0660), for
+/// `--control-group`.
+pub fn open_to_group(path: &Path, gid: u32) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ServerError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)
 }
 
 /// Binds the abstract name of the control socket at `path` (see
@@ -167,7 +183,11 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
                     // otherwise be looked up as untagged.
                     let tagged = state.process_identity(p.pid);
                     if p.alive() {
-                        let r = dispatch(state, p.pid, peer_cred.uid(), req, tagged);
+                        let caller = Caller {
+                            pid: p.pid,
+                            uid: peer_cred.uid(),
+                        };
+                        let r = dispatch(state, &caller, peer_cred.gid(), req, tagged);
                         // A subject made by this request (launch, sub-agent,
                         // process grant) gets its DNS proxy address before
                         // the reply lets its launcher exec.
@@ -186,35 +206,181 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
     write.shutdown().await
 }
 
+/// Is the process `pid` (effective ids as SO_PEERCRED reported `gid`) a
+/// member of group `gid`: primary or supplementary?
+fn in_group(pid: u32, peer_gid: u32, gid: u32) -> bool {
+    if peer_gid == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
+/// The verb of a request, as control records name it.
+fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Register { .. } => "run",
+        Request::Grant { .. } => "grant",
+        Request::Revoke { .. } => "revoke",
+        Request::Suspend { .. } => "suspend",
+        Request::Resume { .. } => "resume",
+        Request::Status => "status",
+        Request::PolicyApply { .. } => "reload",
+    }
+}
+
+/// The tenant chain a control record of `req` belongs in (`None`: the
+/// node log).
+fn record_tenant(state: &State, req: &Request, tagged: Option<&Identity>) -> Option<String> {
+    let named = match req {
+        Request::Register { tenant, .. } => tenant.clone().or(tagged.map(|i| i.tenant.clone())),
+        Request::Grant { tenant, .. }
+        | Request::Suspend { tenant, .. }
+        | Request::Resume { tenant, .. } => Some(tenant.clone()),
+        Request::Revoke { grant } => state.registry().grants.get(grant).map(|g| g.tenant.clone()),
+        Request::Status | Request::PolicyApply { .. } => None,
+    };
+    let reg = state.registry();
+    named.filter(|t| {
+        reg.loaded
+            .as_ref()
+            .is_some_and(|l| l.policy.tenant(t).is_some())
+    })
+}
+
 fn dispatch(
     state: &State,
-    pid: u32,
-    uid: u32,
+    caller: &Caller,
+    gid: u32,
     req: Request,
-    tagged: Option<std::sync::Arc<crate::daemon::subjects::Identity>>,
+    tagged: Option<Arc<Identity>>,
 ) -> Response {
+    // Token launches answer for themselves (and write their own record).
+    if let Request::Register {
+        token: Some(token),
+        tenant,
+        agent,
+        task,
+        tools,
+        ttl_ms,
+    } = &req
+    {
+        let refusal = if let Some(ident) = &tagged {
+            Some(format!(
+                "refused: the caller is a tagged process ({}); a tagged process cannot launch with a token",
+                ident.chain
+            ))
+        } else if tenant.is_some()
+            || !agent.is_empty()
+            || task.is_some()
+            || tools.is_some()
+            || ttl_ms.is_some()
+        {
+            Some("refused: a token launch takes tenant, agent, task, tools and ttl from the token only; leave out --tenant, --agent, --task, --tools and --ttl".to_string())
+        } else if caller.uid != 0
+            && !state
+                .control
+                .control_gid
+                .is_some_and(|g| in_group(caller.pid, gid, g))
+        {
+            Some(match state.control.control_gid {
+                Some(g) => format!(
+                    "refused: uid {} is neither root nor in the control group (gid {g})",
+                    caller.uid
+                ),
+                None => format!(
+                    "refused: uid {} is not root, and the daemon has no --control-group",
+                    caller.uid
+                ),
+            })
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            let mut rec = state.control_record(caller, "run");
+            rec.verdict = Some("deny".into());
+            rec.reason = Some("not_permitted".into());
+            rec.detail = Some(why.clone());
+            let log = tagged
+                .as_ref()
+                .map_or(NODE_LOG.to_string(), |i| i.tenant.clone());
+            state.audit(&log, rec);
+            return Response::err(why);
+        }
+        return match state.launch_with_token(caller, token) {
+            Ok(reg) => Response::ok(serde_json::to_value(reg).unwrap_or_default()),
+            Err(e) => Response::err(e),
+        };
+    }
+    let op = op_name(&req);
+    let log = record_tenant(state, &req, tagged.as_deref());
+    let result = run_verb(state, caller, req, tagged.clone());
+    // Every verb but the read-only status is on the record, with who asked.
+    if op != "status" {
+        let mut rec = state.control_record(caller, op);
+        rec.tenant = log.clone();
+        match &result {
+            Ok(_) => rec.verdict = Some("allow".into()),
+            Err(e) => {
+                rec.verdict = Some("deny".into());
+                rec.reason = Some(
+                    if e.starts_with("refused: the caller is a tagged")
+                        || e.starts_with("refused: the control socket")
+                    {
+                        "not_permitted".into()
+                    } else {
+                        "failed".into()
+                    },
+                );
+                rec.detail = Some(e.clone());
+            }
+        }
+        if let Some(i) = &tagged {
+            rec.subject = Some(i.chain.clone());
+        }
+        state.audit(log.as_deref().unwrap_or(NODE_LOG), rec);
+    }
+    match result {
+        Ok(data) => Response::ok(data),
+        Err(e) => Response::err(e),
+    }
+}
+
+fn run_verb(
+    state: &State,
+    caller: &Caller,
+    req: Request,
+    tagged: Option<Arc<Identity>>,
+) -> Result<serde_json::Value, String> {
+    let pid = caller.pid;
     // A tagged process may only register itself under its own identity;
     // every other verb could widen its rights or read other tenants' state.
     if let Some(ident) = &tagged
         && !matches!(req, Request::Register { .. })
     {
         tracing::warn!(pid, subject = %ident.chain, "tagged process tried a control request");
-        return Response::err(format!(
+        return Err(format!(
             "refused: the caller is a tagged process ({}); tagged processes may only use `agent-guard run`",
             ident.chain
         ));
     }
-    if uid != 0 {
-        return Response::err("refused: the control socket is for root only");
+    if caller.uid != 0 {
+        return Err("refused: the control socket is for root only (an orchestrator in --control-group may launch with `run --token`)".into());
     }
     use serde_json::json;
-    let result: Result<serde_json::Value, String> = match req {
+    match req {
         Request::Register {
             tenant,
             agent,
             task,
             tools,
             ttl_ms,
+            token: _,
         } => state
             .register(
                 pid,
@@ -224,6 +390,7 @@ fn dispatch(
                     task,
                     tools,
                     ttl_ms,
+                    principal: None,
                 },
                 tagged.as_ref().map(|i| i.subject_id),
             )
@@ -256,9 +423,5 @@ fn dispatch(
         Request::Resume { tenant, agent } => state
             .set_suspended(&tenant, agent.as_deref(), false)
             .map(|n| json!({ "subjects": n })),
-    };
-    match result {
-        Ok(data) => Response::ok(data),
-        Err(e) => Response::err(e),
     }
 }

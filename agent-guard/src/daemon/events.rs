@@ -358,6 +358,11 @@ impl Pipeline {
         rec.subject = Some(ident.chain.clone());
         rec.task = ident.task.as_ref().map(|t| t.text.clone());
         rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.on_behalf_of = ident
+            .principal
+            .as_ref()
+            .and_then(|p| p.on_behalf_of.clone());
+        rec.jti = ident.principal.as_ref().map(|p| p.jti.clone());
         rec.pid = Some(ev.pid);
         if ev.tid != ev.pid {
             rec.tid = Some(ev.tid);

@@ -4,6 +4,7 @@
 pub mod dns;
 pub mod events;
 pub mod grants;
+pub mod launch;
 pub mod state;
 pub mod subjects;
 pub mod takeover;
@@ -76,6 +77,8 @@ pub struct Options {
     pub checkpoint_interval: std::time::Duration,
     /// Audit records kept in memory per chain while writing fails.
     pub audit_buffer_records: usize,
+    /// Control group, node id and token clock skew.
+    pub control: launch::ControlConfig,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -141,6 +144,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // creating anything (and never remove its socket).
     let abstract_listener = control::server::bind_abstract(&opts.socket)?;
     let listener = control::server::bind(&opts.socket)?;
+    if let Some(gid) = opts.control.control_gid {
+        control::server::open_to_group(&opts.socket, gid)?;
+    }
     let setup = (|| -> anyhow::Result<_> {
         let cgroup_mount = kfs::cgroup2_mount()?;
         let cgroup_root = opts
@@ -225,6 +231,8 @@ async fn serve(
     // restored before the policy is applied, so no agent of a suspended
     // tenant is ever unsuspended by a restart.
     let suspended = state::State::load_suspended(&opts.state_dir)?;
+    // Used launch tokens likewise: a restart must not reopen one.
+    let used_jtis = launch::UsedJtis::load(&opts.state_dir)?;
     // A predecessor that died without shutting down left its programs
     // enforcing; hold them until ours are in place (takeover.rs).
     let leftovers =
@@ -262,6 +270,8 @@ async fn serve(
     state.program_ids = kernel.program_ids.clone();
     state.dns_grace = opts.dns_grace;
     state.state_dir = opts.state_dir.clone();
+    state.control = opts.control.clone();
+    state.used_jtis = std::sync::Mutex::new(used_jtis);
     if !suspended.is_empty() {
         tracing::warn!(
             ?suspended,

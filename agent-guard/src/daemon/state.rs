@@ -110,6 +110,11 @@ pub struct State {
     pub dns_grace: std::time::Duration,
     /// The daemon's state directory (suspensions survive restarts here).
     pub state_dir: PathBuf,
+    /// Who may use the control socket besides root, and how launch
+    /// tokens are checked.
+    pub control: super::launch::ControlConfig,
+    /// Launch token ids already used, persisted in the state directory.
+    pub used_jtis: Mutex<super::launch::UsedJtis>,
 }
 
 /// File in the state directory that holds the suspended tenants/agents.
@@ -118,18 +123,11 @@ pub const SUSPENDED_FILE: &str = "suspended.json";
 impl State {
     /// Writes the suspension set (temp file, fsync, rename).
     pub fn save_suspended(&self, set: &BTreeSet<(String, Option<String>)>) -> std::io::Result<()> {
-        use std::io::Write as _;
-        std::fs::create_dir_all(&self.state_dir)?;
         let list: Vec<serde_json::Value> = set
             .iter()
             .map(|(t, a)| serde_json::json!({ "tenant": t, "agent": a }))
             .collect();
-        let path = self.state_dir.join(SUSPENDED_FILE);
-        let tmp = self.state_dir.join(format!("{SUSPENDED_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(&list)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        write_state_file(&self.state_dir, SUSPENDED_FILE, &list)
     }
 
     /// Reads the suspension set saved by an earlier run; a missing file is
@@ -156,6 +154,25 @@ impl State {
         })?;
         Ok(list.into_iter().map(|e| (e.tenant, e.agent)).collect())
     }
+}
+
+/// Writes `value` as JSON to `dir/name` so that a crash leaves the old
+/// file or the new one, never a torn one: temp file, fsync, rename, fsync
+/// of the directory.
+pub fn write_state_file(
+    dir: &Path,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Monotonic nanoseconds, the clock `bpf_ktime_get_ns()` reads.
@@ -205,6 +222,8 @@ impl State {
             dns_proxy: std::sync::OnceLock::new(),
             dns_grace: std::time::Duration::from_secs(30),
             state_dir: PathBuf::new(),
+            control: super::launch::ControlConfig::default(),
+            used_jtis: Mutex::new(super::launch::UsedJtis::default()),
         }
     }
 

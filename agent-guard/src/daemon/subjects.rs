@@ -37,6 +37,15 @@ pub struct Task {
     pub text: String,
 }
 
+/// Who a token-launched process tree acts for: on every record of the
+/// tree and of its sub-agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub on_behalf_of: Option<String>,
+    /// The launch token's id.
+    pub jti: String,
+}
+
 /// Who a subject id stands for. Ids are allocated for the daemon's lifetime
 /// and never reused, so processes tagged before a reload keep meaning the
 /// same identity.
@@ -61,6 +70,8 @@ pub struct Identity {
     /// Monotonic deadline, 0 = none.
     pub expires_at_ns: u64,
     pub task: Option<Task>,
+    /// Set for a tree launched with a signed token (inherited).
+    pub principal: Option<Principal>,
     /// Still in force (root in the policy, parent alive).
     pub active: bool,
     /// When a derived subject was made (idle ones are retired after a
@@ -85,6 +96,7 @@ impl Identity {
             requested_tools: None,
             expires_at_ns: 0,
             task: None,
+            principal: None,
             active: false,
             created: None,
         }
@@ -172,6 +184,9 @@ pub struct LaunchRequest {
     pub task: Option<String>,
     pub tools: Option<Vec<String>>,
     pub ttl_ms: Option<u64>,
+    /// Set for a launch with a signed token: the tree always gets a scope
+    /// of its own that carries it.
+    pub principal: Option<Principal>,
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -511,6 +526,7 @@ impl State {
                     requested_tools: None,
                     expires_at_ns: 0,
                     task: None,
+                    principal: None,
                     active: true,
                     created: None,
                 },
@@ -813,7 +829,10 @@ impl State {
         let mut reg = self.registry();
         let now = mono_now_ns();
         let ttl_ns = req.ttl_ms.map(|ms| ms.saturating_mul(1_000_000));
-        let wants_scope = req.task.is_some() || req.tools.is_some() || ttl_ns.is_some();
+        let wants_scope = req.task.is_some()
+            || req.tools.is_some()
+            || ttl_ns.is_some()
+            || req.principal.is_some();
 
         let (parent, name, depth) = match caller {
             None => {
@@ -909,6 +928,10 @@ impl State {
         let is_task = depth == parent.depth;
         let ident =
             self.install_derived(reg, &parent, &name, depth, requested, expires, task, true)?;
+        let ident = match &req.principal {
+            Some(p) => self.set_principal(ident, p.clone()),
+            None => ident,
+        };
         let id = ident.subject_id;
         let mut rec = AuditRecord::new(if is_task { "task" } else { "delegate" });
         rec.tenant = Some(ident.tenant.clone());
@@ -917,6 +940,11 @@ impl State {
         rec.pid = Some(pid);
         rec.task = ident.task.as_ref().map(|t| t.text.clone());
         rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.on_behalf_of = ident
+            .principal
+            .as_ref()
+            .and_then(|p| p.on_behalf_of.clone());
+        rec.jti = ident.principal.as_ref().map(|p| p.jti.clone());
         rec.detail = Some(format!(
             "subject {id} under {}: tools {}, depth {depth}{}",
             parent.chain,
@@ -982,6 +1010,7 @@ impl State {
             requested_tools: requested,
             expires_at_ns: expires,
             task,
+            principal: parent.principal.clone(),
             active: true,
             created: Some(std::time::Instant::now()),
         };
@@ -1182,6 +1211,18 @@ impl State {
             daemon_tids: own_tids(),
             procs_pin: Some(self.procs_pin.display().to_string()),
         })
+    }
+
+    /// Marks a just-made subject as launched for `principal`.
+    fn set_principal(&self, ident: Identity, principal: Principal) -> Identity {
+        let ident = Identity {
+            principal: Some(principal),
+            ..ident
+        };
+        self.registry()
+            .identities
+            .insert(ident.subject_id, Arc::new(ident.clone()));
+        ident
     }
 
     fn started_unix(&self) -> u64 {

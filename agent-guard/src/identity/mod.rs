@@ -2,3 +2,4 @@
 //! command starts.
 
 pub mod harden;
+pub mod token;

@@ -86,6 +86,9 @@ impl Proto {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     pub name: String,
+    /// Public keys whose signed launch tokens may start this tenant's
+    /// agents (`ed25519:<64 hex>`); see `identity::token`.
+    pub token_keys: Vec<ed25519_dalek::VerifyingKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,7 +351,28 @@ impl Validator<'_> {
                 return self.err(t.name.span(), format!("more than {MAX_ENTRIES} tenants"));
             }
             seen_tenants.insert(name.clone(), self.loc(t.name.span()));
-            tenants.push(Tenant { name });
+            let mut token_keys = Vec::with_capacity(t.token_keys.len());
+            for k in &t.token_keys {
+                let key = crate::identity::token::parse_public_key(k.get_ref())
+                    .or_else(|e| self.err(k.span(), format!("token_keys: {e}")))?;
+                if token_keys.contains(&key) {
+                    return self.err(k.span(), "token_keys: this key is listed twice");
+                }
+                if let Some(other) = tenants
+                    .iter()
+                    .find(|o: &&Tenant| o.token_keys.contains(&key))
+                {
+                    return self.err(
+                        k.span(),
+                        format!(
+                            "token_keys: this key already belongs to tenant {:?}; a key launches one tenant's agents only",
+                            other.name
+                        ),
+                    );
+                }
+                token_keys.push(key);
+            }
+            tenants.push(Tenant { name, token_keys });
         }
 
         let mut tools = Vec::with_capacity(raw.tool.len());

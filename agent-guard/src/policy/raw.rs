@@ -22,6 +22,8 @@ pub(super) struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTenant {
     pub name: Spanned<String>,
+    #[serde(default)]
+    pub token_keys: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,7 +72,8 @@ fn interface_example_parses() {
     assert_eq!(
         p.tenants,
         vec![Tenant {
-            name: "acme".into()
+            name: "acme".into(),
+            token_keys: vec![],
         }]
     );
     let search = p.tool("search").unwrap();
@@ -754,4 +755,35 @@ fn missing_required_key_is_refused() {
     let msg = parse("[[tenant]]\n").unwrap_err().to_string();
     assert!(msg.starts_with("policy.toml:1:"), "{msg}");
     assert!(msg.contains("missing field `name`"), "{msg}");
+}
+
+#[test]
+fn token_keys_are_parsed_and_bad_ones_named_with_their_line() {
+    let k = |seed: u8| {
+        crate::identity::token::format_public_key(
+            &ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key(),
+        )
+    };
+    let text = format!(
+        "[[tenant]]\nname = \"acme\"\ntoken_keys = [\"{}\", \"{}\"]\n",
+        k(1),
+        k(2)
+    );
+    let p = parse(&text).expect("two keys");
+    assert_eq!(p.tenants[0].token_keys.len(), 2);
+    for (bad, why) in [
+        ("\"ed25519:00\"".to_string(), "32 bytes"),
+        ("\"rsa:00\"".to_string(), "ed25519:"),
+        (format!("\"{}\", \"{}\"", k(1), k(1)), "listed twice"),
+    ] {
+        let text = format!("[[tenant]]\nname = \"acme\"\ntoken_keys = [{bad}]\n");
+        let e = parse(&text).expect_err("bad key").to_string();
+        assert!(e.contains(why) && e.contains(":3:"), "{e}");
+    }
+    let shared = format!(
+        "[[tenant]]\nname = \"acme\"\ntoken_keys = [\"{a}\"]\n[[tenant]]\nname = \"globex\"\ntoken_keys = [\"{a}\"]\n",
+        a = k(1)
+    );
+    let e = parse(&shared).expect_err("shared key").to_string();
+    assert!(e.contains("already belongs to tenant \"acme\""), "{e}");
 }
