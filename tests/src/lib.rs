@@ -15,6 +15,12 @@ use std::{
 
 use serde_json::Value;
 
+mod launch;
+mod policy;
+
+pub use launch::Launch;
+pub use policy::{Agent, Endpoint, Policy, Tool};
+
 /// The daemon/CLI binary under test.
 pub fn agent_guard_bin() -> PathBuf {
     let p = std::env::var_os("AGENT_GUARD_BIN")
@@ -85,7 +91,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts a daemon enforcing `policy` and waits until it answers.
+    /// Starts a daemon enforcing `policy` (its TOML text, e.g. from
+    /// [`Policy::build`]) and waits until it answers.
     pub fn start(policy: &str) -> Daemon {
         Self::try_start(policy).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
     }
@@ -222,19 +229,15 @@ impl Daemon {
         cmd.output().expect("run agent-guard")
     }
 
-    /// `agent-guard run --tenant T --agent A -- CMD...`.
-    pub fn run(&self, tenant: &str, agent: &str, cmd: &[&str]) -> Output {
-        let mut args = vec!["run", "--tenant", tenant, "--agent", agent, "--"];
-        args.extend_from_slice(cmd);
-        self.cli(&args)
+    /// `agent-guard run --tenant T --agent A -- CMD...` (see
+    /// [`Daemon::launch`] for task scopes and spawning).
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, tenant: &str, agent: &str, cmd: &[S]) -> Output {
+        self.launch(tenant, agent).output(cmd)
     }
 
     /// Runs the probe as a tagged process and returns its exit status.
     pub fn probe(&self, tenant: &str, agent: &str, args: &[&str]) -> i32 {
-        let probe = probe_bin();
-        let mut cmd = vec![probe.to_str().expect("utf-8 path")];
-        cmd.extend_from_slice(args);
-        let out = self.run(tenant, agent, &cmd);
+        let out = self.launch(tenant, agent).probe(args);
         out.status.code().unwrap_or(-1)
     }
 
@@ -339,19 +342,7 @@ impl Daemon {
         sub_args: &[&str],
         probe_args: &[&str],
     ) -> (i32, String) {
-        let bin = agent_guard_bin();
-        let probe = probe_bin();
-        let mut cmd = vec![
-            bin.to_str().expect("utf-8"),
-            "run",
-            "--socket",
-            self.socket.to_str().expect("utf-8"),
-        ];
-        cmd.extend_from_slice(sub_args);
-        cmd.push("--");
-        cmd.push(probe.to_str().expect("utf-8"));
-        cmd.extend_from_slice(probe_args);
-        let out = self.run(tenant, parent, &cmd);
+        let out = self.run(tenant, parent, &self.sub_agent_cmd(sub_args, probe_args));
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -361,15 +352,7 @@ impl Daemon {
     /// Starts a tagged probe that runs `args` (typically `after MS ...`)
     /// without waiting for it.
     pub fn spawn_probe(&self, tenant: &str, agent: &str, args: &[&str]) -> Child {
-        Command::new(agent_guard_bin())
-            .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
-            .arg(&self.socket)
-            .arg("--")
-            .arg(probe_bin())
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn tagged probe")
+        self.launch(tenant, agent).spawn_probe(args)
     }
 
     /// Every record of a tenant's log, parsed.
