@@ -3,11 +3,13 @@
 //! and reload.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
-use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin};
+use agent_guard_tests::{
+    Agent, Daemon, Endpoint, Listener, Policy, dump, kernel_test, probe, probe_bin,
+};
 use serde_json::Value;
 
 struct Ports {
@@ -36,40 +38,15 @@ impl Ports {
 }
 
 /// `researcher` has search; payments only by grant; `other` is no tool.
-fn policy(p: &Ports, extra: &str) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tenant]]
-name = "globex"
-
-[[tool]]
-name = "search"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {s} }}]
-
-[[tool]]
-name = "payments"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {pay} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"]
-max_delegation_depth = 1
-{extra}
-
-[[agent]]
-tenant = "globex"
-name = "bot"
-tools = ["search"]
-"#,
-        s = p.search.port,
-        pay = p.payments.port,
-    )
+fn policy(p: &Ports) -> Policy {
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tenant("globex")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", p.search.port)])
+        .tool("payments", [Endpoint::tcp("127.0.0.1/32", p.payments.port)])
+        .with_agent(Agent::new("acme", "researcher", &["search"]).max_delegation_depth(1))
+        .agent("globex", "bot", &["search"])
 }
 
 fn connects(recs: &[Value]) -> Vec<Value> {
@@ -110,7 +87,7 @@ fn a_grant_opens_a_tool_until_it_expires_even_while_the_daemon_is_frozen() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
         probe::EPERM
@@ -168,7 +145,7 @@ fn a_grant_with_one_use_allows_exactly_once() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     let id = grant(&d, &["--tool", "payments", "--ttl", "5m", "--uses", "1"]);
     assert_eq!(
         d.status()["grants"][0]["uses_left"],
@@ -222,7 +199,7 @@ fn revoke_takes_effect_before_the_command_returns() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     let id = grant(&d, &["--tool", "payments", "--ttl", "10m"]);
     let running = spawn_probe(
         &d,
@@ -275,7 +252,7 @@ fn a_suspended_tenant_is_denied_everything_and_resumed_allowed_again() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     let running = spawn_probe(
         &d,
         "acme",
@@ -344,7 +321,7 @@ fn a_sub_agent_only_ever_gets_less_than_its_parent() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     // Inherits the parent's tools, and is recorded under the chain.
     let (code, err) = sub_agent(
         &d,
@@ -382,15 +359,9 @@ fn a_sub_agent_only_ever_gets_less_than_its_parent() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("never change tenant"), "{err}");
     // Cannot exceed max_delegation_depth (1 for researcher).
-    let probe = probe_bin();
-    let bin = agent_guard_bin();
-    let sock = d.socket.to_str().expect("utf-8");
-    let inner = format!(
-        "{b} run --socket {sock} --agent deeper -- {pr} tcp 127.0.0.1 {s}",
-        b = bin.display(),
-        pr = probe.display(),
-        s = p.s()
-    );
+    let inner = d
+        .sub_agent_cmd(&["--agent", "deeper"], &["tcp", "127.0.0.1", &p.s()])
+        .join(" ");
     let (code, err) = sub_agent(&d, &["--agent", "summarizer"], &["exec-sh", &inner]);
     let _ = err;
     assert_eq!(code, 125, "depth 2 must be refused");
@@ -418,26 +389,11 @@ fn revoking_the_parents_grant_takes_it_from_the_sub_agent_too() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     let id = grant(&d, &["--tool", "payments", "--ttl", "10m"]);
     // A sub-agent started with the granted tool, calling after the revoke.
-    let probe = probe_bin();
-    let bin = agent_guard_bin();
-    let cmd = [
-        bin.to_str().expect("utf-8"),
-        "run",
-        "--socket",
-        d.socket.to_str().expect("utf-8"),
-        "--agent",
-        "payer",
-        "--tools",
-        "payments",
-        "--",
-        probe.to_str().expect("utf-8"),
-        "tcp",
-        "127.0.0.1",
-        &p.p(),
-    ];
+    let payer = ["--agent", "payer", "--tools", "payments"];
+    let cmd = d.sub_agent_cmd(&payer, &["tcp", "127.0.0.1", &p.p()]);
     let out = d.run("acme", "researcher", &cmd);
     assert_eq!(
         out.status.code(),
@@ -445,24 +401,8 @@ fn revoking_the_parents_grant_takes_it_from_the_sub_agent_too() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut later = cmd.to_vec();
-    let after = ["after", "1500"];
-    later.splice(10..10, after);
-    let child = Command::new(agent_guard_bin())
-        .args([
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--socket",
-        ])
-        .arg(&d.socket)
-        .arg("--")
-        .args(&later)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let later = d.sub_agent_cmd(&payer, &["after", "1500", "tcp", "127.0.0.1", &p.p()]);
+    let child = d.launch("acme", "researcher").spawn(&later);
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.cli(&["revoke", "--grant", &id]).status.success());
     assert_eq!(
@@ -478,27 +418,14 @@ fn a_task_scope_narrows_tools_records_the_task_and_expires() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     let task = |tools: &str, ttl: &str, args: &[&str]| -> (i32, String) {
-        let probe = probe_bin();
-        let mut all = vec![
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--task",
-            "summarise ticket 42",
-            "--tools",
-            tools,
-            "--ttl",
-            ttl,
-            "--",
-        ];
-        let pp = probe.to_str().expect("utf-8").to_string();
-        all.push(&pp);
-        all.extend_from_slice(args);
-        let out = d.cli(&all);
+        let out = d
+            .launch("acme", "researcher")
+            .task("summarise ticket 42")
+            .tools(tools)
+            .ttl(ttl)
+            .probe(args);
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -543,41 +470,32 @@ fn divergence_is_counted_and_on_divergence_revokes() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(
-        &p,
-        r#"on_divergence = { after = 2, action = "revoke" }"#,
-    ));
+    let d = Daemon::start(
+        &policy(&p)
+            .edit_agent("acme", "researcher", |a| a.on_divergence(2, "revoke"))
+            .build(),
+    );
     let probe = probe_bin();
     let pp = probe.to_str().expect("utf-8");
     // One task process: search (declared), other (divergent) twice, then
     // search again, which the revoke has taken away.
     // After the revoke, a sub-agent started to get the rights back is
     // refused too.
-    let ag = agent_guard_bin();
+    let sub = d
+        .sub_agent_cmd(&["--agent", "escapee"], &["tcp", "127.0.0.1", &p.s()])
+        .join(" ");
     let script = format!(
         "{pp} tcp 127.0.0.1 {s}; {pp} tcp 127.0.0.1 {o}; {pp} tcp 127.0.0.1 {o}; sleep 0.5; \
-         {ag} run --socket {sock} --agent escapee -- {pp} tcp 127.0.0.1 {s}; echo sub=$?; \
+         {sub}; echo sub=$?; \
          exec {pp} tcp 127.0.0.1 {s}",
         s = p.s(),
         o = p.o(),
-        ag = ag.display(),
-        sock = d.socket.display()
     );
-    let out = d.cli(&[
-        "run",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--task",
-        "fetch docs",
-        "--tools",
-        "search",
-        "--",
-        "/bin/sh",
-        "-c",
-        &script,
-    ]);
+    let out = d
+        .launch("acme", "researcher")
+        .task("fetch docs")
+        .tools("search")
+        .output(&["/bin/sh", "-c", &script]);
     assert_eq!(
         out.status.code(),
         Some(probe::EPERM),
@@ -623,10 +541,9 @@ fn a_rate_limit_allows_the_burst_and_denies_the_rest() {
         return;
     }
     let p = Ports::new();
-    let pol = policy(&p, "").replace(
-        &format!("endpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", p.search.port),
-        &format!("endpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\nrate_limit = {{ calls = 5, per = \"1h\" }}\n", p.search.port),
-    );
+    let pol = policy(&p)
+        .edit_tool("search", |t| t.rate_limit(5, "1h"))
+        .build();
     assert!(pol.contains("rate_limit"));
     let d = Daemon::start(&pol);
     assert_eq!(
@@ -655,13 +572,10 @@ fn reload_under_concurrent_connects_never_allows_a_disallowed_call() {
     }
     let p = Ports::new();
     // A allows search; B allows search and payments; neither allows other.
-    let a = policy(&p, "");
-    let b = a.replace(
-        r#"tools = ["search"]
-max_delegation_depth"#,
-        r#"tools = ["search", "payments"]
-max_delegation_depth"#,
-    );
+    let a = policy(&p).build();
+    let b = policy(&p)
+        .edit_agent("acme", "researcher", |a| a.tools(&["search", "payments"]))
+        .build();
     assert_ne!(a, b);
     let d = Daemon::start(&a);
     let fa = d.dir.path().join("a.toml");
@@ -732,7 +646,7 @@ fn grant_errors_are_clear_and_change_nothing() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     for (args, want) in [
         (vec!["--tool", "nope", "--ttl", "1m"], "unknown tool"),
         (
@@ -787,7 +701,7 @@ fn a_process_tree_grant_reaches_that_tree_only() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start(&policy(&p, ""));
+    let d = Daemon::start(&policy(&p).build());
     // Two processes of the same agent; the grant names one of them.
     let target = spawn_probe(
         &d,
@@ -847,17 +761,10 @@ fn a_tool_needing_two_person_approval_fails_closed() {
         return;
     }
     let p = Ports::new();
-    let pol = policy(&p, "").replace(
-        &format!("name = \"payments\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", p.payments.port),
-        &format!(
-            "name = \"payments\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\napproval = \"two-person\"\n",
-            p.payments.port
-        ),
-    );
-    let pol = pol.replace(
-        "tools = [\"search\"]\nmax_delegation_depth",
-        "tools = [\"search\", \"payments\"]\nmax_delegation_depth",
-    );
+    let pol = policy(&p)
+        .edit_tool("payments", |t| t.approval("two-person"))
+        .edit_agent("acme", "researcher", |a| a.tools(&["search", "payments"]))
+        .build();
     assert!(pol.contains("two-person") && pol.contains("\"search\", \"payments\""));
     let d = Daemon::start(&pol);
     assert_eq!(
@@ -895,26 +802,15 @@ fn finished_tasks_and_sub_agents_are_retired_from_the_kernel() {
         return;
     }
     let p = Ports::new();
-    let d = Daemon::start_with(&policy(&p, ""), &["--idle-subject-age", "1s"]);
+    let d = Daemon::start_with(&policy(&p).build(), &["--idle-subject-age", "1s"]);
     let baseline = d.status()["maps"]["SUBJECTS"].as_u64().expect("subjects");
     let caps = d.status()["maps"]["CAPS"].as_u64().expect("caps");
     for _ in 0..3 {
-        let out = d.cli(&[
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--task",
-            "t",
-            "--tools",
-            "search",
-            "--",
-            probe_bin().to_str().expect("utf-8"),
-            "tcp",
-            "127.0.0.1",
-            &p.s(),
-        ]);
+        let out = d
+            .launch("acme", "researcher")
+            .task("t")
+            .tools("search")
+            .probe(&["tcp", "127.0.0.1", &p.s()]);
         assert_eq!(out.status.code(), Some(probe::OK));
     }
     let (code, err) = sub_agent(&d, &["--agent", "helper"], &["tcp", "127.0.0.1", &p.s()]);

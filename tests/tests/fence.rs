@@ -1,43 +1,29 @@
 //! Real-kernel tests of the egress fence: the real eBPF programs, real
 //! sockets on loopback, real tagged processes started by `agent-guard run`.
 
-use agent_guard_tests::{Daemon, Listener, dump, kernel_test, probe, udp_sink};
+use agent_guard_tests::{
+    Agent, Daemon, Endpoint, Listener, Policy, dump, kernel_test, probe, udp_sink,
+};
 use serde_json::Value;
 
 /// One tenant `acme`, agent `researcher` allowed `allowed_port` on
 /// 127.0.0.1 and ::1 (tcp) and `udp_port` on 127.0.0.1 (udp).
 fn policy(mode: &str, allowed_port: u16, udp_port: u16) -> String {
-    format!(
-        r#"
-default_mode = "{mode}"
-
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "search"
-endpoints = [
-  {{ cidr = "127.0.0.1/32", port = {allowed_port} }},
-  {{ cidr = "::1/128", port = {allowed_port} }},
-]
-
-[[tool]]
-name = "metrics-sink"
-endpoints = [{{ cidr = "127.0.0.0/8", port = {udp_port}, proto = "udp" }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search", "metrics-sink"]
-
-# Without the launcher's hardening, so the kernel hooks alone are tested.
-[[agent]]
-tenant = "acme"
-name = "lab"
-tools = ["search"]
-hardening = "off"
-"#
-    )
+    Policy::new()
+        .mode(mode)
+        .tenant("acme")
+        .tool(
+            "search",
+            [
+                Endpoint::tcp("127.0.0.1/32", allowed_port),
+                Endpoint::tcp("::1/128", allowed_port),
+            ],
+        )
+        .tool("metrics-sink", [Endpoint::udp("127.0.0.0/8", udp_port)])
+        .agent("acme", "researcher", &["search", "metrics-sink"])
+        // Without the launcher's hardening, so the kernel hooks alone are tested.
+        .with_agent(Agent::new("acme", "lab", &["search"]).hardening("off"))
+        .build()
 }
 
 fn decisions(recs: &[Value], kind: &str) -> Vec<Value> {
