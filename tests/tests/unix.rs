@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_guard_tests::{Daemon, kernel_test, probe};
+use agent_guard_tests::{Agent, Daemon, Endpoint, Policy, kernel_test, probe};
 use serde_json::Value;
 
 /// Unix socket servers in a private directory: two stream listeners, two
@@ -66,41 +66,21 @@ impl Servers {
             .to_string()
     }
 
-    fn policy(&self, researcher_tools: &str) -> String {
-        format!(
-            r#"
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "local-proxy"
-endpoints = [
-  {{ unix = "{allowed}" }},
-  {{ unix = "{dgram}" }},
-  {{ unix = "{abstract_ok}" }},
-]
-
-[[tool]]
-name = "runtime"
-endpoints = [{{ unix = "{other}" }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = [{researcher_tools}]
-
-# Without the launcher's hardening, so the kernel hooks alone are tested.
-[[agent]]
-tenant = "acme"
-name = "lab"
-tools = ["local-proxy"]
-hardening = "off"
-"#,
-            allowed = self.path("allowed.sock"),
-            dgram = self.path("dgram-allowed.sock"),
-            other = self.path("other.sock"),
-            abstract_ok = self.abstract_ok,
-        )
+    fn policy(&self, researcher_tools: &[&str]) -> Policy {
+        Policy::new()
+            .tenant("acme")
+            .tool(
+                "local-proxy",
+                [
+                    Endpoint::unix(self.path("allowed.sock")),
+                    Endpoint::unix(self.path("dgram-allowed.sock")),
+                    Endpoint::unix(&self.abstract_ok),
+                ],
+            )
+            .tool("runtime", [Endpoint::unix(self.path("other.sock"))])
+            .agent("acme", "researcher", researcher_tools)
+            // Without the launcher's hardening, so the kernel hooks alone are tested.
+            .with_agent(Agent::new("acme", "lab", &["local-proxy"]).hardening("off"))
     }
 }
 
@@ -122,7 +102,7 @@ fn only_listed_unix_sockets_are_reachable() {
         return;
     }
     let s = Servers::new();
-    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let d = Daemon::start(&s.policy(&["local-proxy"]).build());
     let st = d.status();
     assert_eq!(
         st["unix_socket_fencing"]["enforced"], true,
@@ -199,7 +179,7 @@ fn other_spellings_and_symlinks_do_not_reach_unlisted_sockets() {
         return;
     }
     let s = Servers::new();
-    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let d = Daemon::start(&s.policy(&["local-proxy"]).build());
     let dir = s.dir.path();
     // A symlink the agent could plant, pointing at an unlisted socket.
     let link = dir.join("link.sock");
@@ -243,14 +223,8 @@ fn other_spellings_and_symlinks_do_not_reach_unlisted_sockets() {
 }
 
 fn run_in(d: &Daemon, cwd: &Path, args: &[&str]) -> i32 {
-    let probe = agent_guard_tests::probe_bin();
-    let mut cmd = std::process::Command::new(agent_guard_tests::agent_guard_bin());
-    cmd.args(["run", "--tenant", "acme", "--agent", "lab", "--socket"])
-        .arg(&d.socket)
-        .arg("--")
-        .arg(&probe)
-        .args(args)
-        .current_dir(cwd);
+    let mut cmd = d.launch("acme", "lab").probe_command(args);
+    cmd.current_dir(cwd);
     cmd.status().expect("run").code().unwrap_or(-1)
 }
 
@@ -264,7 +238,7 @@ fn the_control_socket_stays_reachable_for_tagged_processes() {
         return;
     }
     let s = Servers::new();
-    let d = Daemon::start(&s.policy(""));
+    let d = Daemon::start(&s.policy(&[]).build());
     let abstract_name = d.status()["daemon"]["socket_abstract"]
         .as_str()
         .expect("socket_abstract")
@@ -307,7 +281,7 @@ fn unix_tools_follow_grants_task_scopes_and_reloads() {
         return;
     }
     let s = Servers::new();
-    let d = Daemon::start(&s.policy(r#""local-proxy""#));
+    let d = Daemon::start(&s.policy(&["local-proxy"]).build());
     let other = s.path("other.sock");
     let allowed = s.path("allowed.sock");
 
@@ -341,22 +315,11 @@ fn unix_tools_follow_grants_task_scopes_and_reloads() {
     );
 
     // A task scope without the tool loses it.
-    let probe_bin = agent_guard_tests::probe_bin();
-    let out = d.cli(&[
-        "run",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--task",
-        "no local sockets",
-        "--tools",
-        "",
-        "--",
-        probe_bin.to_str().expect("utf-8"),
-        "unix",
-        &allowed,
-    ]);
+    let out = d
+        .launch("acme", "researcher")
+        .task("no local sockets")
+        .tools("")
+        .probe(&["unix", &allowed]);
     assert_eq!(
         out.status.code(),
         Some(probe::EPERM),
@@ -367,15 +330,18 @@ fn unix_tools_follow_grants_task_scopes_and_reloads() {
     // A reload that drops the endpoint closes it; one that adds it back
     // opens it again.
     let narrowed = s
-        .policy(r#""local-proxy""#)
-        .replace(&format!("  {{ unix = \"{allowed}\" }},\n"), "");
+        .policy(&["local-proxy"])
+        .edit_tool("local-proxy", |t| {
+            t.without_endpoint(&Endpoint::unix(&allowed))
+        })
+        .build();
     assert!(!narrowed.contains(&allowed));
     apply(&d, &narrowed);
     assert_eq!(
         d.probe("acme", "researcher", &["unix", &allowed]),
         probe::EPERM
     );
-    apply(&d, &s.policy(r#""local-proxy""#));
+    apply(&d, &s.policy(&["local-proxy"]).build());
     assert_eq!(
         d.probe("acme", "researcher", &["unix", &allowed]),
         probe::OK
@@ -402,7 +368,7 @@ fn status_and_doctor_say_when_unix_sockets_are_not_fenced() {
         return;
     }
     let s = Servers::new();
-    let d = Daemon::start_with(&s.policy(""), &["--unix-fencing", "off"]);
+    let d = Daemon::start_with(&s.policy(&[]).build(), &["--unix-fencing", "off"]);
     let st = d.status();
     assert_eq!(st["unix_socket_fencing"]["enforced"], false, "{st:#}");
     assert!(
