@@ -13,61 +13,33 @@ use std::{
 };
 
 use agent_guard_tests::{
-    Daemon, Listener, agent_guard_bin, kernel_test, probe, probe_bin, udp_sink,
+    Agent, Daemon, Endpoint, Listener, Policy, agent_guard_bin, kernel_test, probe, probe_bin,
+    udp_sink,
 };
 
 /// Tenant `acme`: `researcher` (strict hardening, the default) and `lab`
 /// (hardening off) may reach `allowed` over tcp and `udp` over udp;
 /// `helper` has the same tools. Tenant `other`: `intruder` may reach only
 /// `other_port`.
-fn policy(allowed: u16, udp: u16, other_port: u16) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tenant]]
-name = "other"
-
-[[tool]]
-name = "search"
-endpoints = [
-  {{ cidr = "127.0.0.1/32", port = {allowed} }},
-  {{ cidr = "::1/128", port = {allowed} }},
-]
-
-[[tool]]
-name = "sink"
-endpoints = [{{ cidr = "127.0.0.0/8", port = {udp}, proto = "udp" }}]
-
-[[tool]]
-name = "elsewhere"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {other_port} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search", "sink"]
-
-[[agent]]
-tenant = "acme"
-name = "helper"
-tools = ["search", "sink"]
-
-[[agent]]
-tenant = "acme"
-name = "lab"
-tools = ["search", "sink"]
-hardening = "off"
-
-[[agent]]
-tenant = "other"
-name = "intruder"
-tools = ["elsewhere"]
-"#
-    )
+fn policy(allowed: u16, udp: u16, other_port: u16) -> Policy {
+    let search_and_sink: &[&str] = &["search", "sink"];
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tenant("other")
+        .tool(
+            "search",
+            [
+                Endpoint::tcp("127.0.0.1/32", allowed),
+                Endpoint::tcp("::1/128", allowed),
+            ],
+        )
+        .tool("sink", [Endpoint::udp("127.0.0.0/8", udp)])
+        .tool("elsewhere", [Endpoint::tcp("127.0.0.1/32", other_port)])
+        .agent("acme", "researcher", search_and_sink)
+        .agent("acme", "helper", search_and_sink)
+        .with_agent(Agent::new("acme", "lab", search_and_sink).hardening("off"))
+        .agent("other", "intruder", &["elsewhere"])
 }
 
 /// A daemon with two TCP listeners (`allowed`, `denied`), a third one only
@@ -89,7 +61,7 @@ fn setup() -> Setup {
     let elsewhere = Listener::tcp_dual();
     let (s1, udp) = udp_sink("127.0.0.1");
     let (s2, other_udp) = udp_sink("127.0.0.1");
-    let d = Daemon::start(&policy(allowed.port, udp, elsewhere.port));
+    let d = Daemon::start(&policy(allowed.port, udp, elsewhere.port).build());
     Setup {
         d,
         a: allowed.port.to_string(),
@@ -105,10 +77,7 @@ fn setup() -> Setup {
 /// `Daemon::probe`, with the probe's output logged (libtest shows it when
 /// the test fails).
 fn run_probe(d: &Daemon, tenant: &str, agent: &str, args: &[&str]) -> i32 {
-    let probe = probe_bin();
-    let mut cmd = vec![path_str(&probe)];
-    cmd.extend_from_slice(args);
-    let out = d.run(tenant, agent, &cmd);
+    let out = d.launch(tenant, agent).probe(args);
     let code = out.status.code().unwrap_or(-1);
     eprintln!(
         "{tenant}/{agent} {args:?} -> {code}\n{}{}",
@@ -471,14 +440,12 @@ fn tagged_process_cannot_use_other_control_verbs() {
 
     // A policy that would give researcher everything.
     let wide = d.dir.path().join("wide.toml");
-    std::fs::write(
-        &wide,
-        policy(s.o.parse().expect("port"), 1, 2).replace(
-            "tools = [\"search\", \"sink\"]",
-            "tools = [\"search\", \"sink\", \"elsewhere\"]",
-        ),
-    )
-    .expect("write policy");
+    let mut everything = policy(s.o.parse().expect("port"), 1, 2);
+    for agent in ["researcher", "helper", "lab"] {
+        everything =
+            everything.edit_agent("acme", agent, |a| a.tools(&["search", "sink", "elsewhere"]));
+    }
+    std::fs::write(&wide, everything.build()).expect("write policy");
     let out = d.run(
         "acme",
         "researcher",
@@ -849,19 +816,9 @@ fn control_socket_cannot_be_hijacked_by_a_tagged_process() {
     let s = setup();
     let d = &s.d;
     let sock = path_str(&d.socket);
-    let mut child = Command::new(agent_guard_bin())
-        .args([
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--socket",
-            sock,
-            "--",
-        ])
-        .arg(probe_bin())
-        .args(["fake-daemon", sock])
+    let mut child = d
+        .launch("acme", "researcher")
+        .probe_command(&["fake-daemon", sock])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
