@@ -3,26 +3,24 @@
 
 use std::process::Command;
 
-use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe};
+use agent_guard_tests::{
+    Daemon, Endpoint, Listener, Policy, agent_guard_bin, dump, kernel_test, probe,
+};
 
-fn policy(port: u16) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
+/// `researcher` may use `search` (127.0.0.1, `port`).
+fn policy(port: u16) -> Policy {
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", port)])
+        .agent("acme", "researcher", &["search"])
+}
 
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "search"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {port} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"]
-"#
-    )
+/// [`policy`] with `search` taken from the researcher.
+fn without_search(port: u16) -> String {
+    policy(port)
+        .edit_agent("acme", "researcher", |a| a.tools(&[]))
+        .build()
 }
 
 const BAD_POLICY: &str = r#"default_mode = "enforce"
@@ -52,7 +50,7 @@ fn policy_check_names_file_line_and_reason() {
     assert!(err.contains("serch"), "names the bad value: {err}");
 
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, policy(18081)).expect("write");
+    std::fs::write(&good, policy(18081).build()).expect("write");
     let out = Command::new(agent_guard_bin())
         .args(["policy", "check"])
         .arg(&good)
@@ -83,7 +81,7 @@ fn bad_policy_apply_is_refused_and_the_old_policy_stays_in_force() {
         return;
     }
     let allowed = Listener::tcp_dual();
-    let d = Daemon::start(&policy(allowed.port));
+    let d = Daemon::start(&policy(allowed.port).build());
     let bad = d.dir.path().join("bad.toml");
     std::fs::write(&bad, BAD_POLICY).expect("write");
     let out = d.cli(&["policy", "apply", bad.to_str().expect("utf-8")]);
@@ -98,7 +96,7 @@ fn bad_policy_apply_is_refused_and_the_old_policy_stays_in_force() {
 
     // A good policy that drops the tool takes effect for new and running
     // processes alike (same subject, next generation).
-    let narrowed = policy(allowed.port).replace(r#"tools = ["search"]"#, "tools = []");
+    let narrowed = without_search(allowed.port);
     let good = d.dir.path().join("narrow.toml");
     std::fs::write(&good, narrowed).expect("write");
     let out = d.cli(&["policy", "apply", good.to_str().expect("utf-8")]);
@@ -166,7 +164,7 @@ fn run_with_an_unknown_tenant_or_agent_fails_and_starts_nothing() {
     if !kernel_test("run_with_an_unknown_tenant_or_agent_fails_and_starts_nothing") {
         return;
     }
-    let d = Daemon::start(&policy(1));
+    let d = Daemon::start(&policy(1).build());
     let marker = d.dir.path().join("started");
     let m = marker.to_str().expect("utf-8");
     for (tenant, agent, expect) in [
@@ -187,19 +185,11 @@ fn status_reports_programs_policy_agents_and_tracked_processes() {
     if !kernel_test("status_reports_programs_policy_agents_and_tracked_processes") {
         return;
     }
-    let d = Daemon::start(&policy(1));
+    let d = Daemon::start(&policy(1).build());
     // A long-running tagged process shows up as tracked.
-    let mut child = Command::new(agent_guard_bin())
-        .args([
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--socket",
-        ])
-        .arg(&d.socket)
-        .args(["--", "/bin/sleep", "30"])
+    let mut child = d
+        .launch("acme", "researcher")
+        .command(&["/bin/sleep", "30"])
         .spawn()
         .expect("spawn");
     let status = d.wait_status("a tracked process", 10, |s| {
@@ -244,7 +234,7 @@ fn metrics_are_valid_prometheus_text_with_bounded_labels() {
     }
     let allowed = Listener::tcp_dual();
     let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy(allowed.port));
+    let d = Daemon::start(&policy(allowed.port).build());
     assert_eq!(
         d.probe(
             "acme",
@@ -329,7 +319,7 @@ fn stopping_the_daemon_detaches_and_removes_what_it_created() {
         return;
     }
     let other = Listener::tcp_dual();
-    let mut d = Daemon::start(&policy(1));
+    let mut d = Daemon::start(&policy(1).build());
     assert!(d.cgroup_root.join("acme/researcher").is_dir());
     let log = d.stop();
     assert!(!d.socket.exists(), "socket removed");
@@ -359,7 +349,7 @@ fn ring_buffer_overflow_is_counted_and_written_as_gap_records() {
     let other = Listener::tcp_dual();
     // A one-page ring holds about 40 records; a burst of denied connects
     // overflows it between two drains.
-    let d = Daemon::start_with(&policy(1), &["--ring-bytes", "4096"]);
+    let d = Daemon::start_with(&policy(1).build(), &["--ring-bytes", "4096"]);
     const ATTEMPTS: u64 = 3000;
     let code = d.probe(
         "acme",
@@ -401,18 +391,14 @@ fn the_policy_file_is_reloaded_when_it_changes_and_on_sighup() {
         return;
     }
     let allowed = Listener::tcp_dual();
-    let d = Daemon::start(&policy(allowed.port));
+    let d = Daemon::start(&policy(allowed.port).build());
     let port = allowed.port.to_string();
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
         probe::OK
     );
     // Edit the file in place: the watcher picks it up within seconds.
-    std::fs::write(
-        &d.policy_path,
-        policy(allowed.port).replace(r#"tools = ["search"]"#, "tools = []"),
-    )
-    .expect("write");
+    std::fs::write(&d.policy_path, without_search(allowed.port)).expect("write");
     d.wait_status("the file change to be picked up", 10, |s| {
         s["policy"]["generation"] == 2
     });
@@ -425,7 +411,7 @@ fn the_policy_file_is_reloaded_when_it_changes_and_on_sighup() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(d.status()["policy"]["generation"], 2);
     // SIGHUP re-reads the file.
-    std::fs::write(&d.policy_path, policy(allowed.port)).expect("write");
+    std::fs::write(&d.policy_path, policy(allowed.port).build()).expect("write");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -450,7 +436,7 @@ fn doctor_reports_what_the_node_offers() {
     if !kernel_test("doctor_reports_what_the_node_offers") {
         return;
     }
-    let d = Daemon::start(&policy(1));
+    let d = Daemon::start(&policy(1).build());
     let out = d.cli(&["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -475,27 +461,19 @@ fn a_reload_the_kernel_cannot_hold_is_rolled_back_whole() {
         return;
     }
     let allowed = Listener::tcp_dual();
-    let d = Daemon::start(&policy(allowed.port));
+    let d = Daemon::start(&policy(allowed.port).build());
     // 600 agents x 500 endpoints = 300,000 capability entries: more than
     // the CAPS map holds (262,144), so the install fails part-way.
-    let mut big = String::from(
-        "default_mode = \"enforce\"\n[[tenant]]\nname = \"acme\"\n[[tool]]\nname = \"wide\"\nendpoints = [\n",
-    );
-    for i in 0..500 {
-        big.push_str(&format!(
-            "  {{ cidr = \"10.9.{}.{}/32\", port = 443 }},\n",
-            i / 250,
-            i % 250
-        ));
-    }
-    big.push_str("]\n");
+    let wide = (0..500).map(|i| Endpoint::tcp(format!("10.9.{}.{}/32", i / 250, i % 250), 443));
+    let mut big = Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("wide", wide);
     for a in 0..600 {
-        big.push_str(&format!(
-            "[[agent]]\ntenant = \"acme\"\nname = \"bulk{a}\"\ntools = [\"wide\"]\n"
-        ));
+        big = big.agent("acme", &format!("bulk{a}"), &["wide"]);
     }
     let file = d.dir.path().join("big.toml");
-    std::fs::write(&file, big).expect("write");
+    std::fs::write(&file, big.build()).expect("write");
     let out = d.cli(&["policy", "apply", file.to_str().expect("utf-8")]);
     assert_eq!(
         out.status.code(),
