@@ -105,25 +105,30 @@ fn find_capability(
         FIXED_PREFIX_BITS + 128,
         GrantKey::new(subject_id, generation, proto, port, addr),
     );
+    // A base tool that needs two-person approval is reached only under a
+    // live grant (made when the approval's quorum is reached).
+    let mut refused = Match {
+        tool_id: 0,
+        grant_id: 0,
+        reason: reason::NO_CAPABILITY,
+    };
     if let Some(cap) = CAPS.get(&key) {
-        let reason = if cap.grant_id == APPROVAL_REQUIRED {
-            reason::APPROVAL_REQUIRED
-        } else {
-            reason::GRANTED
-        };
-        return Match {
+        if cap.grant_id != APPROVAL_REQUIRED {
+            return Match {
+                tool_id: cap.tool_id,
+                grant_id: 0,
+                reason: reason::GRANTED,
+            };
+        }
+        refused = Match {
             tool_id: cap.tool_id,
             grant_id: 0,
-            reason,
+            reason: reason::APPROVAL_REQUIRED,
         };
     }
     key.data.generation = 0;
     let Some(slots) = GRANTS.get(&key) else {
-        return Match {
-            tool_id: 0,
-            grant_id: 0,
-            reason: reason::NO_CAPABILITY,
-        };
+        return refused;
     };
     // The first live grant of the key wins; if none is alive, the first
     // slot's reason is reported.
@@ -145,11 +150,11 @@ fn find_capability(
             dead = Some(m);
         }
     }
-    dead.unwrap_or(Match {
-        tool_id: 0,
-        grant_id: 0,
-        reason: reason::NO_CAPABILITY,
-    })
+    // Pending approval says more than a dead grant of the same tool.
+    if refused.reason == reason::APPROVAL_REQUIRED {
+        return refused;
+    }
+    dead.unwrap_or(refused)
 }
 
 /// Is grant `grant_id` alive at `now`: not revoked, not expired, a use

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub events_lost: IntCounterVec,
     pub tracked_processes: IntGaugeVec,
     pub active_grants: IntGaugeVec,
+    pub approvals_pending: IntGaugeVec,
+    pub approvals: IntCounterVec,
     pub map_entries: IntGaugeVec,
     pub map_capacity: IntGaugeVec,
     pub policy_reloads: IntCounterVec,
@@ -96,6 +98,18 @@ impl Metrics {
                 "agent_guard_active_grants",
                 "Active just-in-time grants, by tenant.",
                 &["tenant"],
+            )?,
+            approvals_pending: gauge(
+                &r,
+                "agent_guard_approvals_pending",
+                "Two-person approval requests waiting for a decision, by tenant.",
+                &["tenant"],
+            )?,
+            approvals: counter(
+                &r,
+                "agent_guard_approvals_total",
+                "Steps of two-person approval requests, by tenant and step (request, approve, deny, expire, granted).",
+                &["tenant", "step"],
             )?,
             map_entries: gauge(
                 &r,

@@ -62,9 +62,17 @@ pub struct AuditRecord {
     pub on_behalf_of: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
-    /// control: the verb asked for (`run`, `grant`, `revoke`, ...).
+    /// control: the verb asked for (`run`, `grant`, `revoke`, ...);
+    /// approval: the step (`request`, `approve`, `deny`, `expire`,
+    /// `granted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op: Option<String>,
+    /// The two-person approval request a record belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// approval: the approver (policy name; their uid is in `uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
     /// The call was outside the task's declared tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub divergence: Option<bool>,

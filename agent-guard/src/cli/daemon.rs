@@ -106,6 +106,16 @@ pub struct Args {
     /// `nbf`.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     token_clock_skew: std::time::Duration,
+    /// Two-person approval requests nobody decided end after this.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    approval_timeout: std::time::Duration,
+    /// POST each new approval request as JSON to this http:// URL (in the
+    /// background, with --approval-webhook-timeout; never blocks enforcement).
+    #[arg(long, value_name = "URL")]
+    approval_webhook: Option<String>,
+    /// How long one webhook notice may take.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    approval_webhook_timeout: std::time::Duration,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -144,6 +154,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             token_skew: args.token_clock_skew,
             control_gid,
         },
+        approval_timeout: args.approval_timeout,
+        approval_webhook: args
+            .approval_webhook
+            .as_deref()
+            .map(|u| daemon::webhook::Webhook::parse(u, args.approval_webhook_timeout))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

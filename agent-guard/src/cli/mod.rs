@@ -1,5 +1,6 @@
 //! Command line: one module per subcommand.
 
+mod approvals;
 mod audit;
 mod daemon;
 mod doctor;
@@ -58,6 +59,13 @@ enum Command {
     /// Verify or replay the audit trail.
     #[command(subcommand)]
     Audit(audit::Command),
+    /// Two-person approval requests.
+    #[command(subcommand)]
+    Approvals(approvals::Command),
+    /// Approve a two-person approval request (two distinct approvers grant it).
+    Approve(approvals::DecideArgs),
+    /// Deny a two-person approval request.
+    Deny(approvals::DecideArgs),
     /// Make signing keys and signed launch tokens (`run --token`).
     #[command(subcommand)]
     Token(token::Command),
@@ -79,6 +87,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy::main(cmd),
         Command::Audit(cmd) => audit::main(cmd),
         Command::Token(cmd) => token::main(cmd),
+        Command::Approvals(cmd) => approvals::main(cmd),
+        Command::Approve(args) => approvals::approve(args),
+        Command::Deny(args) => approvals::deny(args),
         Command::Doctor(args) => doctor::main(args),
         Command::Grant(args) => grant::grant(args),
         Command::Revoke(args) => grant::revoke(args),

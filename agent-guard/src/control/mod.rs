@@ -82,6 +82,12 @@ pub enum Request {
     Status,
     /// Replace the policy with `text` (validated first; old policy kept on error).
     PolicyApply { text: String, origin: String },
+    /// Pending two-person approval requests (root and approvers).
+    ApprovalsList,
+    /// Approve request `id` (approvers only; two distinct ones grant it).
+    Approve { id: u32 },
+    /// Deny request `id` (approvers only; it ends).
+    Deny { id: u32 },
 }
 
 /// Reply to a [`Request`]: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.

@@ -231,6 +231,9 @@ fn op_name(req: &Request) -> &'static str {
         Request::Resume { .. } => "resume",
         Request::Status => "status",
         Request::PolicyApply { .. } => "reload",
+        Request::ApprovalsList => "approvals_list",
+        Request::Approve { .. } => "approve",
+        Request::Deny { .. } => "deny",
     }
 }
 
@@ -243,7 +246,10 @@ fn record_tenant(state: &State, req: &Request, tagged: Option<&Identity>) -> Opt
         | Request::Suspend { tenant, .. }
         | Request::Resume { tenant, .. } => Some(tenant.clone()),
         Request::Revoke { grant } => state.registry().grants.get(grant).map(|g| g.tenant.clone()),
-        Request::Status | Request::PolicyApply { .. } => None,
+        Request::Approve { id } | Request::Deny { id } => {
+            state.registry().approvals.get(id).map(|a| a.tenant.clone())
+        }
+        Request::Status | Request::PolicyApply { .. } | Request::ApprovalsList => None,
     };
     let reg = state.registry();
     named.filter(|t| {
@@ -320,8 +326,8 @@ fn dispatch(
     let op = op_name(&req);
     let log = record_tenant(state, &req, tagged.as_deref());
     let result = run_verb(state, caller, req, tagged.clone());
-    // Every verb but the read-only status is on the record, with who asked.
-    if op != "status" {
+    // Every verb but the read-only ones is on the record, with who asked.
+    if op != "status" && op != "approvals_list" {
         let mut rec = state.control_record(caller, op);
         rec.tenant = log.clone();
         match &result {
@@ -369,10 +375,20 @@ fn run_verb(
             ident.chain
         ));
     }
-    if caller.uid != 0 {
-        return Err("refused: the control socket is for root only (an orchestrator in --control-group may launch with `run --token`)".into());
-    }
     use serde_json::json;
+    // Approvers decide as themselves (checked against the policy), root
+    // or not; every other verb is root's.
+    match req {
+        Request::Approve { id } => return state.approve(caller, id),
+        Request::Deny { id } => return state.deny_approval(caller, id),
+        Request::ApprovalsList if caller.uid == 0 || state.is_approver(caller.uid) => {
+            return Ok(json!({ "approvals": state.approvals() }));
+        }
+        _ => {}
+    }
+    if caller.uid != 0 {
+        return Err("refused: the control socket is for root only (an orchestrator in --control-group may launch with `run --token`; approvers may list, approve and deny)".into());
+    }
     match req {
         Request::Register {
             tenant,
@@ -423,5 +439,8 @@ fn run_verb(
         Request::Resume { tenant, agent } => state
             .set_suspended(&tenant, agent.as_deref(), false)
             .map(|n| json!({ "subjects": n })),
+        Request::ApprovalsList | Request::Approve { .. } | Request::Deny { .. } => {
+            Err("refused: not an approver".into())
+        }
     }
 }

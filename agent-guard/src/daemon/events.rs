@@ -180,6 +180,7 @@ impl Pipeline {
                         self.account_lost();
                         self.cache = Cache::default();
                         self.state.expire_grants();
+                        self.state.expire_approvals();
                         let retired = self.state.retire_idle_subjects(self.state.idle_subject_age);
                         if retired > 0 {
                             tracing::debug!(retired, "retired idle task and sub-agent subjects");
@@ -449,6 +450,28 @@ impl Pipeline {
                 ])
             })
             .inc();
+        // A refused call to a two-person tool opens (or counts on) an
+        // approval request; its id goes on the record.
+        if ev.verdict == verdict::DENY
+            && ev.reason == reason::APPROVAL_REQUIRED
+            && let Some(t) = tool.as_deref()
+        {
+            let endpoint = match (&rec.dst, rec.port) {
+                (Some(d), Some(p)) => format!("{d}:{p}"),
+                (Some(d), None) => d.clone(),
+                _ => "?".into(),
+            };
+            rec.approval = self
+                .state
+                .approval_needed(&super::approvals::RefusedCall {
+                    ident,
+                    tool: t,
+                    endpoint,
+                    pid: ev.pid,
+                    uid: Some(ev.uid),
+                })
+                .map(|id| id.to_string());
+        }
         rec.tool = tool;
     }
 

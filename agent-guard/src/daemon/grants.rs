@@ -20,6 +20,20 @@ use crate::{
     policy::DivergenceAction,
 };
 
+/// A grant about to be made, for a subject already chosen.
+#[derive(Debug, Clone)]
+pub struct NewGrant {
+    pub tenant: String,
+    pub agent: String,
+    pub tool: String,
+    pub subject_id: u32,
+    pub ttl_ms: u64,
+    pub uses: Option<u32>,
+    pub pid: Option<u32>,
+    /// Why it was made, when not by `agent-guard grant` (recorded).
+    pub why: Option<String>,
+}
+
 /// What `agent-guard grant` asks for.
 #[derive(Debug, Clone)]
 pub struct GrantRequest {
@@ -76,7 +90,7 @@ impl State {
             .is_some_and(|t| t.approval.is_some());
         if needs_approval {
             return Err(format!(
-                "tool {:?} needs two-person approval, which this version does not implement; refusing (fail closed)",
+                "tool {:?} needs two-person approval: an agent's call to it opens a request (`agent-guard approvals list`), and two approvers' `agent-guard approve ID` grant it",
                 req.tool
             ));
         }
@@ -114,18 +128,35 @@ impl State {
                 s
             }
         };
+        drop(reg);
+        self.issue_grant(&NewGrant {
+            tenant: req.tenant.clone(),
+            agent: req.agent.clone(),
+            tool: req.tool.clone(),
+            subject_id,
+            ttl_ms: req.ttl_ms,
+            uses: req.uses,
+            pid: req.pid,
+            why: None,
+        })
+    }
+
+    /// Creates grant `g` for its subject and returns it once the kernel
+    /// enforces it (state first, then keys), with a `grant` record.
+    pub(super) fn issue_grant(&self, n: &NewGrant) -> Result<Grant, String> {
+        let mut reg = self.registry();
         let id = reg.next_grant;
         reg.next_grant += 1;
         let now = mono_now_ns();
         let g = Grant {
             id,
-            tenant: req.tenant.clone(),
-            agent: req.agent.clone(),
-            tool: req.tool.clone(),
-            subject_id,
-            expires_at_ns: now.saturating_add(req.ttl_ms.saturating_mul(1_000_000)),
-            uses: req.uses,
-            pid: req.pid,
+            tenant: n.tenant.clone(),
+            agent: n.agent.clone(),
+            tool: n.tool.clone(),
+            subject_id: n.subject_id,
+            expires_at_ns: now.saturating_add(n.ttl_ms.saturating_mul(1_000_000)),
+            uses: n.uses,
+            pid: n.pid,
             created: format_ts(time::OffsetDateTime::now_utc()),
             entries: Vec::new(),
         };
@@ -154,11 +185,12 @@ impl State {
             &g,
             None,
             format!(
-                "ttl {}{}{}",
-                humantime::format_duration(std::time::Duration::from_millis(req.ttl_ms)),
+                "ttl {}{}{}{}",
+                humantime::format_duration(std::time::Duration::from_millis(n.ttl_ms)),
                 g.uses.map_or(String::new(), |u| format!(", {u} uses")),
                 g.pid
-                    .map_or(String::new(), |p| format!(", process tree of pid {p}"))
+                    .map_or(String::new(), |p| format!(", process tree of pid {p}")),
+                n.why.as_deref().map_or(String::new(), |w| format!(", {w}")),
             ),
         );
         Ok(g)

@@ -1,6 +1,7 @@
 //! `agent-guard daemon`: load, attach, serve, write the audit trail, and
 //! clean up on SIGTERM/SIGINT.
 
+pub mod approvals;
 pub mod dns;
 pub mod events;
 pub mod grants;
@@ -8,6 +9,7 @@ pub mod launch;
 pub mod state;
 pub mod subjects;
 pub mod takeover;
+pub mod webhook;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -79,6 +81,9 @@ pub struct Options {
     pub audit_buffer_records: usize,
     /// Control group, node id and token clock skew.
     pub control: launch::ControlConfig,
+    /// Approval requests nobody decided end after this.
+    pub approval_timeout: std::time::Duration,
+    pub approval_webhook: Option<webhook::Webhook>,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -271,6 +276,8 @@ async fn serve(
     state.dns_grace = opts.dns_grace;
     state.state_dir = opts.state_dir.clone();
     state.control = opts.control.clone();
+    state.approval_timeout = opts.approval_timeout;
+    state.approval_webhook = opts.approval_webhook.clone();
     state.used_jtis = std::sync::Mutex::new(used_jtis);
     if !suspended.is_empty() {
         tracing::warn!(

@@ -67,6 +67,12 @@ pub struct Registry {
     pub dns_per_agent: bool,
     /// subject -> name (lowercase) -> address -> allowed until.
     pub learned: HashMap<u32, BTreeMap<String, BTreeMap<std::net::IpAddr, Instant>>>,
+    /// Two-person approval requests waiting for a decision.
+    pub approvals: BTreeMap<u32, super::approvals::ApprovalRequest>,
+    pub next_approval: u32,
+    /// (subject, tool) -> (denied request, monotonic deadline): calls
+    /// until then open no new request (no asking again and again).
+    pub denied: HashMap<(u32, String), (u32, u64)>,
 }
 
 /// A message for the event pipeline.
@@ -115,6 +121,10 @@ pub struct State {
     pub control: super::launch::ControlConfig,
     /// Launch token ids already used, persisted in the state directory.
     pub used_jtis: Mutex<super::launch::UsedJtis>,
+    /// Approval requests nobody decided end after this.
+    pub approval_timeout: std::time::Duration,
+    /// Told of each new approval request (`--approval-webhook`).
+    pub approval_webhook: Option<super::webhook::Webhook>,
 }
 
 /// File in the state directory that holds the suspended tenants/agents.
@@ -201,6 +211,7 @@ impl State {
             registry: Mutex::new(Registry {
                 next_grant: 1,
                 next_task: 1,
+                next_approval: 1,
                 ..Registry::default()
             }),
             cgroup_mount,
@@ -224,6 +235,8 @@ impl State {
             state_dir: PathBuf::new(),
             control: super::launch::ControlConfig::default(),
             used_jtis: Mutex::new(super::launch::UsedJtis::default()),
+            approval_timeout: super::approvals::DEFAULT_TIMEOUT,
+            approval_webhook: None,
         }
     }
 
@@ -321,9 +334,20 @@ impl State {
         }
         let mut tracked: BTreeMap<String, i64> = BTreeMap::new();
         let mut grants: BTreeMap<String, i64> = BTreeMap::new();
+        let mut pending: BTreeMap<String, i64> = BTreeMap::new();
         for ident in reg.identities.values() {
             tracked.entry(ident.tenant.clone()).or_insert(0);
             grants.entry(ident.tenant.clone()).or_insert(0);
+            pending.entry(ident.tenant.clone()).or_insert(0);
+        }
+        for a in reg.approvals.values() {
+            *pending.entry(a.tenant.clone()).or_insert(0) += 1;
+        }
+        for (tenant, n) in pending {
+            self.metrics
+                .approvals_pending
+                .with_label_values(&[&tenant])
+                .set(n);
         }
         for (_, subject) in procs {
             if let Some(ident) = reg.identities.get(&subject) {
@@ -487,6 +511,7 @@ impl State {
             "tracked_processes": procs.len(),
             "agents": agents,
             "grants": grants,
+            "approvals": self.approvals(),
             // The registry's grants checked against the kernel's GRANTS and
             // GRANT_STATE maps: empty when status and kernel agree.
             "grant_disagreements": grant_problems,

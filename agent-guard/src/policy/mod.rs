@@ -83,6 +83,28 @@ impl Proto {
     }
 }
 
+/// Default life of the grant an approval makes.
+pub const DEFAULT_APPROVAL_TTL: Duration = Duration::from_secs(600);
+
+/// Someone who may approve or deny requests for tools with
+/// `approval = "two-person"`: identified by the uid that calls
+/// `agent-guard approve` (a uid, never a tagged process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approver {
+    pub name: String,
+    pub uid: u32,
+    /// Tenants whose requests this approver may decide; `None` = all.
+    pub tenants: Option<Vec<String>>,
+}
+
+impl Approver {
+    pub fn may_decide(&self, tenant: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tenant))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     pub name: String,
@@ -160,6 +182,10 @@ pub struct Tool {
     pub endpoints: Vec<Endpoint>,
     pub rate_limit: Option<RateLimit>,
     pub approval: Option<Approval>,
+    /// How long the grant made by an approval lasts (default 10 min).
+    pub approval_ttl: Duration,
+    /// Uses of that grant (`None`: no count).
+    pub approval_uses: Option<u32>,
     /// Where each entry of `endpoints` was written (same index), so that
     /// `compile` can point at an endpoint it refuses.
     pub endpoint_locations: Vec<Location>,
@@ -210,6 +236,8 @@ pub struct Policy {
     pub tenants: Vec<Tenant>,
     pub tools: Vec<Tool>,
     pub agents: Vec<Agent>,
+    /// Who may decide two-person approval requests.
+    pub approvers: Vec<Approver>,
     /// Fingerprint of the source text (FNV-1a 64, hex) to tell policy
     /// versions apart in logs. Not cryptographic; do not use for integrity.
     pub source_hash: String,
@@ -516,11 +544,52 @@ impl Validator<'_> {
             });
         }
 
+        let mut approvers: Vec<Approver> = Vec::with_capacity(raw.approver.len());
+        for a in &raw.approver {
+            let name = self.name("approver", &a.name)?;
+            let uid = match u32::try_from(*a.uid.get_ref()) {
+                Ok(u) => u,
+                Err(_) => {
+                    return self.err(
+                        a.uid.span(),
+                        format!("approver uid {} is out of range", a.uid.get_ref()),
+                    );
+                }
+            };
+            if let Some(first) = approvers.iter().find(|x| x.name == name || x.uid == uid) {
+                return self.err(
+                    a.name.span(),
+                    format!(
+                        "approver {name:?} (uid {uid}) repeats approver {:?} (uid {}): two approvals must come from two people",
+                        first.name, first.uid
+                    ),
+                );
+            }
+            let tenants = match &a.tenants {
+                None => None,
+                Some(list) => {
+                    let mut out = Vec::with_capacity(list.len());
+                    for t in list {
+                        if !seen_tenants.contains_key(t.get_ref()) {
+                            return self.err(
+                                t.span(),
+                                format!("tenant {:?} is not declared", t.get_ref()),
+                            );
+                        }
+                        out.push(t.get_ref().clone());
+                    }
+                    Some(out)
+                }
+            };
+            approvers.push(Approver { name, uid, tenants });
+        }
+
         Ok(Policy {
             default_mode,
             tenants,
             tools,
             agents,
+            approvers,
             source_hash: fnv1a_hex(self.text.as_bytes()),
             origin: self.origin.to_string(),
         })
@@ -558,11 +627,57 @@ impl Validator<'_> {
             }
             None => None,
         };
+        let approval_ttl = match &t.approval_ttl {
+            None => DEFAULT_APPROVAL_TTL,
+            Some(s) => match humantime::parse_duration(s.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return self.err(s.span(), "approval_ttl must be longer than zero"),
+                Err(e) => {
+                    return self.err(
+                        s.span(),
+                        format!(
+                            "approval_ttl {:?} is not a duration ({e}); write e.g. \"10m\"",
+                            s.get_ref()
+                        ),
+                    );
+                }
+            },
+        };
+        let approval_uses = match &t.approval_uses {
+            None => None,
+            Some(u) => match u32::try_from(*u.get_ref()) {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return self.err(
+                        u.span(),
+                        format!(
+                            "approval_uses {} is out of range (1-{})",
+                            u.get_ref(),
+                            u32::MAX
+                        ),
+                    );
+                }
+            },
+        };
+        if approval.is_none()
+            && let Some(s) = t
+                .approval_ttl
+                .as_ref()
+                .map(|s| s.span())
+                .or(t.approval_uses.as_ref().map(|u| u.span()))
+        {
+            return self.err(
+                s,
+                "approval_ttl and approval_uses need approval = \"two-person\"",
+            );
+        }
         Ok(Tool {
             name,
             endpoints,
             rate_limit,
             approval,
+            approval_ttl,
+            approval_uses,
             endpoint_locations,
         })
     }

@@ -16,6 +16,17 @@ pub(super) struct RawPolicy {
     pub tool: Vec<RawTool>,
     #[serde(default)]
     pub agent: Vec<RawAgent>,
+    #[serde(default)]
+    pub approver: Vec<RawApprover>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApprover {
+    pub name: Spanned<String>,
+    pub uid: Spanned<i64>,
+    /// Tenants whose requests this approver may decide; absent = all.
+    pub tenants: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +44,8 @@ pub(super) struct RawTool {
     pub endpoints: Vec<Spanned<RawEndpoint>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub approval: Option<Spanned<String>>,
+    pub approval_ttl: Option<Spanned<String>>,
+    pub approval_uses: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
