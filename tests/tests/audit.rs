@@ -9,40 +9,26 @@ use std::{
     time::Duration,
 };
 
-use agent_guard_tests::{Daemon, Listener, agent_guard_bin, kernel_test, probe, probe_bin};
+use agent_guard_tests::{
+    Daemon, Endpoint, Listener, Policy, agent_guard_bin, kernel_test, probe, probe_bin,
+};
 use serde_json::Value;
 
-fn policy(search_port: u16) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "search"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {search_port} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"]
-
-[[agent]]
-tenant = "acme"
-name = "writer"
-tools = ["search"]
-"#
-    )
+fn policy(search_port: u16) -> Policy {
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", search_port)])
+        .agent("acme", "researcher", &["search"])
+        .agent("acme", "writer", &["search"])
 }
 
 /// A daemon with its signing key in a test-owned state dir.
-fn start(policy: &str, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+fn start(policy: &Policy, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
     let state = tempfile::tempdir().expect("state dir");
     let mut args = vec!["--state-dir", state.path().to_str().expect("utf-8")];
     args.extend_from_slice(extra);
-    (Daemon::start_with(policy, &args), state)
+    (Daemon::start_with(&policy.build(), &args), state)
 }
 
 fn audit_cli(args: &[&str]) -> Output {
@@ -364,25 +350,8 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
         probe::OK
     );
     // A sub-agent of the researcher, started from inside it.
-    let bin = agent_guard_bin();
-    let probe = agent_guard_tests::probe_bin();
-    let out = d.run(
-        "acme",
-        "researcher",
-        &[
-            bin.to_str().expect("utf-8"),
-            "run",
-            "--socket",
-            d.socket.to_str().expect("utf-8"),
-            "--agent",
-            "summarizer",
-            "--",
-            probe.to_str().expect("utf-8"),
-            "tcp",
-            "127.0.0.1",
-            &a,
-        ],
-    );
+    let summarizer = d.sub_agent_cmd(&["--agent", "summarizer"], &["tcp", "127.0.0.1", &a]);
+    let out = d.run("acme", "researcher", &summarizer);
     assert_eq!(
         out.status.code(),
         Some(probe::OK),
@@ -448,10 +417,9 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
     let new_policy = dir.parent().expect("parent").join("what-if.toml");
     std::fs::write(
         &new_policy,
-        policy(allowed.port).replace(
-            "name = \"writer\"\ntools = [\"search\"]",
-            "name = \"writer\"\ntools = []",
-        ),
+        policy(allowed.port)
+            .edit_agent("acme", "writer", |a| a.tools(&[]))
+            .build(),
     )
     .expect("write policy");
     let out = replay(

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_guard_tests::{Daemon, Listener, free_port, kernel_test, probe};
+use agent_guard_tests::{Agent, Daemon, Endpoint, Listener, Policy, free_port, kernel_test, probe};
 
 /// A minimal authoritative DNS server for one name, answering A queries
 /// with whatever `answer` holds (TTL 1 s), NXDOMAIN for other names.
@@ -128,24 +128,12 @@ fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr]) -> Option<Vec<u8>> {
     Some(r)
 }
 
-fn policy(port: u16) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "search"
-endpoints = [{{ host = "search.agent-guard.test", port = {port} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"]
-"#
-    )
+fn policy(port: u16) -> Policy {
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("search", [Endpoint::host("search.agent-guard.test", port)])
+        .agent("acme", "researcher", &["search"])
 }
 
 /// Polls a tagged connect until it gives `want` (up to 15 s).
@@ -169,7 +157,7 @@ fn a_tool_named_by_dns_follows_its_answer() {
     let port = tool.port.to_string();
     let dns = DnsServer::start("search.agent-guard.test", Ipv4Addr::new(127, 0, 0, 1));
     let d = Daemon::start_with(
-        &policy(tool.port),
+        &policy(tool.port).build(),
         &[
             "--dns-server",
             &format!("127.0.0.1:{}", dns.port),
@@ -217,11 +205,10 @@ fn a_tool_named_by_dns_follows_its_answer() {
 }
 
 fn per_agent_policy(port: u16) -> String {
-    format!(
-        "{}\n[[agent]]\ntenant = \"acme\"\nname = \"writer\"\ntools = []\n\n\
-         [[agent]]\ntenant = \"acme\"\nname = \"watcher\"\ntools = []\nmode = \"monitor\"\n",
-        policy(port)
-    )
+    policy(port)
+        .agent("acme", "writer", &[])
+        .with_agent(Agent::new("acme", "watcher", &[]).mode("monitor"))
+        .build()
 }
 
 /// A daemon in per-agent DNS mode whose upstream is `dns`; also returns

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use agent_guard_tests::{Daemon, Listener, kernel_test, probe};
+use agent_guard_tests::{Agent, Daemon, Endpoint, Listener, Policy, kernel_test, probe};
 use serde_json::Value;
 
 struct Ports {
@@ -19,33 +19,15 @@ struct Ports {
 /// `researcher` has no tool of its own on `pay`'s port: `payments` and
 /// `billing` name the same endpoint, `wide` the whole loopback /8 on it.
 fn policy(p: &Ports) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "payments"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {pay} }}]
-
-[[tool]]
-name = "billing"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {pay} }}]
-
-[[tool]]
-name = "wide"
-endpoints = [{{ cidr = "127.0.0.0/8", port = {pay} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = []
-max_delegation_depth = 1
-"#,
-        pay = p.pay.port,
-    )
+    let pay = p.pay.port;
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("payments", [Endpoint::tcp("127.0.0.1/32", pay)])
+        .tool("billing", [Endpoint::tcp("127.0.0.1/32", pay)])
+        .tool("wide", [Endpoint::tcp("127.0.0.0/8", pay)])
+        .with_agent(Agent::new("acme", "researcher", &[]).max_delegation_depth(1))
+        .build()
 }
 
 fn grant(d: &Daemon, args: &[&str]) -> u32 {

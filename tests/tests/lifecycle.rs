@@ -4,29 +4,19 @@
 
 use std::process::Child;
 
-use agent_guard_tests::{Daemon, Listener, kernel_test, probe};
+use agent_guard_tests::{Daemon, Endpoint, Listener, Policy, kernel_test, probe};
 
-fn policy(search: u16, extra_tools: &str) -> String {
-    format!(
-        r#"
-[[tenant]]
-name = "acme"
-
-[[tool]]
-name = "search"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {search} }}]
-{extra_tools}
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"{more}]
-"#,
-        more = if extra_tools.is_empty() {
-            ""
-        } else {
-            ", \"other\""
-        }
-    )
+/// `researcher` may use `search`, and `other` when it is given.
+fn policy(search: u16, other: Option<u16>) -> String {
+    let mut p = Policy::new()
+        .tenant("acme")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", search)]);
+    let mut tools = vec!["search"];
+    if let Some(other) = other {
+        p = p.tool("other", [Endpoint::tcp("127.0.0.1/32", other)]);
+        tools.push("other");
+    }
+    p.agent("acme", "researcher", &tools).build()
 }
 
 fn code(mut c: Child) -> i32 {
@@ -61,7 +51,7 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
     let search = Listener::tcp_dual();
     let other = Listener::tcp_dual();
     let (s, o) = (search.port.to_string(), other.port.to_string());
-    let mut d = Daemon::start(&policy(search.port, ""));
+    let mut d = Daemon::start(&policy(search.port, None));
 
     // Tagged processes that call while the daemon is dead...
     let down_denied = d.spawn_probe(
@@ -89,27 +79,11 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
         "researcher",
         &["after", "10000", "tcp", "127.0.0.1", &t],
     );
-    let probe_bin = agent_guard_tests::probe_bin();
-    let later_task = std::process::Command::new(agent_guard_tests::agent_guard_bin())
-        .args([
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--task",
-            "t",
-            "--tools",
-            "search",
-            "--socket",
-        ])
-        .arg(&d.socket)
-        .arg("--")
-        .arg(&probe_bin)
-        .args(["after", "10000", "tcp", "127.0.0.1", &s])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn task");
+    let later_task = d
+        .launch("acme", "researcher")
+        .task("t")
+        .tools("search")
+        .spawn_probe(&["after", "10000", "tcp", "127.0.0.1", &s]);
     // All five launched (tagged and exec'd) before the kill.
     wait_exec(&[
         &down_denied,
@@ -133,14 +107,7 @@ fn a_killed_daemon_leaves_the_fence_up_and_a_new_one_takes_over() {
 
     // The new daemon's policy also allows `other`: only a call judged by
     // the new state (the old programs gone) can reach it.
-    std::fs::write(
-        &d.policy_path,
-        policy(
-            search.port,
-            &format!("[[tool]]\nname = \"other\"\nendpoints = [{{ cidr = \"127.0.0.1/32\", port = {} }}]\n", other.port),
-        ),
-    )
-    .expect("write policy");
+    std::fs::write(&d.policy_path, policy(search.port, Some(other.port))).expect("write policy");
     d.restart();
     assert_eq!(
         code(later_root),
@@ -198,7 +165,7 @@ fn a_stop_keeps_running_agents_fenced_and_otherwise_detaches_everything() {
     }
     let other = Listener::tcp_dual();
     let o = other.port.to_string();
-    let mut d = Daemon::start(&policy(1, ""));
+    let mut d = Daemon::start(&policy(1, None));
     let late = d.spawn_probe(
         "acme",
         "researcher",
@@ -238,7 +205,7 @@ fn a_suspension_survives_a_restart() {
     }
     let search = Listener::tcp_dual();
     let s = search.port.to_string();
-    let mut d = Daemon::start(&policy(search.port, ""));
+    let mut d = Daemon::start(&policy(search.port, None));
     let out = d.cli(&["suspend", "--tenant", "acme"]);
     assert!(
         out.status.success(),
