@@ -17,7 +17,8 @@ use std::{
 };
 
 use agent_guard_tests::{
-    Daemon, Listener, Prometheus, Sample, kernel_test, parse_metrics, probe, prometheus_tool,
+    Daemon, Endpoint, Listener, Policy, Prometheus, Sample, kernel_test, parse_metrics, probe,
+    prometheus_tool,
 };
 use serde_json::Value;
 
@@ -46,31 +47,14 @@ const ALERTS: [&str; 9] = [
 
 /// `acme/researcher` may use `search`; `globex/bot` has no tools.
 fn policy(search: u16) -> String {
-    format!(
-        r#"
-default_mode = "enforce"
-
-[[tenant]]
-name = "acme"
-
-[[tenant]]
-name = "globex"
-
-[[tool]]
-name = "search"
-endpoints = [{{ cidr = "127.0.0.1/32", port = {search} }}]
-
-[[agent]]
-tenant = "acme"
-name = "researcher"
-tools = ["search"]
-
-[[agent]]
-tenant = "globex"
-name = "bot"
-tools = []
-"#
-    )
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tenant("globex")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", search)])
+        .agent("acme", "researcher", &["search"])
+        .agent("globex", "bot", &[])
+        .build()
 }
 
 const BAD_POLICY: &str = r#"default_mode = "enforce"
@@ -151,23 +135,11 @@ impl Scenario {
             ),
             probe::EPERM
         );
-        let pb = agent_guard_tests::probe_bin();
-        let out = d.cli(&[
-            "run",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--task",
-            "fetch docs",
-            "--tools",
-            "search",
-            "--",
-            pb.to_str().expect("utf-8"),
-            "tcp",
-            "127.0.0.1",
-            &o,
-        ]);
+        let out = d
+            .launch("acme", "researcher")
+            .task("fetch docs")
+            .tools("search")
+            .probe(&["tcp", "127.0.0.1", &o]);
         assert_eq!(
             out.status.code(),
             Some(probe::EPERM),
