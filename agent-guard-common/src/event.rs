@@ -98,6 +98,9 @@ pub struct Event {
     /// `bpf_ktime_get_ns()` when the call was judged (monotonic).
     pub ts_ns: u64,
     pub cgroup_id: u64,
+    /// connect: the socket's cookie (`bpf_get_socket_cookie`), so `whois`
+    /// can tell whose socket a tool server's peer is; 0 otherwise.
+    pub cookie: u64,
     pub kind: u8,
     pub verdict: u8,
     pub reason: u8,
@@ -136,6 +139,7 @@ impl Event {
         Self {
             ts_ns: 0,
             cgroup_id: 0,
+            cookie: 0,
             kind: 0,
             verdict: verdict::NONE,
             reason: reason::NONE,

@@ -391,6 +391,10 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
             ev.family = family;
             ev.port = port;
             ev.addr = addr;
+            if kind == kind::CONNECT {
+                // SAFETY: the context pointer is valid for this call.
+                ev.cookie = bpf_get_socket_cookie(ctx.sock_addr as *mut c_void);
+            }
         }
         entry.submit(emit::wake_flags(cfg.wakeup_bytes));
     }

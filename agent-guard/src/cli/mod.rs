@@ -9,6 +9,7 @@ mod policy;
 mod run;
 mod status;
 mod token;
+mod whois;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -66,6 +67,8 @@ enum Command {
     Approve(approvals::DecideArgs),
     /// Deny a two-person approval request.
     Deny(approvals::DecideArgs),
+    /// For a tool server: who is on the other end of a connection.
+    Whois(whois::Args),
     /// Make signing keys and signed launch tokens (`run --token`).
     #[command(subcommand)]
     Token(token::Command),
@@ -87,6 +90,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => policy::main(cmd),
         Command::Audit(cmd) => audit::main(cmd),
         Command::Token(cmd) => token::main(cmd),
+        Command::Whois(args) => whois::main(args),
         Command::Approvals(cmd) => approvals::main(cmd),
         Command::Approve(args) => approvals::approve(args),
         Command::Deny(args) => approvals::deny(args),

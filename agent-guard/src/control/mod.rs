@@ -88,6 +88,9 @@ pub enum Request {
     Approve { id: u32 },
     /// Deny request `id` (approvers only; it ends).
     Deny { id: u32 },
+    /// Who holds the TCP connection from `peer` to `local` (`IP:PORT` as
+    /// the tool server sees them)? Root and the control group; read-only.
+    Whois { peer: String, local: String },
 }
 
 /// Reply to a [`Request`]: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.

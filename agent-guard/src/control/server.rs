@@ -14,6 +14,7 @@ use crate::{
     daemon::{
         grants::GrantRequest,
         launch::Caller,
+        state::PipelineMsg,
         state::{State, mono_now_ns},
         subjects::{Identity, LaunchRequest},
     },
@@ -186,8 +187,19 @@ async fn handle(stream: UnixStream, state: &State) -> std::io::Result<()> {
                         let caller = Caller {
                             pid: p.pid,
                             uid: peer_cred.uid(),
+                            gid: peer_cred.gid(),
                         };
-                        let r = dispatch(state, &caller, peer_cred.gid(), req, tagged);
+                        if matches!(req, Request::Whois { .. }) {
+                            // The records of connects that already happened
+                            // first (bounded: an answer without them says
+                            // "not tagged", never a wrong identity).
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            if state.audit_tx.send(PipelineMsg::Sync(tx)).is_ok() {
+                                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), rx)
+                                    .await;
+                            }
+                        }
+                        let r = dispatch(state, &caller, req, tagged);
                         // A subject made by this request (launch, sub-agent,
                         // process grant) gets its DNS proxy address before
                         // the reply lets its launcher exec.
@@ -234,6 +246,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::ApprovalsList => "approvals_list",
         Request::Approve { .. } => "approve",
         Request::Deny { .. } => "deny",
+        Request::Whois { .. } => "whois",
     }
 }
 
@@ -249,7 +262,10 @@ fn record_tenant(state: &State, req: &Request, tagged: Option<&Identity>) -> Opt
         Request::Approve { id } | Request::Deny { id } => {
             state.registry().approvals.get(id).map(|a| a.tenant.clone())
         }
-        Request::Status | Request::PolicyApply { .. } | Request::ApprovalsList => None,
+        Request::Status
+        | Request::PolicyApply { .. }
+        | Request::ApprovalsList
+        | Request::Whois { .. } => None,
     };
     let reg = state.registry();
     named.filter(|t| {
@@ -262,7 +278,6 @@ fn record_tenant(state: &State, req: &Request, tagged: Option<&Identity>) -> Opt
 fn dispatch(
     state: &State,
     caller: &Caller,
-    gid: u32,
     req: Request,
     tagged: Option<Arc<Identity>>,
 ) -> Response {
@@ -292,7 +307,7 @@ fn dispatch(
             && !state
                 .control
                 .control_gid
-                .is_some_and(|g| in_group(caller.pid, gid, g))
+                .is_some_and(|g| in_group(caller.pid, caller.gid, g))
         {
             Some(match state.control.control_gid {
                 Some(g) => format!(
@@ -384,6 +399,19 @@ fn run_verb(
         Request::ApprovalsList if caller.uid == 0 || state.is_approver(caller.uid) => {
             return Ok(json!({ "approvals": state.approvals() }));
         }
+        Request::Whois { peer, local }
+            if caller.uid == 0
+                || state
+                    .control
+                    .control_gid
+                    .is_some_and(|g| in_group(caller.pid, caller.gid, g)) =>
+        {
+            let parse = |what: &str, s: &str| {
+                s.parse::<std::net::SocketAddr>()
+                    .map_err(|e| format!("--{what} {s:?}: {e} (write IP:PORT, [IPv6]:PORT)"))
+            };
+            return state.whois(parse("peer", &peer)?, parse("local", &local)?);
+        }
         _ => {}
     }
     if caller.uid != 0 {
@@ -442,5 +470,6 @@ fn run_verb(
         Request::ApprovalsList | Request::Approve { .. } | Request::Deny { .. } => {
             Err("refused: not an approver".into())
         }
+        Request::Whois { .. } => Err("refused: whois is for root and the control group".into()),
     }
 }

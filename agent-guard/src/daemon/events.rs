@@ -124,6 +124,8 @@ pub struct Pipeline {
     /// tool names and metric children only change with policy, launches
     /// and retirements; a second of staleness only affects enrichment).
     cache: Cache,
+    /// Waiting for the next drain of the ring (see `PipelineMsg::Sync`).
+    syncs: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 #[derive(Default)]
@@ -155,6 +157,7 @@ impl Pipeline {
             batch_records: 0,
             batch_time: Duration::ZERO,
             cache: Cache::default(),
+            syncs: Vec::new(),
         })
     }
 
@@ -191,7 +194,12 @@ impl Pipeline {
                         }
                     }
                 }
-                Some(msg) = self.rx.recv() => self.message(msg),
+                Some(msg) = self.rx.recv() => {
+                    self.message(msg);
+                    if !self.syncs.is_empty() {
+                        self.drain_ring();
+                    }
+                }
                 _ = shutdown.changed() => break,
             }
             self.flush();
@@ -260,6 +268,7 @@ impl Pipeline {
         match msg {
             PipelineMsg::Audit(log, rec) => self.write(&log, *rec),
             PipelineMsg::Launched { pid, ppid } => self.procs.entry(pid).ppid = ppid,
+            PipelineMsg::Sync(tx) => self.syncs.push(tx),
         }
     }
 
@@ -282,16 +291,20 @@ impl Pipeline {
                 }
             }
             if batch.is_empty() {
-                return;
+                break;
             }
             let full = batch.len() == DRAIN_BATCH;
             for bytes in batch.drain(..) {
                 self.handle(&bytes);
             }
             if !full {
-                return;
+                break;
             }
             self.flush();
+        }
+        // Whoever asked for this drain may look now.
+        for tx in self.syncs.drain(..) {
+            let _ = tx.send(());
         }
     }
 
@@ -392,6 +405,22 @@ impl Pipeline {
                 rec.port = Some(ev.port);
                 rec.proto = Some(proto_name(ev.proto));
                 self.decision(&mut rec, &ev, &ident);
+                if ev.cookie != 0 && ev.verdict == verdict::ALLOW {
+                    self.state
+                        .sockets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(
+                            ev.cookie,
+                            super::whois::SocketOwner {
+                                subject_id: ev.subject,
+                                pid: ev.pid,
+                                tool: rec.tool.clone(),
+                                grant: (ev.grant_id != 0).then_some(ev.grant_id),
+                                at: rec.ts.clone(),
+                            },
+                        );
+                }
             }
             kind::SOCKET => {
                 rec.proto = Some(proto_name(ev.proto));

@@ -135,6 +135,8 @@ impl KeyRing for PolicyKeys {
 pub struct Caller {
     pub pid: u32,
     pub uid: u32,
+    /// Primary gid, as SO_PEERCRED reported it.
+    pub gid: u32,
 }
 
 impl Caller {

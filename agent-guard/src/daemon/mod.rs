@@ -10,6 +10,7 @@ pub mod state;
 pub mod subjects;
 pub mod takeover;
 pub mod webhook;
+pub mod whois;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 

@@ -81,6 +81,9 @@ pub enum PipelineMsg {
     Audit(String, Box<AuditRecord>),
     /// A launcher registered `pid`; its parent is known now, while it lives.
     Launched { pid: u32, ppid: Option<u32> },
+    /// Drain the ring buffer now, then answer (whois needs the records of
+    /// connects that already happened).
+    Sync(tokio::sync::oneshot::Sender<()>),
 }
 
 pub struct State {
@@ -125,6 +128,8 @@ pub struct State {
     pub approval_timeout: std::time::Duration,
     /// Told of each new approval request (`--approval-webhook`).
     pub approval_webhook: Option<super::webhook::Webhook>,
+    /// Allowed connects' sockets by cookie, for whois.
+    pub sockets: Mutex<super::whois::SocketTable>,
 }
 
 /// File in the state directory that holds the suspended tenants/agents.
@@ -237,6 +242,7 @@ impl State {
             used_jtis: Mutex::new(super::launch::UsedJtis::default()),
             approval_timeout: super::approvals::DEFAULT_TIMEOUT,
             approval_webhook: None,
+            sockets: Mutex::new(super::whois::SocketTable::default()),
         }
     }
 

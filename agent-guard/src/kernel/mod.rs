@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod fs;
 pub mod maps;
+pub mod sockdiag;
 pub mod tracefs;
 pub mod unix;
 

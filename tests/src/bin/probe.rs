@@ -212,7 +212,7 @@ fn unix_call(stream: bool, path: &str) -> std::io::Result<()> {
 
 fn usage() -> i32 {
     eprintln!(
-        "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
+        "usage: agent-guard-probe CMD ...\n  tcp ADDR PORT | tcp-call ADDR PORT | udp-send ADDR PORT | udp-connect ADDR PORT | connect-fd FD ADDR PORT\n  \
          unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
          resolve udp|udp-connected|tcp NAME SERVER_IP [PORT]   (exit 12: REFUSED)\n  \
          bench-unix PATH N | bench-resolve SERVER_IP PORT NAME N   (print WALL_NS CPU_NS per call)\n  \
@@ -232,6 +232,21 @@ fn run(args: &[String]) -> i32 {
             Some(a) => report(
                 "tcp connect",
                 TcpStream::connect_timeout(&a, Duration::from_secs(5)).map(drop),
+            ),
+            None => usage(),
+        },
+        // Connect, read the server's one-line answer, print it.
+        "tcp-call" => match addr(rest) {
+            Some(a) => report(
+                "tcp call",
+                TcpStream::connect_timeout(&a, Duration::from_secs(5)).and_then(|s| {
+                    use std::io::BufRead as _;
+                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(s).read_line(&mut line)?;
+                    print!("{line}");
+                    Ok(())
+                }),
             ),
             None => usage(),
         },
