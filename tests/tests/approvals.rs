@@ -400,3 +400,35 @@ fn the_requesting_uid_never_approves_and_requests_expire_with_a_webhook_notice()
         "{m}"
     );
 }
+
+#[test]
+fn a_pending_request_survives_a_sigkill_takeover() {
+    if !kernel_test("a_pending_request_survives_a_sigkill_takeover") {
+        return;
+    }
+    let (mut d, pay, _keys) = start(&[]);
+    let _held = d.spawn_probe(
+        "acme",
+        "researcher",
+        &["after", "8000", "tcp", "127.0.0.1", &pay.port.to_string()],
+    );
+    assert_eq!(call(&d, &pay), probe::EPERM);
+    let id = d.wait_status("a pending request", 10, |s| {
+        s["approvals"].as_array().is_some_and(|a| a.len() == 1)
+    })["approvals"][0]["id"]
+        .to_string();
+    // Let the housekeeping tick write it (requests come from kernel
+    // records, not commands).
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill();
+    d.restart();
+    let dir = d.socket.parent().expect("socket dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let list = pending(&d);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"].to_string(), id, "same id after the takeover");
+    assert!(as_user(&d, ALICE, &["approve", &id]).status.success());
+    let out = as_user(&d, BOB, &["approve", &id]);
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(call(&d, &pay), probe::OK, "granted after the takeover");
+}

@@ -15,6 +15,9 @@ use crate::{
 pub struct Args {
     #[command(flatten)]
     socket: SocketArg,
+    /// The daemon's state directory, whose files are checked.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/agent-guard/state")]
+    state_dir: std::path::PathBuf,
 }
 
 enum Level {
@@ -199,9 +202,45 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    healthy &= state_files(&args.state_dir);
     Ok(if healthy {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(super::EXIT_FAILURE)
     })
+}
+
+/// The state files a start reads: a damaged one stops the daemon.
+fn state_files(dir: &std::path::Path) -> bool {
+    use crate::daemon::{launch, persist, state::State};
+    let mut healthy = true;
+    let checks: [(&str, anyhow::Result<String>); 3] = [
+        (
+            persist::REGISTRY_FILE,
+            persist::load(dir).map(|s| match s {
+                Some(s) => format!(
+                    "{} task/sub-agent subjects, {} grants, {} approval requests",
+                    s.subjects.len(),
+                    s.grants.len(),
+                    s.approvals.len()
+                ),
+                None => "nothing to restore".into(),
+            }),
+        ),
+        (
+            crate::daemon::state::SUSPENDED_FILE,
+            State::load_suspended(dir).map(|s| format!("{} suspensions", s.len())),
+        ),
+        (
+            launch::JTI_FILE,
+            launch::UsedJtis::load(dir).map(|u| format!("{} used launch tokens", u.len())),
+        ),
+    ];
+    for (name, result) in checks {
+        healthy &= match result {
+            Ok(what) => line(Level::Ok, name, what),
+            Err(e) => line(Level::Fail, name, format!("{e:#}")),
+        };
+    }
+    healthy
 }

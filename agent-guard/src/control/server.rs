@@ -333,7 +333,9 @@ fn dispatch(
             state.audit(&log, rec);
             return Response::err(why);
         }
-        return match state.launch_with_token(caller, token) {
+        let launched = state.launch_with_token(caller, token);
+        state.save_registry();
+        return match launched {
             Ok(reg) => Response::ok(serde_json::to_value(reg).unwrap_or_default()),
             Err(e) => Response::err(e),
         };
@@ -341,6 +343,11 @@ fn dispatch(
     let op = op_name(&req);
     let log = record_tenant(state, &req, tagged.as_deref());
     let result = run_verb(state, caller, req, tagged.clone());
+    // On disk before the reply: a crash after it must not lose what the
+    // command made (persist.rs). Unchanged snapshots are not rewritten.
+    if !matches!(op, "status" | "approvals_list" | "whois") {
+        state.save_registry();
+    }
     // Every verb but the read-only ones is on the record, with who asked.
     if op != "status" && op != "approvals_list" {
         let mut rec = state.control_record(caller, op);

@@ -31,13 +31,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const QUORUM: usize = 2;
 
 /// One request waiting for a decision.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ApprovalRequest {
     pub id: u32,
     pub tenant: String,
     pub agent: String,
     pub subject: String,
-    #[serde(skip)]
     pub subject_id: u32,
     pub task: Option<String>,
     pub task_id: Option<String>,
@@ -49,7 +48,7 @@ pub struct ApprovalRequest {
     pub uid: Option<u32>,
     pub on_behalf_of: Option<String>,
     pub created: String,
-    #[serde(skip)]
+    /// Monotonic deadline (the kernel's clock).
     pub expires_at_ns: u64,
     pub expires_in_seconds: f64,
     /// (approver name, uid) in the order they approved.
@@ -112,7 +111,10 @@ impl State {
             .values()
             .any(|g| g.tool == call.tool && reg.grant_reaches(g, ident.subject_id))
         {
-            return None;
+            return reg
+                .approved
+                .get(&(ident.subject_id, call.tool.to_string()))
+                .copied();
         }
         let now = mono_now_ns();
         let key = (ident.subject_id, call.tool.to_string());
@@ -238,7 +240,11 @@ impl State {
             }));
         }
         // Quorum: the request ends here, whatever the grant does.
-        self.registry().approvals.remove(&id);
+        {
+            let mut reg = self.registry();
+            reg.approvals.remove(&id);
+            reg.approved.insert((req.subject_id, req.tool.clone()), id);
+        }
         let (ttl, uses) = {
             let reg = self.registry();
             let tool = reg.loaded.as_ref().and_then(|l| l.policy.tool(&req.tool));
@@ -261,6 +267,7 @@ impl State {
                     "approval request {id} approved by {}",
                     approvers.join(" and ")
                 )),
+                restore: None,
             })
             .map_err(|e| format!("request {id} approved, but the grant failed: {e}"))?;
         let mut granted = req.clone();

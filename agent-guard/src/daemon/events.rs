@@ -192,6 +192,8 @@ impl Pipeline {
                         if swept > 0 {
                             tracing::debug!(swept, "removed entries of exited processes");
                         }
+                        // Expiries, retirements, new approval requests.
+                        self.state.save_registry();
                     }
                 }
                 Some(msg) = self.rx.recv() => {

@@ -32,6 +32,18 @@ pub struct NewGrant {
     pub pid: Option<u32>,
     /// Why it was made, when not by `agent-guard grant` (recorded).
     pub why: Option<String>,
+    /// Set when a takeover restores a predecessor's grant as it was.
+    pub restore: Option<RestoredGrant>,
+}
+
+/// A predecessor's grant, restored with its id, deadline and uses left.
+#[derive(Debug, Clone)]
+pub struct RestoredGrant {
+    pub id: u32,
+    pub expires_at_ns: u64,
+    /// Uses left as the old kernel counted them.
+    pub uses_left: Option<i64>,
+    pub created: String,
 }
 
 /// What `agent-guard grant` asks for.
@@ -138,6 +150,7 @@ impl State {
             uses: req.uses,
             pid: req.pid,
             why: None,
+            restore: None,
         })
     }
 
@@ -145,8 +158,17 @@ impl State {
     /// enforces it (state first, then keys), with a `grant` record.
     pub(super) fn issue_grant(&self, n: &NewGrant) -> Result<Grant, String> {
         let mut reg = self.registry();
-        let id = reg.next_grant;
-        reg.next_grant += 1;
+        let id = match &n.restore {
+            Some(r) => {
+                reg.next_grant = reg.next_grant.max(r.id + 1);
+                r.id
+            }
+            None => {
+                let id = reg.next_grant;
+                reg.next_grant += 1;
+                id
+            }
+        };
         let now = mono_now_ns();
         let g = Grant {
             id,
@@ -154,17 +176,27 @@ impl State {
             agent: n.agent.clone(),
             tool: n.tool.clone(),
             subject_id: n.subject_id,
-            expires_at_ns: now.saturating_add(n.ttl_ms.saturating_mul(1_000_000)),
+            expires_at_ns: n.restore.as_ref().map_or_else(
+                || now.saturating_add(n.ttl_ms.saturating_mul(1_000_000)),
+                |r| r.expires_at_ns,
+            ),
             uses: n.uses,
             pid: n.pid,
-            created: format_ts(time::OffsetDateTime::now_utc()),
+            created: n.restore.as_ref().map_or_else(
+                || format_ts(time::OffsetDateTime::now_utc()),
+                |r| r.created.clone(),
+            ),
             entries: Vec::new(),
         };
         reg.grants.insert(id, g.clone());
         drop(reg);
         let state = GrantState {
             expires_at_ns: g.expires_at_ns,
-            uses_left: i64::from(g.uses.unwrap_or(0)),
+            uses_left: n
+                .restore
+                .as_ref()
+                .and_then(|r| r.uses_left)
+                .unwrap_or(i64::from(g.uses.unwrap_or(0))),
             flags: if g.uses.is_some() {
                 GRANT_LIMITED_USES
             } else {
@@ -183,10 +215,14 @@ impl State {
         self.grant_record(
             "grant",
             &g,
-            None,
+            n.restore.as_ref().map(|_| "restored"),
             format!(
                 "ttl {}{}{}{}",
-                humantime::format_duration(std::time::Duration::from_millis(n.ttl_ms)),
+                humantime::format_duration(std::time::Duration::from_millis(match &n.restore {
+                    // Whole seconds left of a restored grant.
+                    Some(_) => g.expires_at_ns.saturating_sub(now) / 1_000_000_000 * 1000,
+                    None => n.ttl_ms,
+                })),
                 g.uses.map_or(String::new(), |u| format!(", {u} uses")),
                 g.pid
                     .map_or(String::new(), |p| format!(", process tree of pid {p}")),

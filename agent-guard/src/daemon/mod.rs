@@ -6,6 +6,7 @@ pub mod dns;
 pub mod events;
 pub mod grants;
 pub mod launch;
+pub mod persist;
 pub mod state;
 pub mod subjects;
 pub mod takeover;
@@ -239,6 +240,8 @@ async fn serve(
     let suspended = state::State::load_suspended(&opts.state_dir)?;
     // Used launch tokens likewise: a restart must not reopen one.
     let used_jtis = launch::UsedJtis::load(&opts.state_dir)?;
+    // What a takeover restores (damaged: refuse to start, naming the file).
+    let saved = persist::load(&opts.state_dir)?;
     // A predecessor that died without shutting down left its programs
     // enforcing; hold them until ours are in place (takeover.rs).
     let leftovers =
@@ -318,12 +321,19 @@ async fn serve(
     let outcome = async {
         state.apply_policy(policy, &policy_text).context("applying the policy")?;
         if let Some(l) = leftovers {
-            let r = state.take_over(l);
+            let r = state.take_over(l, saved.as_ref());
             tracing::warn!(?r, "took over from the previous instance");
             let mut rec = AuditRecord::new("daemon");
             rec.detail = Some(format!(
-                "took over from a previous instance that did not shut down: {} links detached, {} processes re-tagged as their root agent (grants gone), {} quarantined (task scopes, sub-agents, moved or unknown: they reach nothing), {} task/sub-agent cgroups quarantined",
-                r.links, r.retagged, r.quarantined, r.cgroups_quarantined
+                "took over from a previous instance that did not shut down: {} links detached; restored {} task/sub-agent subjects, {} grants, {} approval requests ({} saved entries no longer fit the policy); {} processes re-tagged, {} quarantined (moved, unknown or no longer fitting: they reach nothing), {} leftover cgroups quarantined",
+                r.links,
+                r.restored.subjects,
+                r.restored.grants,
+                r.restored.approvals,
+                r.restored.skipped,
+                r.retagged,
+                r.quarantined,
+                r.cgroups_quarantined
             ));
             state.audit(NODE_LOG, rec);
             let lost: std::collections::BTreeMap<String, u64> = r
@@ -346,6 +356,9 @@ async fn serve(
                 }
             }
         }
+        // What is restored (or, on a fresh start, nothing) is the registry
+        // on disk from now on.
+        state.save_registry();
         let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, scrape(&state), shutdown_rx.clone())
             .await
             .with_context(|| format!("binding metrics address {}", opts.metrics_addr))?;

@@ -73,6 +73,9 @@ pub struct Registry {
     /// (subject, tool) -> (denied request, monotonic deadline): calls
     /// until then open no new request (no asking again and again).
     pub denied: HashMap<(u32, String), (u32, u64)>,
+    /// (subject, tool) -> the request whose quorum made its last grant, so
+    /// a refusal read after that grant names the request it belonged to.
+    pub approved: HashMap<(u32, String), u32>,
 }
 
 /// A message for the event pipeline.
@@ -130,6 +133,9 @@ pub struct State {
     pub approval_webhook: Option<super::webhook::Webhook>,
     /// Allowed connects' sockets by cookie, for whois.
     pub sockets: Mutex<super::whois::SocketTable>,
+    /// What `registry.json` last got (one writer at a time; unchanged
+    /// snapshots are not written again).
+    pub persist_lock: Mutex<String>,
 }
 
 /// File in the state directory that holds the suspended tenants/agents.
@@ -179,12 +185,17 @@ pub fn write_state_file(
     name: &str,
     value: &impl serde::Serialize,
 ) -> std::io::Result<()> {
+    write_state_bytes(dir, name, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// [`write_state_file`] for bytes already serialised.
+pub fn write_state_bytes(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     std::fs::create_dir_all(dir)?;
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir)?.sync_all()
@@ -243,6 +254,7 @@ impl State {
             approval_timeout: super::approvals::DEFAULT_TIMEOUT,
             approval_webhook: None,
             sockets: Mutex::new(super::whois::SocketTable::default()),
+            persist_lock: Mutex::new(String::new()),
         }
     }
 

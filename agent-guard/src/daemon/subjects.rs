@@ -176,6 +176,32 @@ impl Ids {
     }
 }
 
+/// A derived subject (task scope, sub-agent, process-tree subject) about
+/// to be made under a parent.
+#[derive(Debug, Clone)]
+pub struct Derive {
+    pub name: String,
+    pub depth: u8,
+    pub requested: Option<BTreeSet<String>>,
+    /// Monotonic deadline, 0 = none.
+    pub expires: u64,
+    pub task: Option<Task>,
+    /// `None`: the parent's.
+    pub principal: Option<Principal>,
+    pub cgroup: CgroupPlan,
+}
+
+/// Where a derived subject's processes live.
+#[derive(Debug, Clone)]
+pub enum CgroupPlan {
+    /// A new cgroup under the parent's.
+    Make,
+    /// A cgroup left by a predecessor daemon (takeover), adopted.
+    Existing(PathBuf),
+    /// None (the processes stay where they are: process-tree grants).
+    None,
+}
+
 /// What a launcher asks for (see `control::Request::Register`).
 #[derive(Debug, Clone, Default)]
 pub struct LaunchRequest {
@@ -926,12 +952,19 @@ impl State {
             None => parent.task.clone(),
         };
         let is_task = depth == parent.depth;
-        let ident =
-            self.install_derived(reg, &parent, &name, depth, requested, expires, task, true)?;
-        let ident = match &req.principal {
-            Some(p) => self.set_principal(ident, p.clone()),
-            None => ident,
-        };
+        let ident = self.install_derived(
+            reg,
+            &parent,
+            Derive {
+                name,
+                depth,
+                requested,
+                expires,
+                task,
+                principal: req.principal.clone(),
+                cgroup: CgroupPlan::Make,
+            },
+        )?;
         let id = ident.subject_id;
         let mut rec = AuditRecord::new(if is_task { "task" } else { "delegate" });
         rec.tenant = Some(ident.tenant.clone());
@@ -972,18 +1005,21 @@ impl State {
     /// Creates a subject under `parent` and writes its kernel image: its
     /// `CAPS` keys, `SUBJECTS` entry, cgroup (when `cgroup`) and the copies
     /// of its ancestors' grants that reach it.
-    #[allow(clippy::too_many_arguments)]
-    fn install_derived(
+    pub(super) fn install_derived(
         &self,
         mut reg: std::sync::MutexGuard<'_, Registry>,
         parent: &Identity,
-        name: &str,
-        depth: u8,
-        requested: Option<BTreeSet<String>>,
-        expires: u64,
-        task: Option<Task>,
-        cgroup: bool,
+        spec: Derive,
     ) -> Result<Identity, String> {
+        let Derive {
+            name,
+            depth,
+            requested,
+            expires,
+            task,
+            principal,
+            cgroup,
+        } = spec;
         let id = reg.ids.new_subject();
         let is_task = depth == parent.depth;
         let chain = if is_task {
@@ -991,11 +1027,14 @@ impl State {
         } else {
             format!("{}/{}", parent.chain, name)
         };
-        let cgroup_dir = parent.cgroup_dir.join(if is_task {
-            format!("task-{id}")
-        } else {
-            format!("{name}-{id}")
-        });
+        let cgroup_dir = match &cgroup {
+            CgroupPlan::Existing(dir) => dir.clone(),
+            CgroupPlan::Make | CgroupPlan::None => parent.cgroup_dir.join(if is_task {
+                format!("task-{id}")
+            } else {
+                format!("{name}-{id}")
+            }),
+        };
         let ident = Identity {
             subject_id: id,
             root_id: parent.root_id,
@@ -1010,7 +1049,7 @@ impl State {
             requested_tools: requested,
             expires_at_ns: expires,
             task,
-            principal: parent.principal.clone(),
+            principal: principal.or_else(|| parent.principal.clone()),
             active: true,
             created: Some(std::time::Instant::now()),
         };
@@ -1026,11 +1065,24 @@ impl State {
             .map(|g| g.id)
             .collect();
 
-        let made_cgroup =
-            cgroup && kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
-        if made_cgroup {
-            self.created_cgroup(ident.cgroup_dir.clone());
-        }
+        let made_cgroup = match cgroup {
+            CgroupPlan::Make => {
+                let ok = kfs::ensure_cgroup_dir(&self.cgroup_mount, &ident.cgroup_dir).is_ok();
+                if ok {
+                    self.created_cgroup(ident.cgroup_dir.clone());
+                }
+                ok
+            }
+            // A predecessor's cgroup, adopted: removed at retirement too.
+            CgroupPlan::Existing(_) => {
+                let ok = ident.cgroup_dir.is_dir();
+                if ok {
+                    self.created_cgroup(ident.cgroup_dir.clone());
+                }
+                ok
+            }
+            CgroupPlan::None => false,
+        };
         // The kernel image is written while the registry is still held, so
         // a reload cannot flip generations (and clean up) in between and
         // leave this subject with stale entries.
@@ -1168,12 +1220,15 @@ impl State {
         let ident = self.install_derived(
             reg,
             &parent,
-            &format!("pid-{pid}"),
-            parent.depth,
-            None,
-            parent.expires_at_ns,
-            parent.task.clone(),
-            false,
+            Derive {
+                name: format!("pid-{pid}"),
+                depth: parent.depth,
+                requested: None,
+                expires: parent.expires_at_ns,
+                task: parent.task.clone(),
+                principal: None,
+                cgroup: CgroupPlan::None,
+            },
         )?;
         let mut kernel = self.kernel();
         for (p, s) in kernel.processes() {
@@ -1211,18 +1266,6 @@ impl State {
             daemon_tids: own_tids(),
             procs_pin: Some(self.procs_pin.display().to_string()),
         })
-    }
-
-    /// Marks a just-made subject as launched for `principal`.
-    fn set_principal(&self, ident: Identity, principal: Principal) -> Identity {
-        let ident = Identity {
-            principal: Some(principal),
-            ..ident
-        };
-        self.registry()
-            .identities
-            .insert(ident.subject_id, Arc::new(ident.clone()));
-        ident
     }
 
     fn started_unix(&self) -> u64 {

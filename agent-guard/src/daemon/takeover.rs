@@ -12,13 +12,18 @@
 //!    removes the pins (holding the fds keeps the old programs attached);
 //! 2. it loads and attaches its own programs and applies the policy (root
 //!    agents' cgroups are tagged again);
-//! 3. it re-tags every process the old instance tracked: one still in its
-//!    root agent's cgroup (`<cgroup-root>/<tenant>/<agent>`) whose agent is
-//!    in the policy becomes that root agent again (its grants are gone);
-//!    anything else (a task scope, a sub-agent, a process that left its
-//!    cgroup, an agent the policy no longer has) is quarantined: judged
-//!    under a subject that does not exist, so it reaches nothing. Leftover
-//!    task and sub-agent cgroups are quarantined the same way, so their
+//! 3. it restores what the old instance saved in `registry.json`
+//!    (persist.rs): task scopes, sub-agents and process-tree subjects under
+//!    their parents (their cgroups adopted), grants with their ids,
+//!    deadlines and the uses the old kernel left, pending approval requests.
+//!    Then it re-tags every process the old instance tracked: one whose old
+//!    subject was restored gets the restored subject; one still in its root
+//!    agent's cgroup (`<cgroup-root>/<tenant>/<agent>`) whose agent is in
+//!    the policy becomes that root agent again; anything else (a subject
+//!    that no longer fits the policy, a process that left its cgroup, an
+//!    agent the policy no longer has) is quarantined: judged under a
+//!    subject that does not exist, so it reaches nothing. Leftover task and
+//!    sub-agent cgroups not restored are quarantined the same way, so their
 //!    future children are too. The scan repeats until it finds no new
 //!    process (children forked meanwhile);
 //! 4. then it closes the old fds: the old programs detach.
@@ -29,6 +34,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agent_guard_common::grant::GrantState;
 use agent_guard_common::{
     event::{Event, kind},
     maps as names,
@@ -47,6 +53,8 @@ pub struct Leftovers {
     /// Old links, held open until the new programs are in place.
     links: Vec<OwnedFd>,
     procs: Option<HashMap<MapData, u32, u32>>,
+    /// Uses left of the old instance's grants.
+    grant_state: Option<HashMap<MapData, u32, GrantState>>,
     /// Records the kernel could not deliver, per kind.
     lost: Option<PerCpuArray<MapData, u64>>,
     /// The old ring: records nobody read.
@@ -65,6 +73,8 @@ pub struct Report {
     pub retagged: usize,
     pub quarantined: usize,
     pub cgroups_quarantined: usize,
+    /// Restored from `registry.json`.
+    pub restored: super::persist::Restored,
 }
 
 /// Step 1: opens what a predecessor left in `pin_dir` and removes its
@@ -108,6 +118,9 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
     let procs = MapData::from_pin(procs_pin(pin_dir))
         .ok()
         .and_then(|d| HashMap::<_, u32, u32>::try_from(Map::HashMap(d)).ok());
+    let grant_state = MapData::from_pin(pin_dir.join(names::GRANT_STATE))
+        .ok()
+        .and_then(|d| HashMap::<_, u32, GrantState>::try_from(Map::HashMap(d)).ok());
     let lost = MapData::from_pin(pin_dir.join(names::LOST))
         .ok()
         .and_then(|d| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(d)).ok());
@@ -130,6 +143,7 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
         found: links.len(),
         links,
         procs,
+        grant_state,
         lost,
         ring,
     }))
@@ -158,13 +172,14 @@ fn cgroup_under(pid: u32, cgroup_mount: &Path, cgroup_root: &Path) -> Option<Vec
 
 impl State {
     /// Steps 3 and 4 (after the policy is applied).
-    pub fn take_over(&self, old: Leftovers) -> Report {
+    pub fn take_over(&self, old: Leftovers, saved: Option<&super::persist::Saved>) -> Report {
         let mut report = Report {
             lost: [0; kind::COUNT as usize],
             links: old.links.len(),
             retagged: 0,
             quarantined: 0,
             cgroups_quarantined: 0,
+            restored: Default::default(),
         };
         // Task and sub-agent cgroups of the old instance: quarantined, so
         // whatever is (or is forked) in them reaches nothing.
@@ -192,6 +207,22 @@ impl State {
                 }
             }
         }
+        // What the predecessor saved comes back (its cgroups re-tagged to
+        // the restored subjects); old subject id -> new one.
+        let moved: std::collections::HashMap<u32, u32> = match saved {
+            Some(s) => {
+                let uses = |id: u32| {
+                    old.grant_state
+                        .as_ref()
+                        .and_then(|m| m.get(&id, 0).ok())
+                        .map(|st| st.uses_left)
+                };
+                let (map, restored) = self.restore(s, &uses);
+                report.restored = restored;
+                map
+            }
+            None => Default::default(),
+        };
         if let Some(procs) = &old.procs {
             let mut done: BTreeSet<u32> = BTreeSet::new();
             // Repeat until a pass finds nothing new: children forked by
@@ -221,9 +252,14 @@ impl State {
                                 })
                                 .map(|i| i.subject_id)
                         });
-                    let subject = root.unwrap_or(QUARANTINE);
+                    let restored = procs
+                        .get(&pid, 0)
+                        .ok()
+                        .and_then(|old_subject| moved.get(&old_subject).copied());
+                    let found = restored.or(root);
+                    let subject = found.unwrap_or(QUARANTINE);
                     if self.kernel().tag_process(pid, subject).is_ok() {
-                        if root.is_some() {
+                        if found.is_some() {
                             report.retagged += 1;
                         } else {
                             report.quarantined += 1;

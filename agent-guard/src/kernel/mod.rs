@@ -293,8 +293,10 @@ impl Kernel {
 }
 
 /// Maps pinned (besides `PROCS`) for a daemon that takes over after a crash.
-pub const TAKEOVER_MAPS: [&str; 3] = [
+pub const TAKEOVER_MAPS: [&str; 4] = [
     agent_guard_common::maps::CGROUPS,
+    // Uses left of use-counted grants, restored by the successor.
+    agent_guard_common::maps::GRANT_STATE,
     agent_guard_common::maps::LOST,
     agent_guard_common::maps::EVENTS,
 ];
