@@ -63,7 +63,8 @@ pub fn kernel_test(name: &str) -> bool {
     true
 }
 
-fn cgroup2_mount() -> PathBuf {
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
     let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
     info.lines()
         .find_map(|l| {

@@ -192,6 +192,10 @@ impl Pipeline {
                         if swept > 0 {
                             tracing::debug!(swept, "removed entries of exited processes");
                         }
+                        let adopted = self.state.adopt_cgroups();
+                        if adopted > 0 {
+                            tracing::info!(adopted, "cgroups adopted by cgroup_glob");
+                        }
                         // Expiries, retirements, new approval requests.
                         self.state.save_registry();
                     }

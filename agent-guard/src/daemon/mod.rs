@@ -1,6 +1,7 @@
 //! `agent-guard daemon`: load, attach, serve, write the audit trail, and
 //! clean up on SIGTERM/SIGINT.
 
+pub mod adopt;
 pub mod approvals;
 pub mod dns;
 pub mod events;

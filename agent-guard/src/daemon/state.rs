@@ -76,6 +76,9 @@ pub struct Registry {
     /// (subject, tool) -> the request whose quorum made its last grant, so
     /// a refusal read after that grant names the request it belonged to.
     pub approved: HashMap<(u32, String), u32>,
+    /// Cgroups tagged because they match an agent's `cgroup_glob`:
+    /// cgroup id -> (directory, root subject).
+    pub adopted: BTreeMap<u64, (PathBuf, u32)>,
 }
 
 /// A message for the event pipeline.
@@ -502,6 +505,16 @@ impl State {
             .iter()
             .map(|(t, a)| a.as_ref().map_or_else(|| t.clone(), |a| format!("{t}/{a}")))
             .collect();
+        let adopted: Vec<serde_json::Value> = reg
+            .adopted
+            .iter()
+            .map(|(id, (dir, subject))| {
+                serde_json::json!({
+                    "cgroup_id": id, "cgroup": dir, "subject_id": subject,
+                    "subject": reg.identities.get(subject).map(|i| i.chain.clone()),
+                })
+            })
+            .collect();
         drop(reg);
         let lost_by_kind: BTreeMap<&str, u64> = (1..kind::COUNT as u8)
             .map(|k| (kind::name(k), lost[k as usize]))
@@ -535,6 +548,8 @@ impl State {
             "grant_disagreements": grant_problems,
             "program_ids": self.program_ids.iter().map(|(n, id)| (n.clone(), serde_json::json!(id))).collect::<serde_json::Map<_, _>>(),
             "dns": dns,
+            // Cgroups tagged by an agent's cgroup_glob.
+            "adopted_cgroups": adopted,
             "dns_mode": dns_mode,
             "dns_proxy": self.dns_proxy.get().map(|p| serde_json::json!({
                 "subjects_served": p.subjects().len(),

@@ -203,6 +203,28 @@ pub struct Agent {
     /// What to do when a task-scoped process keeps calling outside its
     /// declared tools.
     pub on_divergence: Option<OnDivergence>,
+    /// Processes in cgroups matching this pattern (relative to the
+    /// cgroup2 mount, `*` within one path component) are this agent:
+    /// containers started by a runtime, tagged without `agent-guard run`.
+    pub cgroup_glob: Option<String>,
+}
+
+/// Checks a `cgroup_glob`: absolute, no empty, `.` or `..` components,
+/// each component a valid glob pattern.
+fn check_cgroup_glob(p: &str) -> Result<(), String> {
+    let Some(rest) = p.strip_prefix('/') else {
+        return Err("cgroup_glob must start with / (a path under the cgroup2 mount)".into());
+    };
+    if rest.is_empty() {
+        return Err("cgroup_glob \"/\" would take every process on the node".into());
+    }
+    for c in rest.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(format!("cgroup_glob {p:?} has an empty, . or .. component"));
+        }
+        glob::Pattern::new(c).map_err(|e| format!("cgroup_glob component {c:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// `on_divergence = { after = N, action = "revoke" | "suspend" }`.
@@ -533,6 +555,13 @@ impl Validator<'_> {
                     Some(OnDivergence { after, action })
                 }
             };
+            let cgroup_glob = match &a.cgroup_glob {
+                None => None,
+                Some(g) => {
+                    check_cgroup_glob(g.get_ref()).or_else(|e| self.err(g.span(), e))?;
+                    Some(g.get_ref().clone())
+                }
+            };
             agents.push(Agent {
                 tenant,
                 name,
@@ -541,6 +570,7 @@ impl Validator<'_> {
                 max_delegation_depth,
                 hardening,
                 on_divergence,
+                cgroup_glob,
             });
         }
 

@@ -75,6 +75,7 @@ pub(super) struct RawAgent {
     pub max_delegation_depth: Option<Spanned<i64>>,
     pub hardening: Option<Spanned<String>>,
     pub on_divergence: Option<Spanned<RawOnDivergence>>,
+    pub cgroup_glob: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
