@@ -116,6 +116,13 @@ pub struct Args {
     /// How long one webhook notice may take.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     approval_webhook_timeout: std::time::Duration,
+    /// Size of a kernel map (repeatable): CGROUPS, SUBJECTS, CAPS, GRANTS,
+    /// GRANT_STATE or UNIX_PATHS, e.g. `--map-capacity GRANTS=262144`.
+    /// A full map refuses what would need a new entry (fail closed) with an
+    /// error naming the map; `agent_guard_map_entries` / `_capacity` show
+    /// how full each is.
+    #[arg(long, value_name = "MAP=N", value_parser = crate::kernel::parse_map_capacity)]
+    map_capacity: Vec<(&'static str, u32)>,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -155,6 +162,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             control_gid,
         },
         approval_timeout: args.approval_timeout,
+        map_capacities: args.map_capacity,
         approval_webhook: args
             .approval_webhook
             .as_deref()

@@ -87,6 +87,8 @@ pub struct Options {
     /// Approval requests nobody decided end after this.
     pub approval_timeout: std::time::Duration,
     pub approval_webhook: Option<webhook::Webhook>,
+    /// `--map-capacity NAME=N`.
+    pub map_capacities: Vec<(&'static str, u32)>,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -258,6 +260,7 @@ async fn serve(
         &opts.pin_dir,
         opts.ring_bytes,
         opts.unix_fencing,
+        &opts.map_capacities,
     )
     .context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");

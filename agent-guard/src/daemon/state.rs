@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use agent_guard_common::{capacity, event::kind, maps as map_names};
+use agent_guard_common::{event::kind, maps as map_names};
 use tokio::sync::mpsc;
 
 use super::subjects::{Grant, Identity, Ids};
@@ -339,19 +339,19 @@ impl State {
                 .with_label_values(&[v])
                 .set(decisions[i] as i64);
         }
-        for (name, cap) in [
-            (map_names::PROCS, crate::kernel::procs_capacity()),
-            (map_names::CGROUPS, capacity::CGROUPS),
-            (map_names::SUBJECTS, capacity::SUBJECTS),
-            (map_names::CAPS, capacity::CAPS),
-            (map_names::GRANTS, capacity::GRANTS),
-            (map_names::GRANT_STATE, capacity::GRANT_STATE),
-            (map_names::UNIX_PATHS, capacity::UNIX_PATHS),
+        for name in [
+            map_names::PROCS,
+            map_names::CGROUPS,
+            map_names::SUBJECTS,
+            map_names::CAPS,
+            map_names::GRANTS,
+            map_names::GRANT_STATE,
+            map_names::UNIX_PATHS,
         ] {
             self.metrics
                 .map_capacity
                 .with_label_values(&[name])
-                .set(i64::from(cap));
+                .set(i64::from(crate::kernel::maps::capacity_of(name)));
         }
         let mut tracked: BTreeMap<String, i64> = BTreeMap::new();
         let mut grants: BTreeMap<String, i64> = BTreeMap::new();

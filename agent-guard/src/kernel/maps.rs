@@ -25,7 +25,45 @@ where
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
-    move |source| KernelError::Map { name, source }
+    move |source| {
+        // A full hash map answers E2BIG, a full LPM trie ENOSPC.
+        let full = matches!(&source, aya::maps::MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
+        if full {
+            KernelError::MapFull {
+                name,
+                capacity: capacity_of(name),
+            }
+        } else {
+            KernelError::Map { name, source }
+        }
+    }
+}
+
+/// Capacities set at load (`--map-capacity`), for error messages and
+/// metrics; the built-in default for the others.
+static CAPACITIES: std::sync::OnceLock<Vec<(&'static str, u32)>> = std::sync::OnceLock::new();
+
+/// Records the capacities the maps were loaded with (once per process).
+pub(super) fn set_capacities(caps: Vec<(&'static str, u32)>) {
+    let _ = CAPACITIES.set(caps);
+}
+
+/// The capacity map `name` was loaded with.
+pub fn capacity_of(name: &str) -> u32 {
+    if name == names::PROCS {
+        return super::procs_capacity();
+    }
+    CAPACITIES
+        .get()
+        .and_then(|c| c.iter().find(|(n, _)| *n == name).map(|(_, v)| *v))
+        .or_else(|| {
+            super::SIZABLE_MAPS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+        })
+        .unwrap_or(0)
 }
 
 /// A key of `CAPS` or `GRANTS`: subject, generation (0 in `GRANTS`),

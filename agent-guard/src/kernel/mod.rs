@@ -47,6 +47,10 @@ pub enum KernelError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error(
+        "kernel map {name} is full ({capacity} entries); nothing was changed for this request (size it with `agent-guard daemon --map-capacity {name}=N`)"
+    )]
+    MapFull { name: &'static str, capacity: u32 },
     #[error("opening cgroup2 root {path}: {source}")]
     CgroupRoot {
         path: PathBuf,
@@ -125,6 +129,7 @@ impl Kernel {
         pin_dir: &std::path::Path,
         ring_bytes: u32,
         unix_fencing: bool,
+        capacities: &[(&'static str, u32)],
     ) -> Result<(Self, KernelMaps, Ring), KernelError> {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
@@ -138,6 +143,10 @@ impl Kernel {
             .override_global("EXIT_GROUP_DEAD_OFF", &offsets.exit_group_dead, true);
         loader.map_max_entries(agent_guard_common::maps::EVENTS, ring_bytes);
         loader.map_max_entries(agent_guard_common::maps::PROCS, procs_capacity());
+        for (name, n) in capacities {
+            loader.map_max_entries(name, *n);
+        }
+        maps::set_capacities(capacities.to_vec());
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let root = File::open(cgroup2_root).map_err(|source| KernelError::CgroupRoot {
@@ -290,6 +299,58 @@ impl Kernel {
     pub fn keep_attached(&mut self) {
         self.keep = true;
     }
+}
+
+/// Maps whose size `daemon --map-capacity NAME=N` may set, with their
+/// default capacity.
+pub const SIZABLE_MAPS: &[(&str, u32)] = &[
+    (
+        agent_guard_common::maps::CGROUPS,
+        agent_guard_common::capacity::CGROUPS,
+    ),
+    (
+        agent_guard_common::maps::SUBJECTS,
+        agent_guard_common::capacity::SUBJECTS,
+    ),
+    (
+        agent_guard_common::maps::CAPS,
+        agent_guard_common::capacity::CAPS,
+    ),
+    (
+        agent_guard_common::maps::GRANTS,
+        agent_guard_common::capacity::GRANTS,
+    ),
+    (
+        agent_guard_common::maps::GRANT_STATE,
+        agent_guard_common::capacity::GRANT_STATE,
+    ),
+    (
+        agent_guard_common::maps::UNIX_PATHS,
+        agent_guard_common::capacity::UNIX_PATHS,
+    ),
+];
+
+/// Parses `NAME=N` for `--map-capacity`.
+pub fn parse_map_capacity(s: &str) -> Result<(&'static str, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: write MAP=N, e.g. GRANTS=131072"))?;
+    let known: Vec<&str> = SIZABLE_MAPS.iter().map(|(m, _)| *m).collect();
+    let map = SIZABLE_MAPS
+        .iter()
+        .map(|(m, _)| *m)
+        .find(|m| *m == name)
+        .ok_or_else(|| {
+            format!(
+                "{name:?} is not a map whose size can be set (one of: {})",
+                known.join(", ")
+            )
+        })?;
+    let n: u32 = n.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if n == 0 || n > 1 << 24 {
+        return Err(format!("{s:?}: capacity must be 1..=16777216"));
+    }
+    Ok((map, n))
 }
 
 /// Maps pinned (besides `PROCS`) for a daemon that takes over after a crash.

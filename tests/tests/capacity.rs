@@ -1,0 +1,196 @@
+//! Real-kernel tests of full maps: with a map sized small
+//! (`daemon --map-capacity MAP=N`), whatever would need one more entry (a
+//! grant, a task scope, a larger policy) is refused with an error naming
+//! the map, nothing half-made stays behind, and agents already running keep
+//! exactly what they had. Metrics show entries and capacity per map.
+
+use agent_guard_tests::{Daemon, Endpoint, Listener, Policy, kernel_test, probe};
+
+fn tools(ports: &[u16]) -> Policy {
+    let mut p = Policy::new().mode("enforce").tenant("acme");
+    for (i, port) in ports.iter().enumerate() {
+        p = p.tool(&format!("t{i}"), [Endpoint::tcp("127.0.0.1/32", *port)]);
+    }
+    p
+}
+
+fn call(d: &Daemon, port: u16) -> i32 {
+    d.probe(
+        "acme",
+        "researcher",
+        &["tcp", "127.0.0.1", &port.to_string()],
+    )
+}
+
+#[test]
+fn a_full_grants_map_refuses_the_next_grant_and_keeps_the_others() {
+    if !kernel_test("a_full_grants_map_refuses_the_next_grant_and_keeps_the_others") {
+        return;
+    }
+    let ls: Vec<Listener> = (0..6).map(|_| Listener::tcp("127.0.0.1")).collect();
+    let ports: Vec<u16> = ls.iter().map(|l| l.port).collect();
+    let policy = tools(&ports).agent("acme", "researcher", &["t0"]).build();
+    let d = Daemon::start_with(&policy, &["--map-capacity", "GRANTS=4"]);
+    for t in ["t1", "t2", "t3", "t4"] {
+        let out = d.cli(&[
+            "grant",
+            "--tenant",
+            "acme",
+            "--agent",
+            "researcher",
+            "--tool",
+            t,
+            "--ttl",
+            "5m",
+        ]);
+        assert!(
+            out.status.success(),
+            "{t}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = d.cli(&[
+        "grant",
+        "--tenant",
+        "acme",
+        "--agent",
+        "researcher",
+        "--tool",
+        "t5",
+        "--ttl",
+        "5m",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kernel map GRANTS is full (4 entries)") && err.contains("--map-capacity"),
+        "{err}"
+    );
+    let s = d.status();
+    assert_eq!(s["grants"].as_array().map(Vec::len), Some(4), "{s:#}");
+    assert_eq!(s["grant_disagreements"], serde_json::json!([]));
+    assert_eq!(
+        call(&d, ports[5]),
+        probe::EPERM,
+        "the refused grant opened nothing"
+    );
+    assert_eq!(
+        call(&d, ports[1]),
+        probe::OK,
+        "an earlier grant still holds"
+    );
+    assert_eq!(call(&d, ports[0]), probe::OK, "the base tool too");
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_capacity{map=\"GRANTS\"} 4"),
+        "{m}"
+    );
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"GRANTS\"} 4"),
+        "{m}"
+    );
+    let recs = d.wait_audit("acme", "the refused grant's record", |r| {
+        r.iter()
+            .any(|x| x["kind"] == "control" && x["op"] == "grant" && x["verdict"] == "deny")
+    });
+    let refused = recs
+        .iter()
+        .find(|x| x["kind"] == "control" && x["verdict"] == "deny")
+        .expect("control record");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains("GRANTS is full")),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_full_subjects_map_refuses_a_new_task_scope_and_keeps_running_agents() {
+    if !kernel_test("a_full_subjects_map_refuses_a_new_task_scope_and_keeps_running_agents") {
+        return;
+    }
+    let l = Listener::tcp("127.0.0.1");
+    let policy = tools(&[l.port])
+        .agent("acme", "researcher", &["t0"])
+        .build();
+    // One root agent + two task scopes fill it.
+    let d = Daemon::start_with(&policy, &["--map-capacity", "SUBJECTS=3"]);
+    let port = l.port.to_string();
+    let running: Vec<_> = (0..2)
+        .map(|i| {
+            d.launch("acme", "researcher")
+                .task(&format!("job {i}"))
+                .spawn_probe(&["after", "2500", "tcp", "127.0.0.1", &port])
+        })
+        .collect();
+    d.wait_status("two task scopes", 10, |s| {
+        s["agents"].as_array().is_some_and(|a| a.len() == 3)
+    });
+    let out =
+        d.launch("acme", "researcher")
+            .task("one too many")
+            .probe(&["tcp", "127.0.0.1", &port]);
+    assert_eq!(out.status.code(), Some(125), "nothing started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kernel map SUBJECTS is full (3 entries)"),
+        "{err}"
+    );
+    assert_eq!(
+        d.status()["agents"].as_array().map(Vec::len),
+        Some(3),
+        "no half-made subject"
+    );
+    for mut c in running {
+        assert_eq!(
+            c.wait().expect("wait").code(),
+            Some(probe::OK),
+            "running scopes keep their tools"
+        );
+    }
+    assert_eq!(
+        call(&d, l.port),
+        probe::OK,
+        "the root agent launches as before"
+    );
+}
+
+#[test]
+fn a_policy_that_does_not_fit_caps_is_refused_and_the_old_one_kept() {
+    if !kernel_test("a_policy_that_does_not_fit_caps_is_refused_and_the_old_one_kept") {
+        return;
+    }
+    let ls: Vec<Listener> = (0..8).map(|_| Listener::tcp("127.0.0.1")).collect();
+    let ports: Vec<u16> = ls.iter().map(|l| l.port).collect();
+    let small = tools(&ports)
+        .agent("acme", "researcher", &["t0", "t1"])
+        .build();
+    // During a reload both generations are in CAPS: 2 + 7 > 8.
+    let d = Daemon::start_with(&small, &["--map-capacity", "CAPS=8"]);
+    let names: Vec<String> = (0..7).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let big = tools(&ports).agent("acme", "researcher", &refs).build();
+    // Not the watched file: only `policy apply` tries it.
+    let file = d.dir.path().join("big.toml");
+    std::fs::write(&file, &big).expect("policy");
+    let out = d.cli(&["policy", "apply", file.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAPS is full"), "{err}");
+    assert_eq!(call(&d, ports[1]), probe::OK, "the old policy holds");
+    assert_eq!(
+        call(&d, ports[5]),
+        probe::EPERM,
+        "nothing of the refused one"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"CAPS\"} 2"),
+        "no leftovers: {m}"
+    );
+    assert!(
+        m.contains("agent_guard_policy_reloads_total{result=\"error\"} 1"),
+        "{m}"
+    );
+}
