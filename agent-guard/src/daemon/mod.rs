@@ -261,6 +261,7 @@ async fn serve(
         opts.ring_bytes,
         opts.unix_fencing,
         &opts.map_capacities,
+        opts.dns_per_agent,
     )
     .context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");

@@ -89,6 +89,8 @@ pub enum UnixSupport {
 pub const CGROUP_PROGRAMS: &[&str] = &[
     "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
 ];
+/// Attached only with `--dns-mode per-agent`.
+pub const RECVMSG_PROGRAMS: &[&str] = &["recvmsg4", "recvmsg6"];
 /// The sched tracepoints that keep identity across fork, exec and exit.
 pub const TRACEPOINTS: &[&str] = &[
     "sched_process_fork",
@@ -130,6 +132,7 @@ impl Kernel {
         ring_bytes: u32,
         unix_fencing: bool,
         capacities: &[(&'static str, u32)],
+        dns_per_agent: bool,
     ) -> Result<(Self, KernelMaps, Ring), KernelError> {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
@@ -156,6 +159,12 @@ impl Kernel {
         let mut attached = Vec::new();
         let mut pins = Pins::new(pin_dir)?;
         for &name in CGROUP_PROGRAMS {
+            // recvmsg4/6 run on every UDP receive on the host; they only
+            // restore the source of per-agent DNS answers, so they are not
+            // attached in shared DNS mode (nothing for them to do).
+            if !dns_per_agent && RECVMSG_PROGRAMS.contains(&name) {
+                continue;
+            }
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| KernelError::Program { name, source })?;
