@@ -18,24 +18,34 @@ use crate::{
     maps::{CONFIG, EVENTS, LOST, bump},
 };
 
-/// Fills the caller-identity fields every record shares.
+/// Fills the caller ids every record shares (no clock, no comm).
 #[inline(always)]
-pub fn fill_caller(ev: &mut Event, kind: u8, subject: u32) {
+fn fill_ids(ev: &mut Event, kind: u8, subject: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.cgroup_id = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
     ev.kind = kind;
     ev.subject = subject;
     ev.pid = (pid_tgid >> 32) as u32;
     ev.tid = pid_tgid as u32;
     ev.uid = bpf_get_current_uid_gid() as u32;
+}
+
+/// Fills the caller of a process record (fork, exec, exit, socket): its
+/// ids, the time and its comm. The daemon remembers the comm per process
+/// for the decision records, which do not carry it.
+#[inline(always)]
+pub fn fill_caller(ev: &mut Event, kind: u8, subject: u32) {
+    fill_ids(ev, kind, subject);
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
-/// Fills the caller and the verdict of a decision record.
+/// Fills a decision record (the per-call hot path): caller ids, the one
+/// clock read the decision already made, the verdict. No comm: copying it
+/// on every call cost more than it told (the daemon has it from exec/fork).
 #[inline(always)]
 pub fn fill_decision(ev: &mut Event, kind: u8, subject: u32, now: u64, j: &Judgement) {
-    fill_caller(ev, kind, subject);
+    fill_ids(ev, kind, subject);
     ev.ts_ns = now;
     ev.verdict = j.verdict;
     ev.reason = j.reason;

@@ -40,6 +40,8 @@ const PROC_CACHE: usize = 65_536;
 struct ProcInfo {
     ppid: Option<u32>,
     exe: Option<String>,
+    /// From its exec or fork record (decision records carry none).
+    comm: Option<String>,
 }
 
 #[derive(Default)]
@@ -333,6 +335,8 @@ impl Pipeline {
             kind::FORK => {
                 let child = self.procs.entry(ev.aux);
                 child.ppid = Some(ev.pid);
+                // The fork record is the parent's: the child starts with its comm.
+                child.comm = Some(c_str(&ev.comm));
                 let parent_exe = self.procs.get(ev.pid).and_then(|p| p.exe.clone());
                 if let Some(exe) = parent_exe {
                     self.procs.entry(ev.aux).exe = Some(exe);
@@ -342,7 +346,9 @@ impl Pipeline {
                 // SAFETY: length checked; ExecEvent is plain data.
                 let exec: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
                 let path = c_str(&exec.path[..EXEC_PATH_LEN]);
-                self.procs.entry(ev.pid).exe = Some(path);
+                let p = self.procs.entry(ev.pid);
+                p.exe = Some(path);
+                p.comm = Some(c_str(&ev.comm));
             }
             _ => {}
         }
@@ -390,7 +396,17 @@ impl Pipeline {
         let info = self.procs.get(ev.pid).cloned().unwrap_or_default();
         rec.ppid = info.ppid.or_else(|| ppid_of(ev.pid));
         rec.uid = Some(ev.uid);
-        rec.comm = Some(c_str(&ev.comm));
+        rec.comm = if ev.comm[0] != 0 {
+            Some(c_str(&ev.comm))
+        } else {
+            // A decision record: the comm its exec/fork record gave, else
+            // the process's own while it lives.
+            info.comm.clone().or_else(|| {
+                std::fs::read_to_string(format!("/proc/{}/comm", ev.pid))
+                    .ok()
+                    .map(|c| c.trim_end().to_string())
+            })
+        };
         rec.exe = info.exe;
         rec.cgroup = Some(ev.cgroup_id);
         match ev.kind {
