@@ -430,3 +430,45 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_record() {
         dump(&node)
     );
 }
+
+/// In a pod the launcher has a cgroup namespace of its own: its
+/// /proc/self/cgroup reads `/../<path>` once the daemon moved it out of the
+/// namespace's root. It must still confirm its fencing.
+#[test]
+fn a_launcher_in_its_own_cgroup_namespace_confirms_its_fencing() {
+    if !kernel_test("a_launcher_in_its_own_cgroup_namespace_confirms_its_fencing") {
+        return;
+    }
+    let s = setup();
+    let t = s.token(
+        "acme.key",
+        &["--tenant", "acme", "--agent", "researcher", "--aud", NODE],
+    );
+    // The namespace's root is a cgroup of the test's own, a sibling of the
+    // agent cgroups: once moved, the launcher sees `/../...`.
+    let ns_root =
+        agent_guard_tests::cgroup2_mount().join(format!("ag-test-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&ns_root).expect("cgroup");
+    let script = format!(
+        "echo $$ > {root}/cgroup.procs && exec unshare --cgroup setpriv --reuid {uid} --regid {gid} --clear-groups \"$@\"",
+        root = ns_root.display(),
+        uid = ORCH_UID,
+        gid = CONTROL_GID,
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script, "sh"])
+        .arg(agent_guard_bin())
+        .arg("run")
+        .arg("--socket")
+        .arg(&s.d.socket)
+        .arg("--token")
+        .arg(&t)
+        .arg("--")
+        .arg(probe_bin())
+        .args(["tcp", "127.0.0.1", &s.tool.port.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    let _ = std::fs::remove_dir(&ns_root);
+    assert_eq!(code(&out), probe::OK, "{}", stderr(&out));
+}

@@ -215,7 +215,13 @@ fn verify_cgroup(reg: &Registration) -> Result<(), String> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or_else(|| refuse("no cgroup2 entry in /proc/self/cgroup".into()))?;
-    if mine.len() > 1 && reg.cgroup.ends_with(mine) {
+    // Inside a cgroup namespace (a pod) the path is relative to the
+    // namespace's root and starts with `/..` parts: compare the rest.
+    let mut mine = mine;
+    while let Some(rest) = mine.strip_prefix("/..") {
+        mine = rest;
+    }
+    if mine.len() > 1 && mine.starts_with('/') && reg.cgroup.ends_with(mine) {
         Ok(())
     } else {
         Err(refuse(format!(

@@ -143,17 +143,22 @@ impl Peer {
     fn alive(&self) -> bool {
         use std::os::fd::AsRawFd;
         match &self.pidfd {
-            // pidfd_send_signal with signal 0 only checks the process.
-            // SAFETY: plain syscall on a pidfd we own.
-            Some(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    0,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                ) == 0
-            },
+            // pidfd_send_signal with signal 0 only checks the process:
+            // ESRCH when it has exited. EPERM (a caller of another uid and
+            // no CAP_KILL) still means it exists.
+            Some(fd) => {
+                // SAFETY: plain syscall on a pidfd we own.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        0,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+            }
             None => std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
         }
     }
