@@ -3,8 +3,9 @@
 //! daemon and cleans up after it, requests to a running daemon, host facts
 //! and the median.
 //!
-//! The parts (`grants`, `audit`, `local`) import from here and from the
-//! crate root only, never from each other or from `mod.rs`, which runs them.
+//! The parts (`grants`, `audit`, `local`, `control`) import from here and
+//! from the crate root only, never from each other or from `mod.rs`, which
+//! runs them.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
@@ -17,10 +18,10 @@ use serde_json::Value;
 
 use crate::{Built, describe};
 
-/// The tenant of the bench policies of parts 1, 2 and 5.
+/// The tenant of the bench policies of parts 1, 2, 5 and 6.
 pub(crate) const TENANT: &str = "bench";
 /// The agent of `c` (base capabilities), of the grant latency probe and of
-/// part 5.
+/// parts 5 and 6.
 pub(crate) const AGENT: &str = "a";
 /// The tool granted and revoked in part 1; it is not among agent `a`'s own
 /// tools.
@@ -72,11 +73,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "MS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub(crate) grant_gap_ms: u64,
-    /// Space the part-1 probe's connect attempts this far apart (busy wait),
-    /// which bounds the resolution; 0 is a tight loop. Every attempt is a
-    /// decision event the daemon must audit: a tight loop (~3.5 us per
-    /// attempt here) floods it with ~300k events/s, which slows its replies
-    /// (grant ~5 ms) and preempts the probe for milliseconds.
+    /// Space the connect attempts of the part-1 and part-6 probes this far
+    /// apart (busy wait), which bounds the resolution; 0 is a tight loop.
+    /// Every attempt is a decision event the daemon must audit: a tight
+    /// loop (~3.5 us per attempt here) floods it with ~300k events/s, which
+    /// slows its replies (grant ~5 ms) and preempts the probe for
+    /// milliseconds.
     #[arg(long, value_name = "NS", default_value_t = 20_000)]
     pub(crate) watch_spacing_ns: u64,
     /// Do not pin the connect probe to CPU 0 and the listener's threads to
@@ -112,6 +114,78 @@ pub struct BenchArgs {
     /// Skip part 5, Unix socket connects and per-agent DNS queries.
     #[arg(long)]
     pub(crate) skip_local: bool,
+    /// Skip part 6, the control plane (token launch, whois, approve).
+    #[arg(long)]
+    pub(crate) skip_control: bool,
+    /// Part 6: runs of each kind (root, task-scope and token launches,
+    /// against each of the two state directories; whois as a process and
+    /// on the socket), rounded up to a multiple of 10 [default: 200, or 50
+    /// with --quick].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(10..=100_000))]
+    pub(crate) control_runs: Option<u32>,
+    /// Part 6: two-person approval rounds, CLI and socket alternating
+    /// [default: 40, or 10 with --quick].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(2..=10_000))]
+    pub(crate) approve_rounds: Option<u32>,
+    /// Run only these parts (comma-separated); the --skip-* flags still
+    /// apply. results.json then holds only them.
+    #[arg(long, value_enum, value_name = "PART", value_delimiter = ',')]
+    pub(crate) only: Vec<Part>,
+}
+
+/// The parts of `cargo xtask bench`, for --only.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Part {
+    /// Part 1: grant/revoke -> kernel enforcement latency.
+    Grants,
+    /// Part 2: loopback connect() cost, configurations a-d.
+    Connect,
+    /// Part 3: audit verify / replay speed.
+    Audit,
+    /// Part 4: deny flood through the event pipeline.
+    Flood,
+    /// Part 5: Unix socket connects and per-agent DNS.
+    Local,
+    /// Part 6: control plane (token launch, whois, approve).
+    Control,
+}
+
+impl BenchArgs {
+    /// Whether `part` runs: selected by --only (or no --only) and not
+    /// skipped.
+    pub(crate) fn runs(&self, part: Part) -> bool {
+        let skipped = match part {
+            Part::Grants => self.skip_grants,
+            Part::Connect => false,
+            Part::Audit => self.skip_audit,
+            Part::Flood => self.skip_flood,
+            Part::Local => self.skip_local,
+            Part::Control => self.skip_control,
+        };
+        !skipped && (self.only.is_empty() || self.only.contains(&part))
+    }
+
+    /// Why `part` does not run (for results.json).
+    pub(crate) fn why_not(&self, part: Part) -> String {
+        if self.only.is_empty() || self.only.contains(&part) {
+            format!("--skip-{}", part.name())
+        } else {
+            "not in --only".to_owned()
+        }
+    }
+}
+
+impl Part {
+    fn name(self) -> &'static str {
+        match self {
+            Part::Grants => "grants",
+            Part::Connect => "connect",
+            Part::Audit => "audit",
+            Part::Flood => "flood",
+            Part::Local => "local",
+            Part::Control => "control",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -407,10 +481,16 @@ pub(crate) fn tagged_probe(built: &Built, socket: &Path, tenant: &str, agent: &s
 
 /// One request line to the control socket; the reply's `data` when `ok`.
 pub(crate) fn control_request(socket: &Path, request: &Value) -> Result<Value> {
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
+    control_request_on(stream, request)
+}
+
+/// [`control_request`] on a connection opened already (e.g. with other
+/// credentials: the daemon judges the peer's credentials at connect time).
+pub(crate) fn control_request_on(mut stream: UnixStream, request: &Value) -> Result<Value> {
     let mut line = serde_json::to_string(request).context("serializing a control request")?;
     line.push('\n');
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the control socket {}", socket.display()))?;
     stream
         .set_read_timeout(Some(CONTROL_TIMEOUT))
         .context("setting a read timeout on the control socket")?;
@@ -431,6 +511,114 @@ pub(crate) fn control_request(socket: &Path, request: &Value) -> Result<Value> {
         );
     }
     Ok(value["data"].clone())
+}
+
+// ---------------------------------------------------------------------------
+// Watching the kernel flip a verdict
+// ---------------------------------------------------------------------------
+
+/// Current CLOCK_MONOTONIC in ns, the clock the probe stamps its lines with.
+pub(crate) fn mono_ns() -> u64 {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: std::ffi::c_long,
+        tv_nsec: std::ffi::c_long,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: std::ffi::c_int, tp: *mut Timespec) -> std::ffi::c_int;
+    }
+    const CLOCK_MONOTONIC: std::ffi::c_int = 1;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec that we own; the struct
+    // matches the C layout on 64-bit Linux (two longs).
+    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// One verdict change a `watch-connect` probe saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// Start of the first connect with the new verdict.
+    pub(crate) at_ns: u64,
+    /// Start of the connect before it (old verdict), 0 for the first.
+    pub(crate) previous_ns: u64,
+    pub(crate) allow: bool,
+}
+
+/// What a `watch-connect` probe printed.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeLog {
+    pub(crate) changes: Vec<Change>,
+    pub(crate) attempts: u64,
+    pub(crate) errors: u64,
+    pub(crate) elapsed_ns: u64,
+    pub(crate) max_gap_ns: u64,
+    pub(crate) notes: Vec<String>,
+}
+
+/// Parses what `agent-guard-probe watch-connect` printed.
+pub(crate) fn parse_probe(text: &str) -> Result<ProbeLog> {
+    let mut log = ProbeLog::default();
+    let mut summary = false;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["#", "started", _] => {}
+            ["#", "previous_attempt_ns", p] => {
+                let p: u64 = p.parse().with_context(|| format!("probe line {line:?}"))?;
+                let Some(last) = log.changes.last_mut() else {
+                    bail!("probe line {line:?} before any verdict line");
+                };
+                last.previous_ns = p;
+            }
+            [
+                "#",
+                "attempts",
+                a,
+                "errors",
+                e,
+                "elapsed_ns",
+                x,
+                "max_gap_ns",
+                g,
+            ] => {
+                let num = |s: &str| -> Result<u64> {
+                    s.parse().with_context(|| format!("probe line {line:?}"))
+                };
+                log.attempts = num(a)?;
+                log.errors = num(e)?;
+                log.elapsed_ns = num(x)?;
+                log.max_gap_ns = num(g)?;
+                summary = true;
+            }
+            ["#", ..] => log.notes.push(line.trim_start_matches("# ").to_owned()),
+            [t, v @ ("allow" | "deny")] => log.changes.push(Change {
+                at_ns: t.parse().with_context(|| format!("probe line {line:?}"))?,
+                previous_ns: 0,
+                allow: *v == "allow",
+            }),
+            _ => bail!("unexpected probe line {line:?}"),
+        }
+    }
+    if !summary {
+        bail!("the probe printed no summary line; its output:\n{text}");
+    }
+    Ok(log)
+}
+
+/// Kills a child (by its pid) and reaps it unless it was waited for.
+pub(crate) struct ChildGuard(pub(crate) Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -473,6 +661,16 @@ fn unescape_mount(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The file system type of the mount that holds the absolute path `p`.
+pub(crate) fn fs_type(p: &Path) -> Option<String> {
+    mounts()
+        .ok()?
+        .into_iter()
+        .filter(|(mp, _)| p.starts_with(mp))
+        .max_by_key(|(mp, _)| mp.as_os_str().len())
+        .map(|(_, fstype)| fstype)
 }
 
 pub(crate) fn cgroup2_mount() -> Result<PathBuf> {
@@ -546,6 +744,17 @@ pub(crate) fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Nearest-rank percentile of `values` (p in 0..=100).
+pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,5 +770,72 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(unescape_mount(r"/a\040b"), "/a b");
         assert_eq!(unescape_mount("/sys/fs/cgroup"), "/sys/fs/cgroup");
+    }
+
+    #[test]
+    fn parses_probe_output() {
+        let log = parse_probe(
+            "100 deny\n# previous_attempt_ns 0\n250 allow\n# previous_attempt_ns 240\n\
+             # error 2 x Connection refused\n\
+             # attempts 9 errors 2 elapsed_ns 1000 max_gap_ns 40\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            log.changes,
+            vec![
+                Change {
+                    at_ns: 100,
+                    previous_ns: 0,
+                    allow: false
+                },
+                Change {
+                    at_ns: 250,
+                    previous_ns: 240,
+                    allow: true
+                }
+            ]
+        );
+        assert_eq!((log.attempts, log.errors, log.max_gap_ns), (9, 2, 40));
+        assert_eq!(log.notes.len(), 1);
+        assert!(parse_probe("100 deny\n").is_err());
+        assert!(parse_probe("x allow\n# attempts 1 errors 0 elapsed_ns 1 max_gap_ns 0").is_err());
+    }
+
+    #[test]
+    fn only_selects_parts_and_skips_still_apply() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+                .map(|c| c.bench)
+        };
+        let all = parse(&[]).expect("parses");
+        assert!(all.runs(Part::Connect) && all.runs(Part::Control));
+        let some = parse(&["--only", "control,grants", "--skip-grants"]).expect("parses");
+        assert!(some.runs(Part::Control));
+        assert!(!some.runs(Part::Grants) && !some.runs(Part::Connect));
+        assert_eq!(some.why_not(Part::Grants), "--skip-grants");
+        assert_eq!(some.why_not(Part::Audit), "not in --only");
+        assert!(parse(&["--only", "nonesuch"]).is_err());
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[5.0], 99.0), 5.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn clock_moves() {
+        let a = mono_ns();
+        let b = mono_ns();
+        assert!(a > 0 && b >= a);
     }
 }

@@ -12,15 +12,15 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::common::{
-    AGENT, Guard, PAY_TOOL, TENANT, control_request, daemon_status, events_lost, median,
-    tagged_probe, wait_for_foreign_daemons,
+    AGENT, Change, ChildGuard, Guard, PAY_TOOL, ProbeLog, TENANT, control_request, daemon_status,
+    events_lost, median, mono_ns, parse_probe, percentile, tagged_probe, wait_for_foreign_daemons,
 };
 use crate::{Built, describe};
 
@@ -34,27 +34,6 @@ const PROBE_SETTLE: Duration = Duration::from_millis(300);
 /// Probe run time beyond the rounds' planned length.
 const PROBE_SLACK_MS: u64 = 3000;
 
-/// Current CLOCK_MONOTONIC in ns, the clock the probe stamps its lines with.
-pub(crate) fn mono_ns() -> u64 {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: std::ffi::c_long,
-        tv_nsec: std::ffi::c_long,
-    }
-    unsafe extern "C" {
-        fn clock_gettime(clock: std::ffi::c_int, tp: *mut Timespec) -> std::ffi::c_int;
-    }
-    const CLOCK_MONOTONIC: std::ffi::c_int = 1;
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec that we own; the struct
-    // matches the C layout on 64-bit Linux (two longs).
-    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Op {
     Grant,
@@ -67,76 +46,6 @@ struct Request {
     round: u32,
     sent_ns: u64,
     returned_ns: u64,
-}
-
-/// One verdict change the probe saw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Change {
-    /// Start of the first connect with the new verdict.
-    at_ns: u64,
-    /// Start of the connect before it (old verdict), 0 for the first.
-    previous_ns: u64,
-    allow: bool,
-}
-
-/// What the probe printed.
-#[derive(Debug, Default)]
-struct ProbeLog {
-    changes: Vec<Change>,
-    attempts: u64,
-    errors: u64,
-    elapsed_ns: u64,
-    max_gap_ns: u64,
-    notes: Vec<String>,
-}
-
-fn parse_probe(text: &str) -> Result<ProbeLog> {
-    let mut log = ProbeLog::default();
-    let mut summary = false;
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["#", "started", _] => {}
-            ["#", "previous_attempt_ns", p] => {
-                let p: u64 = p.parse().with_context(|| format!("probe line {line:?}"))?;
-                let Some(last) = log.changes.last_mut() else {
-                    bail!("probe line {line:?} before any verdict line");
-                };
-                last.previous_ns = p;
-            }
-            [
-                "#",
-                "attempts",
-                a,
-                "errors",
-                e,
-                "elapsed_ns",
-                x,
-                "max_gap_ns",
-                g,
-            ] => {
-                let num = |s: &str| -> Result<u64> {
-                    s.parse().with_context(|| format!("probe line {line:?}"))
-                };
-                log.attempts = num(a)?;
-                log.errors = num(e)?;
-                log.elapsed_ns = num(x)?;
-                log.max_gap_ns = num(g)?;
-                summary = true;
-            }
-            ["#", ..] => log.notes.push(line.trim_start_matches("# ").to_owned()),
-            [t, v @ ("allow" | "deny")] => log.changes.push(Change {
-                at_ns: t.parse().with_context(|| format!("probe line {line:?}"))?,
-                previous_ns: 0,
-                allow: *v == "allow",
-            }),
-            _ => bail!("unexpected probe line {line:?}"),
-        }
-    }
-    if !summary {
-        bail!("the probe printed no summary line; its output:\n{text}");
-    }
-    Ok(log)
 }
 
 /// A request matched with the first change to its verdict.
@@ -179,17 +88,6 @@ fn signed_diff(a: u64, b: u64) -> i64 {
     } else {
         -i64::try_from(b - a).unwrap_or(i64::MAX)
     }
-}
-
-/// Nearest-rank percentile of `values` (p in 0..=100).
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// The measured figures for one operation (grant or revoke), in µs.
@@ -336,18 +234,6 @@ pub(crate) struct GrantLatency {
     events_lost: u64,
     decisions: Value,
     daemon_cpu: Option<Duration>,
-}
-
-/// Kills a child (by its pid) and reaps it unless it was waited for.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Runs part 1 with a daemon of its own (started and stopped here).
@@ -601,35 +487,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_probe_output() {
-        let log = parse_probe(
-            "100 deny\n# previous_attempt_ns 0\n250 allow\n# previous_attempt_ns 240\n\
-             # error 2 x Connection refused\n\
-             # attempts 9 errors 2 elapsed_ns 1000 max_gap_ns 40\n",
-        )
-        .expect("parses");
-        assert_eq!(
-            log.changes,
-            vec![
-                Change {
-                    at_ns: 100,
-                    previous_ns: 0,
-                    allow: false
-                },
-                Change {
-                    at_ns: 250,
-                    previous_ns: 240,
-                    allow: true
-                }
-            ]
-        );
-        assert_eq!((log.attempts, log.errors, log.max_gap_ns), (9, 2, 40));
-        assert_eq!(log.notes.len(), 1);
-        assert!(parse_probe("100 deny\n").is_err());
-        assert!(parse_probe("x allow\n# attempts 1 errors 0 elapsed_ns 1 max_gap_ns 0").is_err());
-    }
-
-    #[test]
     fn matches_first_change_in_window() {
         let req = |op, sent_ns, returned_ns| Request {
             op,
@@ -655,21 +512,5 @@ mod tests {
         assert_eq!(m[0].as_ref().map(|m| m.previous_after_return_ns), Some(-60));
         assert!(m[1].is_none());
         assert!(m[2].is_none());
-    }
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[5.0], 99.0), 5.0);
-        assert!(percentile(&[], 50.0).is_nan());
-    }
-
-    #[test]
-    fn clock_moves() {
-        let a = mono_ns();
-        let b = mono_ns();
-        assert!(a > 0 && b >= a);
     }
 }

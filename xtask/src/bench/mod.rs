@@ -20,11 +20,13 @@
 //! always runs with nothing of ours attached.
 //!
 //! Before the rounds, part 1 (`grants`) measures how soon after a
-//! `grant` / `revoke` returns the kernel enforces it.
+//! `grant` / `revoke` returns the kernel enforces it. After them come part
+//! 3 and 4 (`audit`), part 5 (`local`) and part 6 (`control`: token
+//! launches, whois, two-person approval). `--only PART,...` runs a subset.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,13 +36,14 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 mod audit;
-mod common;
+pub(crate) mod common;
+mod control;
 mod grants;
 mod local;
 
 use self::common::{
-    AGENT, Guard, PAY_TOOL, PROBE_EPERM, TENANT, cgroup2_mount, control_request, daemon_status,
-    events_lost, median, tagged_probe, wait_for_foreign_daemons,
+    AGENT, Guard, PAY_TOOL, PROBE_EPERM, Part, TENANT, cgroup2_mount, control_request,
+    daemon_status, events_lost, median, tagged_probe, wait_for_foreign_daemons,
 };
 use self::grants::GrantLatency;
 use crate::{Built, Workspace, describe};
@@ -148,9 +151,8 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     let n = args
         .connects
         .unwrap_or(if args.quick { 5000 } else { 8000 });
-    let pause = Duration::from_millis(args.pause_ms);
 
-    if n > PORT_PRESSURE {
+    if args.runs(Part::Connect) && n > PORT_PRESSURE {
         eprintln!(
             "bench: warning: {n} connects per sample exceed ~{PORT_PRESSURE}; expect samples \
              dominated by ephemeral port search (see --help)"
@@ -158,11 +160,158 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     }
     let cgroup2 = cgroup2_mount()?;
     let pin = Pinning::choose(args.no_pin);
+
+    let (grant_latency, connect) = if args.runs(Part::Grants) || args.runs(Part::Connect) {
+        grants_and_connect(built, &cgroup2, &pin, args, rounds, n)?
+    } else {
+        (None, None)
+    };
+
+    let audit_speed = if args.runs(Part::Audit) {
+        let records = args
+            .audit_records
+            .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        eprintln!(
+            "bench: part 3: audit generate / verify / replay at {records} records, {} runs each",
+            args.audit_runs
+        );
+        let a = audit::audit_speed(built, records, args.audit_runs)?;
+        print!("{}", a.table());
+        Some(a)
+    } else {
+        None
+    };
+    let flood = if args.runs(Part::Flood) {
+        let f = audit::flood(built, &cgroup2, args)?;
+        print!("{}", f.table());
+        Some(f)
+    } else {
+        None
+    };
+
+    let local = if args.runs(Part::Local) {
+        let (unix_n, dns_n) = if args.quick {
+            (2000, 500)
+        } else {
+            (5000, 2000)
+        };
+        let l = local::local_cost(built, &cgroup2, rounds.min(5), unix_n, dns_n)?;
+        print!("{}", l.table());
+        Some(l)
+    } else {
+        None
+    };
+
+    let control_plane = if args.runs(Part::Control) {
+        let runs = args
+            .control_runs
+            .unwrap_or(if args.quick { 50 } else { 200 });
+        let approve_rounds = args
+            .approve_rounds
+            .unwrap_or(if args.quick { 10 } else { 40 });
+        let c = control::measure(
+            built,
+            &cgroup2,
+            usize::try_from(runs).unwrap_or(usize::MAX),
+            approve_rounds,
+            args.watch_spacing_ns,
+        )?;
+        print!("{}", c.table());
+        Some(c)
+    } else {
+        None
+    };
+
+    // Everything once more at the end, where it is easy to find.
+    if let Some(c) = &connect {
+        print!("{}", c.table);
+    }
+    if let Some(g) = &grant_latency {
+        print!("{}", g.table());
+    }
+    if let Some(a) = &audit_speed {
+        print!("{}", a.table());
+    }
+    if let Some(f) = &flood {
+        print!("{}", f.table());
+    }
+    if let Some(l) = &local {
+        print!("{}", l.table());
+    }
+    if let Some(c) = &control_plane {
+        print!("{}", c.table());
+    }
+
+    let mut results = match &connect {
+        Some(c) => results_json(
+            ws,
+            &c.wall,
+            &c.cpu,
+            c.judged,
+            &c.samples,
+            &c.statuses,
+            rounds,
+            n,
+            args,
+        ),
+        None => {
+            let mut r = run_json(ws);
+            r["connect_cost"] = json!({ "skipped": args.why_not(Part::Connect) });
+            r
+        }
+    };
+    let skipped = |part: Part| json!({ "skipped": args.why_not(part) });
+    results["pinning"] = pin.json();
+    results["grant_latency"] = grant_latency
+        .as_ref()
+        .map_or_else(|| skipped(Part::Grants), GrantLatency::json);
+    results["audit_speed"] = audit_speed
+        .as_ref()
+        .map_or_else(|| skipped(Part::Audit), audit::AuditSpeed::json);
+    results["deny_flood"] = flood
+        .as_ref()
+        .map_or_else(|| skipped(Part::Flood), audit::Flood::json);
+    results["local_endpoints"] = local
+        .as_ref()
+        .map_or_else(|| skipped(Part::Local), local::LocalCost::json);
+    results["control_plane"] = control_plane
+        .as_ref()
+        .map_or_else(|| skipped(Part::Control), control::ControlPlane::json);
+    let dir = ws.target.join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("results.json");
+    let text = serde_json::to_string_pretty(&results).context("serializing results")?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    println!("results: {}", path.display());
+    Ok(())
+}
+
+/// Part 2's figures.
+struct ConnectCost {
+    wall: Report,
+    cpu: Report,
+    judged: Metric,
+    samples: Vec<Sample>,
+    statuses: Vec<RoundStatus>,
+    table: String,
+}
+
+/// Parts 1 and 2, which share one policy, work directory and listeners;
+/// each runs only if selected.
+fn grants_and_connect(
+    built: &Built,
+    cgroup2: &Path,
+    pin: &Pinning,
+    args: &BenchArgs,
+    rounds: u32,
+    n: u32,
+) -> Result<(Option<GrantLatency>, Option<ConnectCost>)> {
+    let pause = Duration::from_millis(args.pause_ms);
     let listener = Listener::start(pin.listener_cpu)?;
     let port = listener.addr.port();
     // The `pay` tool's listener for part 1 (granted and revoked).
     let pay_listener = Listener::start(None)?;
-    let mut guard = Guard::create(&cgroup2, "")?;
+    let mut guard = Guard::create(cgroup2, "")?;
 
     let policy = policy_toml(port, pay_listener.addr.port(), args.endpoints);
     std::fs::write(&guard.policy, &policy)
@@ -183,18 +332,7 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         );
     }
 
-    eprintln!(
-        "bench: {rounds} rounds x (a b c d d c b a), {n} connects per sample, {} endpoint \
-         entries, {} grant entries, listener {}, work dir {}",
-        args.endpoints,
-        GRANT_TOOLS * GRANT_TOOL_ENDPOINTS + 1,
-        listener.addr,
-        guard.dir.display()
-    );
-
-    let grant_latency: Option<GrantLatency> = if args.skip_grants {
-        None
-    } else {
+    let grant_latency: Option<GrantLatency> = if args.runs(Part::Grants) {
         eprintln!(
             "bench: part 1: {} x (grant, {} ms, revoke, {} ms) with a tagged watch-connect probe",
             args.grant_rounds, args.grant_gap_ms, args.grant_gap_ms
@@ -209,9 +347,22 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         )?;
         print!("{}", g.table());
         Some(g)
+    } else {
+        None
     };
+    if !args.runs(Part::Connect) {
+        return Ok((grant_latency, None));
+    }
 
-    eprintln!("bench: part 2: {}", pin.describe());
+    eprintln!(
+        "bench: part 2: {rounds} rounds x (a b c d d c b a), {n} connects per sample, {} \
+         endpoint entries, {} grant entries, listener {}, work dir {}; {}",
+        args.endpoints,
+        GRANT_TOOLS * GRANT_TOOL_ENDPOINTS + 1,
+        listener.addr,
+        guard.dir.display(),
+        pin.describe()
+    );
     let runner = Runner {
         built,
         guard_socket: guard.socket.clone(),
@@ -292,80 +443,17 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     );
     print!("{table}");
 
-    let audit_speed = if args.skip_audit {
-        None
-    } else {
-        let records = args
-            .audit_records
-            .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
-        eprintln!(
-            "bench: part 3: audit generate / verify / replay at {records} records, {} runs each",
-            args.audit_runs
-        );
-        let a = audit::audit_speed(built, records, args.audit_runs)?;
-        print!("{}", a.table());
-        Some(a)
-    };
-    let flood = if args.skip_flood {
-        None
-    } else {
-        let f = audit::flood(built, &cgroup2, args)?;
-        print!("{}", f.table());
-        Some(f)
-    };
-
-    let local = if args.skip_local {
-        None
-    } else {
-        let (unix_n, dns_n) = if args.quick {
-            (2000, 500)
-        } else {
-            (5000, 2000)
-        };
-        let l = local::local_cost(built, &cgroup2, rounds.min(5), unix_n, dns_n)?;
-        print!("{}", l.table());
-        Some(l)
-    };
-
-    // Everything once more at the end, where it is easy to find.
-    print!("{table}");
-    if let Some(g) = &grant_latency {
-        print!("{}", g.table());
-    }
-    if let Some(a) = &audit_speed {
-        print!("{}", a.table());
-    }
-    if let Some(f) = &flood {
-        print!("{}", f.table());
-    }
-    if let Some(l) = &local {
-        print!("{}", l.table());
-    }
-
-    let mut results = results_json(
-        ws, &wall, &cpu, judged, &samples, &statuses, rounds, n, args,
-    );
-    results["pinning"] = pin.json();
-    results["grant_latency"] = grant_latency
-        .as_ref()
-        .map_or(json!({ "skipped": "--skip-grants" }), GrantLatency::json);
-    results["audit_speed"] = audit_speed.as_ref().map_or(
-        json!({ "skipped": "--skip-audit" }),
-        audit::AuditSpeed::json,
-    );
-    results["deny_flood"] = flood
-        .as_ref()
-        .map_or(json!({ "skipped": "--skip-flood" }), audit::Flood::json);
-    results["local_endpoints"] = local
-        .as_ref()
-        .map_or(json!({ "skipped": "--skip-local" }), local::LocalCost::json);
-    let dir = ws.target.join("bench");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("results.json");
-    let text = serde_json::to_string_pretty(&results).context("serializing results")?;
-    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    println!("results: {}", path.display());
-    Ok(())
+    Ok((
+        grant_latency,
+        Some(ConnectCost {
+            wall,
+            cpu,
+            judged,
+            samples,
+            statuses,
+            table,
+        }),
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -1196,20 +1284,8 @@ fn results_json(
             })
         })
         .collect();
-    let dirty = git(ws, &["status", "--porcelain"]).map(|s| !s.is_empty());
-    json!({
-        "benchmark": "loopback TCP connect() cost",
-        "date": utc_now(),
-        "machine": {
-            "hostname": read_trimmed("/proc/sys/kernel/hostname"),
-            "cpu_model": cpu_model(),
-            "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
-            "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
-            "kernel_version": read_trimmed("/proc/version"),
-            "tcp_tw_reuse": read_trimmed("/proc/sys/net/ipv4/tcp_tw_reuse"),
-            "ip_local_port_range": read_trimmed("/proc/sys/net/ipv4/ip_local_port_range"),
-        },
-        "git": { "commit": git(ws, &["rev-parse", "HEAD"]), "dirty": dirty },
+    let mut r = run_json(ws);
+    let more = json!({
         "rounds": rounds,
         "connects_per_sample": n,
         "endpoint_entries": args.endpoints,
@@ -1235,6 +1311,29 @@ fn results_json(
         "targets": judged_json.get("targets").cloned().unwrap_or_default(),
         "samples": sample_log,
         "daemon_rounds": daemon_rounds,
+    });
+    if let (Some(r), Value::Object(more)) = (r.as_object_mut(), more) {
+        r.extend(more);
+    }
+    r
+}
+
+/// What every results.json has: when, where, which commit.
+fn run_json(ws: &Workspace) -> Value {
+    let dirty = git(ws, &["status", "--porcelain"]).map(|s| !s.is_empty());
+    json!({
+        "benchmark": "loopback TCP connect() cost",
+        "date": utc_now(),
+        "machine": {
+            "hostname": read_trimmed("/proc/sys/kernel/hostname"),
+            "cpu_model": cpu_model(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "kernel": read_trimmed("/proc/sys/kernel/osrelease"),
+            "kernel_version": read_trimmed("/proc/version"),
+            "tcp_tw_reuse": read_trimmed("/proc/sys/net/ipv4/tcp_tw_reuse"),
+            "ip_local_port_range": read_trimmed("/proc/sys/net/ipv4/ip_local_port_range"),
+        },
+        "git": { "commit": git(ws, &["rev-parse", "HEAD"]), "dirty": dirty },
     })
 }
 
