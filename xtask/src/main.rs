@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod soak;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
 const LLVM_PACKAGES: &[&str] = &[
@@ -47,6 +48,7 @@ Examples:
   cargo xtask test -- --nocapture      # extra args go to the test binaries
   cargo xtask test -- -p agent-guard -- --test-threads=1
   sudo -E cargo xtask bench            # connect() cost; --quick for a smoke run
+  sudo -E cargo xtask soak --minutes 10  # one daemon under churn, then leak/loss checks
   cargo xtask lint"
 )]
 struct Cli {
@@ -114,6 +116,20 @@ Examples:
   sudo -E cargo xtask bench --skip-grants --skip-audit --skip-flood   # connect cost only
   sudo -E cargo xtask bench --rounds 15 --connects 10000")]
     Bench(bench::BenchArgs),
+    /// Build --release, then run one daemon under N minutes of churn (root):
+    /// short-lived tagged agents (forks, threads, task scopes, sub-agents,
+    /// DNS), grants issued, used up, revoked and expiring, a policy reload
+    /// every few seconds and a deny flood, all on loopback. Fails unless
+    /// every decision was audited or counted lost, the maps are back to
+    /// their baseline, grants agree with the kernel, the daemon's RSS has
+    /// not doubled and `audit verify` passes. Prints a summary and writes
+    /// target/soak/results.json.
+    #[command(after_help = "\
+Examples:
+  sudo -E cargo xtask soak --minutes 10     # the reference run (BENCHMARKS.md, Soak)
+  sudo -E cargo xtask soak --minutes 1      # what CI runs
+  sudo -E cargo xtask soak --minutes 5 --launchers 4 --flood-burst 20000 --no-dns")]
+    Soak(soak::SoakArgs),
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     #[command(after_help = "Examples:\n  cargo xtask lint")]
     Lint,
@@ -155,6 +171,17 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             let built = build(&ws, true)?;
             bench::bench(&ws, &built, &args)
+        }
+        Cmd::Soak(args) => {
+            if !is_root() {
+                bail!(
+                    "the soak starts the daemon, which attaches eBPF programs to the \
+                     cgroup2 root; that needs root. Run:\n  sudo -E cargo xtask soak --minutes {}",
+                    args.minutes
+                );
+            }
+            let built = build(&ws, !args.debug)?;
+            soak::soak(&ws, &built, &args)
         }
         Cmd::Lint => lint(&ws),
     }
@@ -759,6 +786,30 @@ mod tests {
                 assert_eq!(args, ["--policy", "/p.toml"]);
             }
             _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn soak_arguments() {
+        match parse(&["soak", "--minutes", "1"]) {
+            Cmd::Soak(args) => {
+                assert_eq!(args.minutes, 1.0);
+                assert_eq!((args.launchers, args.reload_every), (2, 3));
+                assert!(!args.no_dns && !args.debug);
+            }
+            _ => panic!("not soak"),
+        }
+        match parse(&["soak"]) {
+            Cmd::Soak(args) => assert_eq!(args.minutes, 10.0),
+            _ => panic!("not soak"),
+        }
+        for bad in [
+            &["soak", "--minutes", "0"][..],
+            &["soak", "--minutes", "x"],
+            &["soak", "--launchers", "0"],
+        ] {
+            let argv = std::iter::once("xtask").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} was accepted");
         }
     }
 
