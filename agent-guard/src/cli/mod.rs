@@ -20,10 +20,22 @@ use crate::control::DEFAULT_SOCKET;
 /// Exit status for errors of agent-guard itself.
 pub const EXIT_FAILURE: u8 = 1;
 
+/// `--version`: which source (git commit, `unknown` outside a git tree)
+/// and which eBPF object (its SHA-256, `none` when built without one) this
+/// binary was built from; set by build.rs. `-V` prints the version alone.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ngit commit: ",
+    env!("AGENT_GUARD_GIT_SHA"),
+    "\neBPF object sha256: ",
+    env!("AGENT_GUARD_EBPF_SHA256"),
+);
+
 #[derive(Parser)]
 #[command(
     name = "agent-guard",
     version,
+    long_version = LONG_VERSION,
     about = "Kernel-enforced egress fence and audit trail for AI agent processes",
     long_about = "agent-guard tags agent processes with a workload identity (tenant, agent) and lets the \
 kernel refuse every connect()/sendto() that the agent's capability set does not cover. \
