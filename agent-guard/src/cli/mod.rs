@@ -4,6 +4,7 @@ mod approvals;
 mod audit;
 mod daemon;
 mod doctor;
+mod generate;
 mod grant;
 mod policy;
 mod run;
@@ -84,6 +85,10 @@ enum Command {
     /// Make signing keys and signed launch tokens (`run --token`).
     #[command(subcommand)]
     Token(token::Command),
+    /// Write man pages or shell completions generated from this CLI
+    /// (used by packaging).
+    #[command(subcommand, hide = true)]
+    Generate(generate::Command),
 }
 
 /// `--socket`, shared by the client subcommands.
@@ -111,6 +116,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => grant::revoke(args),
         Command::Suspend(args) => grant::suspend(args, true),
         Command::Resume(args) => grant::suspend(args, false),
+        Command::Generate(cmd) => generate::main(cmd),
     }
 }
 
