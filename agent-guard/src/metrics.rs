@@ -1,4 +1,6 @@
-//! Prometheus metrics and the `/metrics` endpoint.
+//! Prometheus metrics and the `/metrics` endpoint, with `/healthz` (200
+//! while the daemon serves) and `/readyz` (200 once it enforces, see
+//! [`Readiness`]) on the same listener.
 //!
 //! Label values come from policy names and fixed code tables only, never
 //! from pids or addresses, so cardinality stays bounded; destinations that
@@ -6,7 +8,18 @@
 
 use std::net::SocketAddr;
 
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -28,6 +41,7 @@ pub struct Metrics {
     pub audit_records: IntCounterVec,
     pub divergence: IntCounterVec,
     pub dns_queries: IntCounterVec,
+    pub dns_cache: IntCounterVec,
     /// Decisions counted in the kernel (exact even when events are lost).
     pub kernel_decisions: IntGaugeVec,
     pub audit_write_errors: IntCounterVec,
@@ -153,6 +167,12 @@ impl Metrics {
                 "Queries to the per-agent DNS proxy, by result: answered (addresses opened to that agent) or refused (a name none of its current tools names). Upstream failures are in `status` (dns_proxy).",
                 &["tenant", "agent", "result"],
             )?,
+            dns_cache: counter(
+                &r,
+                "agent_guard_dns_cache_total",
+                "Allowed per-agent DNS queries looked up in the proxy's answer cache, by result: hit (answered without asking upstream; still judged and opened per agent) or miss.",
+                &["result"],
+            )?,
             kernel_decisions: gauge(
                 &r,
                 "agent_guard_kernel_decisions",
@@ -226,17 +246,55 @@ impl Metrics {
 /// daemon's state; the daemon hands them this.
 pub type Scrape = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
-async fn metrics_handler(State(scrape): State<Scrape>) -> impl IntoResponse {
+/// Whether the daemon enforces: its programs are attached and its policy
+/// applied (the moment it tells systemd READY=1). Cleared again when it
+/// starts to stop. `/readyz` answers from it.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    scrape: Scrape,
+    ready: Readiness,
+}
+
+async fn metrics_handler(State(e): State<Endpoints>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        scrape(),
+        (e.scrape)(),
     )
+}
+
+/// Liveness: the daemon's runtime answers at all.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: 200 while enforcing, 503 before (loading, applying the
+/// policy, taking over) and while stopping.
+async fn readyz(State(e): State<Endpoints>) -> impl IntoResponse {
+    if e.ready.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 /// Binds `addr` and returns the bound address and the server future.
 pub async fn serve(
     addr: SocketAddr,
     scrape: Scrape,
+    ready: Readiness,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(
     SocketAddr,
@@ -246,7 +304,9 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .with_state(scrape);
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Endpoints { scrape, ready });
     let fut = async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -255,4 +315,50 @@ pub async fn serve(
             .await
     };
     Ok((bound, fut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GET `path` over a plain TCP connection; returns the status code.
+    async fn get_status(addr: SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {buf:?}"))
+    }
+
+    #[tokio::test]
+    async fn healthz_always_readyz_only_when_ready() {
+        let ready = Readiness::default();
+        let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let scrape: Scrape = Arc::new(|| "m 1\n".to_string());
+        let (addr, fut) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            scrape,
+            ready.clone(),
+            stop_rx,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(fut);
+        assert_eq!(get_status(addr, "/healthz").await, 200);
+        assert_eq!(get_status(addr, "/readyz").await, 503);
+        assert_eq!(get_status(addr, "/metrics").await, 200);
+        ready.set(true);
+        assert_eq!(get_status(addr, "/readyz").await, 200);
+        ready.set(false);
+        assert_eq!(get_status(addr, "/readyz").await, 503);
+        assert_eq!(get_status(addr, "/nonesuch").await, 404);
+    }
 }

@@ -364,7 +364,13 @@ async fn serve(
         // What is restored (or, on a fresh start, nothing) is the registry
         // on disk from now on.
         state.save_registry();
-        let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, scrape(&state), shutdown_rx.clone())
+        // Handle SIGTERM before anyone can see the daemon ready (socket,
+        // /readyz, READY=1): a stop right after must still clean up.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let ready = crate::metrics::Readiness::default();
+        let (bound, metrics_fut) = crate::metrics::serve(opts.metrics_addr, scrape(&state), ready.clone(), shutdown_rx.clone())
             .await
             .with_context(|| format!("binding metrics address {}", opts.metrics_addr))?;
         *state.metrics_addr.write().unwrap_or_else(|p| p.into_inner()) = Some(bound);
@@ -372,6 +378,10 @@ async fn serve(
         let control_task = tokio::spawn(control::server::serve(listener, state.clone(), shutdown_rx.clone()));
         let abstract_task = tokio::spawn(control::server::serve(abstract_listener, state.clone(), shutdown_rx.clone()));
         tracing::info!(socket = %opts.socket.display(), metrics = %bound, "agent-guard daemon ready");
+        // Programs attached, policy applied, sockets served: /readyz and
+        // systemd (Type=notify; a no-op without NOTIFY_SOCKET) hear it now.
+        ready.set(true);
+        notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("programs attached, policy applied")]);
 
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
         // A node without a resolver configuration still enforces; tools
@@ -385,9 +395,6 @@ async fn serve(
                 None
             }
         } };
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -395,6 +402,8 @@ async fn serve(
                 _ = hup.recv() => { tracing::info!("SIGHUP: reloading the policy"); state.reload_file(); }
             }
         }
+        ready.set(false);
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         watch_task.abort();
         if let Some(t) = dns_task {
             t.abort();
@@ -537,6 +546,17 @@ async fn watch_policy(state: Arc<state::State>, mut shutdown: watch::Receiver<bo
             }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Tells systemd about a state change when it started us (NOTIFY_SOCKET
+/// set and not empty); a failure is logged, never fatal.
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none_or(|s| s.is_empty()) {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("sd_notify: {e}");
     }
 }
 
