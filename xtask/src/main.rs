@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod package;
 mod soak;
 
 /// Debian packages needed to build bpf-linker against LLVM 22.
@@ -48,6 +49,7 @@ Examples:
   cargo xtask test -- --nocapture      # extra args go to the test binaries
   cargo xtask test -- -p agent-guard -- --test-threads=1
   sudo -E cargo xtask bench            # connect() cost; --quick for a smoke run
+  cargo xtask package                  # target/debian/agent-guard_*.deb
   sudo -E cargo xtask soak --minutes 10  # one daemon under churn, then leak/loss checks
   cargo xtask lint"
 )]
@@ -130,6 +132,17 @@ Examples:
   sudo -E cargo xtask soak --minutes 1      # what CI runs
   sudo -E cargo xtask soak --minutes 5 --launchers 4 --flood-burst 20000 --no-dns")]
     Soak(soak::SoakArgs),
+    /// Build the Debian package: a release build with the eBPF object
+    /// embedded, man pages and completions generated from the CLI, then
+    /// cargo-deb (installed if missing) from [package.metadata.deb] in
+    /// agent-guard/Cargo.toml. Writes target/debian/agent-guard_*.deb (binary
+    /// stripped) and agent-guard-dbgsym_*.ddeb (its debug info).
+    #[command(after_help = "\
+Examples:
+  cargo xtask package
+  sudo apt install ./target/debian/agent-guard_0.1.0-1_amd64.deb
+  cargo test -p agent-guard-tests --test package -- --nocapture   # check the .deb")]
+    Package,
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     #[command(after_help = "Examples:\n  cargo xtask lint")]
     Lint,
@@ -183,6 +196,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let built = build(&ws, !args.debug)?;
             soak::soak(&ws, &built, &args)
         }
+        Cmd::Package => package::package(&ws).map(|_| ()),
         Cmd::Lint => lint(&ws),
     }
 }
