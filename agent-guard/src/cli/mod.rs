@@ -48,6 +48,9 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the daemon's many flags make that variant big,
+// which costs nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: load and attach the eBPF programs, serve the control
