@@ -194,3 +194,35 @@ fn a_policy_that_does_not_fit_caps_is_refused_and_the_old_one_kept() {
         "{m}"
     );
 }
+
+/// Found by the soak: every task scope ever started stayed in the daemon's
+/// memory after retirement. Retired identities are now forgotten after six
+/// idle ages, so the daemon's state is bounded by live work.
+#[test]
+fn retired_task_scopes_do_not_pile_up_in_the_daemon() {
+    if !kernel_test("retired_task_scopes_do_not_pile_up_in_the_daemon") {
+        return;
+    }
+    let l = Listener::tcp("127.0.0.1");
+    let policy = tools(&[l.port])
+        .agent("acme", "researcher", &["t0"])
+        .build();
+    let d = Daemon::start_with(&policy, &["--idle-subject-age", "1s"]);
+    let roots = d.status()["subjects_known"]
+        .as_u64()
+        .expect("subjects_known");
+    for i in 0..5 {
+        let out = d
+            .launch("acme", "researcher")
+            .task(&format!("job {i}"))
+            .probe(&["tcp", "127.0.0.1", &l.port.to_string()]);
+        assert_eq!(out.status.code(), Some(probe::OK));
+    }
+    let grew = d.status()["subjects_known"]
+        .as_u64()
+        .expect("subjects_known");
+    assert_eq!(grew, roots + 5, "each launch made a scope");
+    d.wait_status("retired scopes forgotten", 30, |s| {
+        s["subjects_known"].as_u64() == Some(roots)
+    });
+}

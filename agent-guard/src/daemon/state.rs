@@ -79,6 +79,8 @@ pub struct Registry {
     /// Cgroups tagged because they match an agent's `cgroup_glob`:
     /// cgroup id -> (directory, root subject).
     pub adopted: BTreeMap<u64, (PathBuf, u32)>,
+    /// Retired derived subjects, oldest first, forgotten after a while.
+    pub retired: std::collections::VecDeque<(u32, Instant)>,
 }
 
 /// A message for the event pipeline.
@@ -396,6 +398,7 @@ impl State {
     pub fn status(&self) -> serde_json::Value {
         // Before the registry lock: the check takes it itself.
         let grant_problems = self.grant_disagreements();
+        let subjects_known = self.registry().identities.len();
         let reg = self.registry();
         let (generation, origin, hash) = reg
             .loaded
@@ -540,6 +543,9 @@ impl State {
             },
             "policy": { "generation": generation, "origin": origin, "sha256": hash },
             "tracked_processes": procs.len(),
+            // Identities the daemon holds, retired ones included (they are
+            // forgotten a while after retirement: bounded by live work).
+            "subjects_known": subjects_known,
             "agents": agents,
             "grants": grants,
             "approvals": self.approvals(),

@@ -30,6 +30,10 @@ use crate::{
     policy::{Hardening, Mode, Policy, ToolEndpoint, check_name},
 };
 
+/// A retired task/sub-agent identity is kept for late records this many
+/// times `--idle-subject-age` (default 10 s: a minute), then forgotten.
+const RETIRED_KEEP_FACTOR: u32 = 6;
+
 /// A task scope: what the process was started to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
@@ -1134,6 +1138,7 @@ impl State {
     /// sub-agent launches do not fill the maps over time. The identity stays
     /// (inactive) for enrichment of late records.
     pub fn retire_idle_subjects(&self, min_age: std::time::Duration) -> usize {
+        self.forget_retired(min_age.saturating_mul(RETIRED_KEEP_FACTOR));
         let in_use: BTreeSet<u32> = self
             .kernel()
             .processes()
@@ -1187,14 +1192,25 @@ impl State {
                 }
             }
         }
-        for ident in &idle {
-            // Only derived subjects with their own cgroup directory made one.
-            if ident.cgroup_dir.file_name().is_some_and(|n| {
-                n.to_string_lossy()
-                    .ends_with(&format!("-{}", ident.subject_id))
-            }) {
-                let _ = std::fs::remove_dir(&ident.cgroup_dir);
+        {
+            // Only cgroups this daemon made (or adopted at a takeover) go,
+            // and leave its list, so neither grows with every launch.
+            let mut made = self
+                .created_cgroups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for ident in &idle {
+                if let Some(at) = made.iter().position(|d| *d == ident.cgroup_dir) {
+                    made.swap_remove(at);
+                    let _ = std::fs::remove_dir(&ident.cgroup_dir);
+                }
             }
+        }
+        {
+            // Retired identities stay a while for late records, then go.
+            let mut reg = self.registry();
+            let now = std::time::Instant::now();
+            reg.retired.extend(idle.iter().map(|i| (i.subject_id, now)));
         }
         // Grant keys of retired subjects go with the grants' next install.
         for g in grants {
@@ -1202,6 +1218,21 @@ impl State {
         }
         self.sync_dns_proxy();
         idle.len()
+    }
+
+    /// Drops identities retired more than `keep` ago (still inactive): a
+    /// record that late is enriched as an unknown subject instead.
+    fn forget_retired(&self, keep: std::time::Duration) {
+        let mut reg = self.registry();
+        while let Some(&(id, at)) = reg.retired.front() {
+            if at.elapsed() < keep {
+                break;
+            }
+            reg.retired.pop_front();
+            if reg.identities.get(&id).is_some_and(|i| !i.active) {
+                reg.identities.remove(&id);
+            }
+        }
     }
 
     /// Moves `pid`, its threads and its descendants that share its subject
