@@ -9,8 +9,8 @@ use agent_guard_common::{
     dns::{self, DnsOrig},
     event::{AF_INET, AF_INET6, Event, kind, reason, verdict},
     grant::{
-        APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_SLOTS, GRANT_REVOKED, GrantKey,
-        PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
+        APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GRANT_SLOTS,
+        GrantKey, PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
     },
     subject::{FLAG_REVOKED, FLAG_SUSPENDED, MODE_ENFORCE, MODE_MONITOR},
 };

@@ -10,8 +10,8 @@ use aya_ebpf::{macros::cgroup_sock, programs::SockContext};
 
 use crate::{
     decide::current_subject,
-    judgement::{ALLOW, DENY},
     emit,
+    judgement::{ALLOW, DENY},
     maps::{DECISIONS, SUBJECTS, bump},
 };
 

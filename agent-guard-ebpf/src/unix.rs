@@ -27,8 +27,8 @@ use aya_ebpf::{
 
 use crate::{
     decide::{current_subject, judge, settle},
-    judgement::{ALLOW, Judgement},
     emit,
+    judgement::{ALLOW, Judgement},
     maps::{CONFIG, UNIX_PATHS},
 };
 

@@ -407,11 +407,6 @@ fn a_pending_request_survives_a_sigkill_takeover() {
         return;
     }
     let (mut d, pay, _keys) = start(&[]);
-    let _held = d.spawn_probe(
-        "acme",
-        "researcher",
-        &["after", "8000", "tcp", "127.0.0.1", &pay.port.to_string()],
-    );
     assert_eq!(call(&d, &pay), probe::EPERM);
     let id = d.wait_status("a pending request", 10, |s| {
         s["approvals"].as_array().is_some_and(|a| a.len() == 1)

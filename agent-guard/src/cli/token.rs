@@ -28,7 +28,7 @@ pub enum Command {
   agent-guard token issue --key issuer.key --tenant acme --agent researcher \\
       --tools search --ttl 15m --valid-for 5m --on-behalf-of alice@example.com > launch.jwt
   agent-guard run --token launch.jwt -- python3 agent.py")]
-    Issue(IssueArgs),
+    Issue(Box<IssueArgs>),
 }
 
 #[derive(clap::Args)]

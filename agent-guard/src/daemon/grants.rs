@@ -317,10 +317,9 @@ impl State {
             .flat_map(|g| g.entries.clone())
             .collect();
         for k in all {
-            if !expected.contains_key(&k) {
-                let want = slot_pairs(&mut reg, &k);
-                expected.insert(k, want);
-            }
+            expected
+                .entry(k)
+                .or_insert_with(|| slot_pairs(&mut reg, &k));
         }
         let actual: HashMap<CapRule, Vec<(u32, u32)>> = kernel
             .grant_entries()

@@ -418,7 +418,7 @@ mod tests {
             String::new(),
             "a.b".into(),
             "a.b.c.d".into(),
-            format!("{signed}"),
+            signed.to_string(),
             format!("{signed}.!!!"),
             format!("{signed}.{}", b64().encode([0u8; 10])),
             "é.é.é".into(),
