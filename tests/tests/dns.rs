@@ -14,7 +14,8 @@ use std::{
 use agent_guard_tests::{Agent, Daemon, Endpoint, Listener, Policy, free_port, kernel_test, probe};
 
 /// A minimal authoritative DNS server for one name, answering A queries
-/// with whatever `answer` holds (TTL 1 s), NXDOMAIN for other names.
+/// with whatever `answer` holds (TTL 1 s unless started with another),
+/// NXDOMAIN for other names.
 struct DnsServer {
     port: u16,
     answer: Arc<Mutex<Vec<Ipv4Addr>>>,
@@ -25,6 +26,10 @@ struct DnsServer {
 
 impl DnsServer {
     fn start(name: &str, first: Ipv4Addr) -> DnsServer {
+        Self::start_with_ttl(name, first, 1)
+    }
+
+    fn start_with_ttl(name: &str, first: Ipv4Addr, ttl: u32) -> DnsServer {
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind dns");
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
@@ -43,7 +48,7 @@ impl DnsServer {
                 if let Some(q) = question_name(&buf[..n]) {
                     log.lock().expect("lock").push(q);
                 }
-                if let Some(reply) = respond(&buf[..n], &name, &a.lock().expect("lock")) {
+                if let Some(reply) = respond(&buf[..n], &name, &a.lock().expect("lock"), ttl) {
                     let _ = sock.send_to(&reply, from);
                 }
             }
@@ -87,7 +92,7 @@ fn question_name(q: &[u8]) -> Option<String> {
 }
 
 /// Builds the reply to one query (RFC 1035 wire format).
-fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr]) -> Option<Vec<u8>> {
+fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr], ttl: u32) -> Option<Vec<u8>> {
     if q.len() < 12 {
         return None;
     }
@@ -121,7 +126,7 @@ fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr]) -> Option<Vec<u8>> {
     r.extend_from_slice(question);
     for ip in answers {
         r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // name ptr, A, IN
-        r.extend_from_slice(&1u32.to_be_bytes()); // TTL 1 s
+        r.extend_from_slice(&ttl.to_be_bytes());
         r.extend_from_slice(&4u16.to_be_bytes());
         r.extend_from_slice(&ip.octets());
     }
@@ -485,4 +490,126 @@ fn per_agent_dns_follows_grants() {
         d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
         probe::REFUSED
     );
+}
+
+/// The proxy's answer cache holds answers, never decisions: a second agent
+/// asking the same name is answered from the cache (the upstream is asked
+/// once), yet the answer's address opens for that agent only when it was
+/// answered to it, and an agent whose tools do not name it is still
+/// refused.
+#[test]
+fn per_agent_dns_cache_shares_answers_not_decisions() {
+    if !kernel_test("per_agent_dns_cache_shares_answers_not_decisions") {
+        return;
+    }
+    let tool = Listener::tcp_dual();
+    let port = tool.port.to_string();
+    let name = "search.agent-guard.test";
+    // TTL 60 s: the second agent's question comes well within it.
+    let dns = DnsServer::start_with_ttl(name, Ipv4Addr::new(127, 0, 0, 1), 60);
+    let proxy_port = free_port().to_string();
+    let d = Daemon::start_with(
+        &policy(tool.port)
+            .agent("acme", "analyst", &["search"])
+            .agent("acme", "writer", &[])
+            .build(),
+        &[
+            "--dns-mode",
+            "per-agent",
+            "--dns-proxy-port",
+            &proxy_port,
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--dns-cache-entries",
+            "100",
+        ],
+    );
+    let asked_upstream = || dns.asked().iter().filter(|n| *n == name).count();
+    let resolve = ["resolve", "udp", name, "127.0.0.1"];
+
+    // The researcher asks first: a miss, asked upstream, opened for it.
+    assert_eq!(d.probe("acme", "researcher", &resolve), probe::OK);
+    assert_eq!(asked_upstream(), 1);
+    assert_eq!(
+        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    // The upstream's answer changes; the cache still has the first one.
+    dns.set(&[Ipv4Addr::new(127, 0, 0, 2)]);
+
+    // The analyst may resolve the name too, but has not: nothing is open
+    // for it although the answer sits in the cache.
+    assert_eq!(
+        d.probe("acme", "analyst", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    // Its question is answered from the cache (upstream not asked) and the
+    // answered address is opened for it before the reply.
+    for mode in ["udp", "udp-connected", "tcp"] {
+        assert_eq!(
+            d.probe("acme", "analyst", &["resolve", mode, name, "127.0.0.1"]),
+            probe::OK,
+            "{mode}"
+        );
+    }
+    assert_eq!(asked_upstream(), 1, "the analyst's questions hit the cache");
+    assert_eq!(
+        d.probe("acme", "analyst", &["tcp", "127.0.0.1", &port]),
+        probe::OK
+    );
+    // Only what each agent was answered: 127.0.0.2 (the upstream's new
+    // answer, given to nobody) is open for neither.
+    for agent in ["researcher", "analyst"] {
+        assert_eq!(
+            d.probe("acme", agent, &["tcp", "127.0.0.2", &port]),
+            probe::EPERM,
+            "{agent}"
+        );
+    }
+    // The writer's tools do not name it: refused although cached, and the
+    // cached answer opened nothing for it.
+    for mode in ["udp", "tcp"] {
+        assert_eq!(
+            d.probe("acme", "writer", &["resolve", mode, name, "127.0.0.1"]),
+            probe::REFUSED,
+            "{mode}"
+        );
+    }
+    assert_eq!(
+        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
+        probe::EPERM
+    );
+    assert_eq!(asked_upstream(), 1);
+
+    let st = d.status();
+    for agent in ["acme/researcher", "acme/analyst"] {
+        assert_eq!(
+            st["dns"][name]["by_subject"][agent][0], "127.0.0.1",
+            "{agent}: {st:#}"
+        );
+    }
+    assert!(st["dns"][name]["by_subject"]["acme/writer"].is_null());
+    let stats = &st["dns_proxy"]["stats"];
+    assert_eq!(stats["cache_hits"], 3, "{stats}");
+    assert_eq!(stats["cache_misses"], 1, "{stats}");
+    assert_eq!(stats["refused"], 2, "{stats}");
+    let m = d.metrics();
+    assert!(
+        m.contains(r#"agent_guard_dns_cache_total{result="hit"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"agent_guard_dns_cache_total{result="miss"} 1"#),
+        "{m}"
+    );
+    // Every query, cached or not, is its own audit record.
+    let recs = d.wait_audit("acme", "the analyst's dns records", |r| {
+        r.iter()
+            .filter(|x| x["kind"] == "dns" && x["subject"] == "acme/analyst")
+            .count()
+            >= 3
+    });
+    assert!(recs.iter().any(|x| x["kind"] == "dns"
+        && x["subject"] == "acme/writer"
+        && x["reason"] == "dns_refused"));
 }

@@ -55,6 +55,12 @@ pub struct Args {
     /// subject id (one address per agent, task or sub-agent).
     #[arg(long, value_name = "PORT", default_value_t = 53)]
     dns_proxy_port: u16,
+    /// Upstream answers the per-agent DNS proxy caches (TTL-bound; NXDOMAIN
+    /// and NODATA per RFC 2308, at most 5 min), shared by all agents: each
+    /// query is still judged and opened for the agent that asks. 0 turns
+    /// the cache off.
+    #[arg(long, value_name = "N", default_value_t = daemon::dns::proxy::DEFAULT_CACHE_ENTRIES)]
+    dns_cache_entries: u64,
     /// Fence tagged processes' Unix socket connects and sends
     /// (`cgroup/connect_unix`, kernel 6.7+). `off` leaves them unfenced
     /// (`status` and `doctor` say so), e.g. to rule agent-guard out while
@@ -147,6 +153,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         dns_grace: args.dns_grace,
         dns_per_agent: args.dns_mode == "per-agent",
         dns_proxy_port: args.dns_proxy_port,
+        dns_cache_entries: args.dns_cache_entries,
         unix_fencing: args.unix_fencing == "on",
         idle_subject_age: args.idle_subject_age,
         state_dir: args.state_dir,

@@ -63,6 +63,8 @@ pub struct Options {
     /// Per-agent DNS: tagged processes' DNS goes through the daemon's proxy.
     pub dns_per_agent: bool,
     pub dns_proxy_port: u16,
+    /// Answers the per-agent DNS proxy caches; 0: none.
+    pub dns_cache_entries: u64,
     /// Attach the Unix socket hooks (when the kernel has them).
     pub unix_fencing: bool,
     /// Task and sub-agent subjects with no process left are retired after
@@ -300,8 +302,13 @@ async fn serve(
     allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);
     if opts.dns_per_agent {
-        dns::agent::start(&state, opts.dns_server, opts.dns_proxy_port)
-            .context("starting the per-agent DNS proxy")?;
+        dns::agent::start(
+            &state,
+            opts.dns_server,
+            opts.dns_proxy_port,
+            opts.dns_cache_entries,
+        )
+        .context("starting the per-agent DNS proxy")?;
         tracing::info!(
             port = opts.dns_proxy_port,
             "per-agent DNS: tagged processes' DNS goes through the daemon"

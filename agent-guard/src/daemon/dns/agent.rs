@@ -12,6 +12,12 @@
 //! closes DNS as a channel for data. Each query is an audit record (`kind`
 //! `dns`) and counted in `agent_guard_dns_queries_total`.
 //!
+//! The proxy caches upstream answers for all subjects (`--dns-cache-entries`,
+//! hits and misses in `agent_guard_dns_cache_total`), but a cached answer
+//! goes through [`DnsGate::may_resolve`] and [`DnsGate::learned`] below
+//! like a fresh one: the cache saves the upstream round trip, never the
+//! decision or this subject's kernel entries.
+//!
 //! Left as it is: an address shared by many names (CDN, load balancer) is
 //! reachable for all of them once one allowed name resolved to it.
 
@@ -58,14 +64,29 @@ impl DnsGate for Gate {
             state.dns_query_record(subject, name, Vec::new(), Some(qtype), "");
         }
     }
+
+    fn cache_lookup(&self, _subject: u32, hit: bool) {
+        if let Some(state) = self.state.upgrade() {
+            cache_counter(&state, hit).inc();
+        }
+    }
 }
 
-/// Starts the proxy (one address per active subject) and turns the kernel
-/// redirect on with the next `CONFIG` write.
+fn cache_counter(state: &State, hit: bool) -> prometheus::IntCounter {
+    state
+        .metrics
+        .dns_cache
+        .with_label_values(&[if hit { "hit" } else { "miss" }])
+}
+
+/// Starts the proxy (one address per active subject, an answer cache of
+/// `cache_entries`, 0 for none) and turns the kernel redirect on with the
+/// next `CONFIG` write.
 pub fn start(
     state: &Arc<State>,
     upstream: Option<std::net::SocketAddr>,
     port: u16,
+    cache_entries: u64,
 ) -> anyhow::Result<()> {
     let upstreams = match upstream {
         Some(u) => vec![u],
@@ -94,6 +115,7 @@ pub fn start(
             port,
             upstreams,
             timeout: super::proxy::DEFAULT_TIMEOUT,
+            cache_entries,
         },
         Arc::new(Gate {
             state: Arc::downgrade(state),
@@ -101,6 +123,12 @@ pub fn start(
     );
     if state.dns_proxy.set(proxy).is_err() {
         anyhow::bail!("the DNS proxy was started twice");
+    }
+    if cache_entries > 0 {
+        // Both series from the start, so the hit ratio is defined at once.
+        for hit in [true, false] {
+            cache_counter(state, hit);
+        }
     }
     state.registry().dns_per_agent = true;
     state.kernel().set_dns_proxy_port(port);

@@ -21,18 +21,24 @@
 //! 2. asks [`DnsGate::may_resolve`] with the question's name (lowercased,
 //!    no trailing dot, non-ASCII bytes escaped the way zone files do);
 //!    `false` → REFUSED and [`DnsGate::refused`], nothing goes upstream;
-//! 3. forwards the client's bytes, with a fresh random id, to the
+//! 3. looks the question up in the answer cache ([`super::cache`], shared
+//!    by all subjects: only the answer's content is cached, never a
+//!    decision); a live entry stands in for step 4's upstream answer, with
+//!    its TTLs lowered by its age;
+//! 4. otherwise forwards the client's bytes, with a fresh random id, to the
 //!    upstream servers in order, over UDP and then over TCP when the UDP
 //!    answer is truncated. An upstream answer counts only if its id and
 //!    question match; only NOERROR and NXDOMAIN are relayed, anything else
-//!    tries the next server, and no usable answer → SERVFAIL;
-//! 4. hands the answer's A/AAAA records (address, TTL) to
+//!    tries the next server, and no usable answer → SERVFAIL. A usable
+//!    answer is cached if it may be (TTL, RFC 2308, size: see the cache);
+//! 5. hands the answer's A/AAAA records (address, TTL) to
 //!    [`DnsGate::learned`] *before* replying, so the kernel entries exist by
-//!    the time the agent connects. `learned` failing → SERVFAIL (fail
-//!    closed). The upstream's bytes are then relayed with the client's id;
-//!    over UDP an answer larger than 512 bytes (or the client's EDNS size)
-//!    is cut to header + question with TC set, so the client retries over
-//!    TCP.
+//!    the time the agent connects; cached or not, this subject's entries
+//!    are written for this subject's query. `learned` failing → SERVFAIL
+//!    (fail closed). The answer's bytes are then relayed with the client's
+//!    id; over UDP an answer larger than 512 bytes (or the client's EDNS
+//!    size) is cut to header + question with TC set, so the client retries
+//!    over TCP.
 //!
 //! # Limits
 //!
@@ -59,11 +65,15 @@
 //! - **IPv4 only.** Subject addresses are IPv4 loopback addresses; DNS
 //!   sent to an IPv6 server has to be redirected (or refused) by the kernel
 //!   side. AAAA answers are learned like A answers.
-//! - **No cache, no validation.** Every query goes upstream; DNSSEC is
-//!   passed through, not validated. Upstream answers are trusted once id,
-//!   source and question match.
+//! - **No validation.** DNSSEC is passed through, not validated. Upstream
+//!   answers are trusted once id, source and question match, and a cached
+//!   one for as long as its TTL says. Concurrent misses for one question
+//!   each go upstream (no coalescing).
 //! - **Gate calls run on the runtime.** [`DnsGate`] methods are plain
-//!   functions called from tokio tasks; they must not block for long.
+//!   functions called from tokio tasks; they must not block for long. Over
+//!   UDP, what needs no upstream (refusals, malformed queries, cache hits)
+//!   is answered in the subject's receive loop itself, one query after the
+//!   other, without a task or channel hop; only misses get a task each.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -80,6 +90,8 @@ use hickory_resolver::proto::{
     op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{Name, RData},
 };
+
+use super::cache::{self, AnswerCache};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
@@ -95,6 +107,8 @@ pub const SUBJECT_PREFIX_LEN: u8 = 10;
 pub const MAX_SUBJECT: u32 = (1 << 22) - 1;
 /// Per-try upstream timeout when none is configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Answers cached when not configured (`--dns-cache-entries`).
+pub const DEFAULT_CACHE_ENTRIES: u64 = 10_000;
 
 /// DNS over UDP without EDNS (RFC 1035 §4.2.1).
 const UDP_PLAIN_MAX: usize = 512;
@@ -154,6 +168,9 @@ pub trait DnsGate: Send + Sync + 'static {
     /// A query for `name` of type `qtype` ("A", "AAAA", "TXT", ...) was
     /// refused.
     fn refused(&self, subject: u32, name: &str, qtype: &str);
+    /// An allowed query was looked up in the answer cache: `hit` if it was
+    /// answered from there (the gate and `learned` ran all the same).
+    fn cache_lookup(&self, _subject: u32, _hit: bool) {}
 }
 
 /// How the proxy listens and where it forwards.
@@ -165,6 +182,8 @@ pub struct ProxyConfig {
     pub upstreams: Vec<SocketAddr>,
     /// Time allowed for one exchange with one upstream.
     pub timeout: Duration,
+    /// Answers kept in the cache at most; 0: no cache.
+    pub cache_entries: u64,
 }
 
 impl Default for ProxyConfig {
@@ -173,6 +192,7 @@ impl Default for ProxyConfig {
             port: 53,
             upstreams: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
         }
     }
 }
@@ -186,6 +206,12 @@ pub struct ProxyStats {
     pub refused: u64,
     /// Queries the gate allowed and that were sent upstream.
     pub forwarded: u64,
+    /// Allowed queries answered from the cache (not sent upstream).
+    pub cache_hits: u64,
+    /// Allowed queries looked up in the cache and not found there.
+    pub cache_misses: u64,
+    /// Answers in the cache now (approximate).
+    pub cached: u64,
     /// Allowed queries answered with SERVFAIL: no usable upstream answer,
     /// or `learned` failed.
     pub failed: u64,
@@ -203,6 +229,8 @@ struct Counters {
     queries: AtomicU64,
     refused: AtomicU64,
     forwarded: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     failed: AtomicU64,
     malformed: AtomicU64,
     truncated: AtomicU64,
@@ -241,6 +269,8 @@ enum ForwardError {
 struct Shared {
     config: ProxyConfig,
     gate: Arc<dyn DnsGate>,
+    /// `None` when `cache_entries` is 0.
+    cache: Option<AnswerCache>,
     counters: Counters,
     limits: Limits,
 }
@@ -297,6 +327,7 @@ impl DnsProxy {
     fn with_limits(config: ProxyConfig, gate: Arc<dyn DnsGate>, limits: Limits) -> Self {
         Self {
             shared: Arc::new(Shared {
+                cache: (config.cache_entries > 0).then(|| AnswerCache::new(config.cache_entries)),
                 config,
                 gate,
                 counters: Counters::default(),
@@ -406,11 +437,23 @@ impl DnsProxy {
             queries: get(&c.queries),
             refused: get(&c.refused),
             forwarded: get(&c.forwarded),
+            cache_hits: get(&c.cache_hits),
+            cache_misses: get(&c.cache_misses),
+            cached: self.shared.cache.as_ref().map_or(0, AnswerCache::entries),
             failed: get(&c.failed),
             malformed: get(&c.malformed),
             truncated: get(&c.truncated),
             dropped: get(&c.dropped),
         }
+    }
+
+    /// Answers in the cache once its pending evictions ran (tests).
+    #[cfg(test)]
+    fn cache_len(&self) -> u64 {
+        self.shared
+            .cache
+            .as_ref()
+            .map_or(0, AnswerCache::settled_len)
     }
 }
 
@@ -480,8 +523,11 @@ enum Transport {
     Tcp,
 }
 
-/// Serves one subject's UDP socket. Children answer queries and hand the
-/// reply back through a channel, so only this task holds the socket.
+/// Serves one subject's UDP socket. What needs no upstream (refusals,
+/// malformed queries, cache hits) is answered right here, without a task
+/// or a channel in between; queries that go upstream are answered by
+/// children, which hand the reply back through a channel, so only this
+/// task holds the socket.
 async fn serve_udp(shared: Arc<Shared>, subject: u32, socket: UdpSocket) {
     let limit = shared.limits.udp_in_flight.max(1);
     let (reply_tx, mut reply_rx) = mpsc::channel::<(Vec<u8>, SocketAddr)>(limit);
@@ -498,15 +544,29 @@ async fn serve_udp(shared: Arc<Shared>, subject: u32, socket: UdpSocket) {
                     }
                 };
                 bump(&shared.counters.queries);
+                let query = &buf[..len];
+                let pending = match shared.answer_now(subject, query, Transport::Udp) {
+                    Step::Done(reply) => {
+                        if let Some(reply) = reply
+                            && let Err(e) = socket.send_to(&reply, peer).await
+                        {
+                            tracing::debug!(subject, %peer, "DNS proxy udp send: {e}");
+                        }
+                        continue;
+                    }
+                    Step::Upstream(pending) => pending,
+                };
                 if in_flight.len() >= limit {
                     bump(&shared.counters.dropped);
                     tracing::debug!(subject, %peer, "DNS proxy: too many udp queries in flight, dropped");
                     continue;
                 }
-                let query = buf[..len].to_vec();
+                let query = query.to_vec();
                 let (shared, reply_tx) = (shared.clone(), reply_tx.clone());
                 in_flight.spawn(async move {
-                    if let Some(reply) = shared.answer(subject, &query, Transport::Udp).await {
+                    let answer =
+                        shared.answer_from_upstream(subject, &query, pending, Transport::Udp);
+                    if let Some(reply) = answer.await {
                         let _ = reply_tx.send((reply, peer)).await;
                     }
                 });
@@ -601,25 +661,62 @@ struct UpstreamAnswer {
     message: Message,
 }
 
+/// What a query is answered with, from upstream or from the cache.
+struct Answer {
+    /// The reply, id not yet the client's.
+    bytes: Vec<u8>,
+    /// What to open for the subject before replying.
+    learned: Vec<(IpAddr, u32)>,
+    cached: bool,
+}
+
+/// How far [`Shared::answer_now`] got with a query.
+enum Step {
+    /// The reply (`None`: send nothing).
+    Done(Option<Vec<u8>>),
+    /// Allowed and not in the cache: ask the upstreams.
+    Upstream(Pending),
+}
+
+/// An allowed query on its way upstream.
+struct Pending {
+    request: Message,
+    /// The name the gate judged.
+    name: String,
+    /// Where to cache the answer, if it may be cached.
+    key: Option<cache::Key>,
+}
+
 impl Shared {
     /// The reply to one query, `None` to send nothing.
     async fn answer(&self, subject: u32, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.answer_now(subject, query, transport) {
+            Step::Done(reply) => reply,
+            Step::Upstream(pending) => {
+                self.answer_from_upstream(subject, query, pending, transport)
+                    .await
+            }
+        }
+    }
+
+    /// Everything that needs no upstream: parsing, the gate, the cache.
+    fn answer_now(&self, subject: u32, query: &[u8], transport: Transport) -> Step {
         let request = match Message::from_vec(query) {
             Ok(m) => m,
             Err(e) => {
                 bump(&self.counters.malformed);
                 tracing::debug!(subject, "DNS proxy: unreadable query: {e}");
-                return format_error_for(query);
+                return Step::Done(format_error_for(query));
             }
         };
         if request.message_type() != MessageType::Query {
             // A response sent to us: answering could start a loop.
             bump(&self.counters.malformed);
-            return None;
+            return Step::Done(None);
         }
         if request.op_code() != OpCode::Query {
             bump(&self.counters.malformed);
-            return encode(&reply_to(&request, ResponseCode::NotImp));
+            return Step::Done(encode(&reply_to(&request, ResponseCode::NotImp)));
         }
         let [question] = request.queries() else {
             bump(&self.counters.malformed);
@@ -628,7 +725,7 @@ impl Shared {
                 questions = request.queries().len(),
                 "DNS proxy: not one question"
             );
-            return encode(&reply_to(&request, ResponseCode::FormErr));
+            return Step::Done(encode(&reply_to(&request, ResponseCode::FormErr)));
         };
         let name = judged_name(question.name());
         let qtype = question.query_type();
@@ -636,34 +733,114 @@ impl Shared {
             bump(&self.counters.refused);
             tracing::debug!(subject, name, %qtype, "DNS proxy: refused");
             self.gate.refused(subject, &name, &qtype.to_string());
-            return encode(&reply_to(&request, ResponseCode::Refused));
+            return Step::Done(encode(&reply_to(&request, ResponseCode::Refused)));
         }
+        // Past the gate, and only past it: a cached answer is content,
+        // never a decision, and `learned` runs for it all the same.
+        let Some((cache, key)) = self
+            .cache
+            .as_ref()
+            .and_then(|c| Some((c, cache::key(query, &request)?)))
+        else {
+            return Step::Upstream(Pending {
+                request,
+                name,
+                key: None,
+            });
+        };
+        let hit = cache.get(&key, query);
+        let counter = match hit {
+            Some(_) => &self.counters.cache_hits,
+            None => &self.counters.cache_misses,
+        };
+        bump(counter);
+        self.gate.cache_lookup(subject, hit.is_some());
+        match hit {
+            Some(hit) => {
+                let answer = Answer {
+                    bytes: hit.bytes,
+                    learned: hit.learned,
+                    cached: true,
+                };
+                Step::Done(self.reply(subject, &request, &name, answer, transport))
+            }
+            None => Step::Upstream(Pending {
+                request,
+                name,
+                key: Some(key),
+            }),
+        }
+    }
+
+    /// Answers an allowed query from the upstreams (and caches the answer
+    /// if it may be cached).
+    async fn answer_from_upstream(
+        &self,
+        subject: u32,
+        query: &[u8],
+        pending: Pending,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let Pending { request, name, key } = pending;
+        let question = request.queries().first()?;
         bump(&self.counters.forwarded);
         let upstream = match self.forward(query, question).await {
             Ok(a) => a,
             Err(e) => {
                 bump(&self.counters.failed);
+                let qtype = question.query_type();
                 tracing::debug!(subject, name, %qtype, "DNS proxy: {e}");
                 return encode(&reply_to(&request, ResponseCode::ServFail));
             }
         };
         let learned = addresses(&upstream.message, question.name());
-        if !learned.is_empty()
-            && let Err(e) = self.gate.learned(subject, &name, &learned)
+        if let (Some(cache), Some(key)) = (&self.cache, key) {
+            let qtype = question.query_type();
+            cache.insert(key, &upstream.bytes, &upstream.message, qtype, &learned);
+        }
+        let answer = Answer {
+            bytes: upstream.bytes,
+            learned,
+            cached: false,
+        };
+        self.reply(subject, &request, &name, answer, transport)
+    }
+
+    /// Opens the answer's addresses for `subject`, then the reply: the
+    /// answer with the client's id, or cut to fit a UDP client.
+    fn reply(
+        &self,
+        subject: u32,
+        request: &Message,
+        name: &str,
+        answer: Answer,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        if !answer.learned.is_empty()
+            && let Err(e) = self.gate.learned(subject, name, &answer.learned)
         {
             bump(&self.counters.failed);
             tracing::debug!(subject, name, "DNS proxy: learning the answer failed: {e}");
-            return encode(&reply_to(&request, ResponseCode::ServFail));
+            return encode(&reply_to(request, ResponseCode::ServFail));
         }
-        tracing::debug!(subject, name, %qtype, addresses = learned.len(), "DNS proxy: answered");
+        tracing::debug!(
+            subject,
+            name,
+            addresses = answer.learned.len(),
+            cached = answer.cached,
+            "DNS proxy: answered"
+        );
         let limit = usize::from(request.max_payload()).max(UDP_PLAIN_MAX);
-        if transport == Transport::Udp && upstream.bytes.len() > limit {
+        if transport == Transport::Udp && answer.bytes.len() > limit {
             bump(&self.counters.truncated);
-            let mut cut = upstream.message.truncate();
+            let mut cut = match Message::from_vec(&answer.bytes) {
+                Ok(m) => m.truncate(),
+                Err(_) => reply_to(request, ResponseCode::ServFail),
+            };
             cut.set_id(request.id());
             return encode(&cut);
         }
-        let mut bytes = upstream.bytes;
+        let mut bytes = answer.bytes;
         bytes[..2].copy_from_slice(&request.id().to_be_bytes());
         Some(bytes)
     }
@@ -898,7 +1075,7 @@ mod tests {
 
     use hickory_resolver::proto::rr::{
         Record, RecordType,
-        rdata::{A, AAAA, CNAME},
+        rdata::{A, AAAA, CNAME, SOA},
     };
 
     use super::*;
@@ -922,6 +1099,8 @@ mod tests {
         calls: Mutex<Vec<Call>>,
         /// When `learned` returned.
         learned_at: Mutex<Option<Instant>>,
+        /// Cache lookups reported: (hits, misses); not in `calls`.
+        cache_lookups: Mutex<(usize, usize)>,
     }
 
     impl FakeGate {
@@ -964,6 +1143,14 @@ mod tests {
         }
         fn refused(&self, subject: u32, name: &str, qtype: &str) {
             lock(&self.calls).push(Call::Refused(subject, name.to_string(), qtype.to_string()));
+        }
+        fn cache_lookup(&self, _subject: u32, hit: bool) {
+            let mut counts = lock(&self.cache_lookups);
+            if hit {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
         }
     }
 
@@ -1057,9 +1244,25 @@ mod tests {
         Record::from_rdata(name(owner), ttl, RData::A(A(Ipv4Addr::from(ip))))
     }
 
+    /// The fake zone's SOA record (TTL `ttl`, MINIMUM `minimum`).
+    fn soa(ttl: u32, minimum: u32) -> Record {
+        let rdata = SOA::new(
+            name("ns.test."),
+            name("admin.test."),
+            1,
+            3600,
+            600,
+            86400,
+            minimum,
+        );
+        Record::from_rdata(name("test."), ttl, RData::SOA(rdata))
+    }
+
     /// The fake zone: a.test (A, AAAA), b.test, alias.test (a CNAME chain
-    /// plus an unrelated record), big.test (more than 512 bytes), and
-    /// NXDOMAIN for the rest.
+    /// plus an unrelated record), big.test (more than 512 bytes),
+    /// short.test (TTL 1 s), gone.test (NXDOMAIN, SOA MINIMUM 1 s),
+    /// empty.test (NODATA, SOA TTL 60 s, MINIMUM 30 s), fail.test
+    /// (SERVFAIL), and NXDOMAIN without SOA for the rest.
     fn fake_answer(query: &Message) -> Message {
         let mut header = Header::response_from_request(query.header());
         header.set_recursion_available(true);
@@ -1105,6 +1308,19 @@ mod tests {
             }
             ("evil.test", _) => {
                 reply.add_answer(a("evil.test.", 60, [203, 0, 113, 66]));
+            }
+            ("short.test", RecordType::A) => {
+                reply.add_answer(a("short.test.", 1, [192, 0, 2, 5]));
+            }
+            ("gone.test", _) => {
+                reply.set_response_code(ResponseCode::NXDomain);
+                reply.add_name_server(soa(60, 1));
+            }
+            ("empty.test", _) => {
+                reply.add_name_server(soa(60, 30));
+            }
+            ("fail.test", _) => {
+                reply.set_response_code(ResponseCode::ServFail);
             }
             _ => {
                 reply.set_response_code(ResponseCode::NXDomain);
@@ -1196,12 +1412,24 @@ mod tests {
         subjects: &[u32],
         limits: Limits,
     ) -> (DnsProxy, u16) {
+        start_caching_proxy(upstreams, gate, subjects, limits, DEFAULT_CACHE_ENTRIES).await
+    }
+
+    /// [`start_proxy`] with a cache of `cache_entries` (0: none).
+    async fn start_caching_proxy(
+        upstreams: Vec<SocketAddr>,
+        gate: Arc<FakeGate>,
+        subjects: &[u32],
+        limits: Limits,
+        cache_entries: u64,
+    ) -> (DnsProxy, u16) {
         for _ in 0..50 {
             let port = rand::random::<u16>() % 30000 + 30000;
             let config = ProxyConfig {
                 port,
                 upstreams: upstreams.clone(),
                 timeout: TIMEOUT,
+                cache_entries,
             };
             let proxy = DnsProxy::with_limits(config, gate.clone(), limits);
             let mut ok = true;
@@ -1826,5 +2054,335 @@ nameserver 127.0.0.53
             .expect("closed in time");
         assert!(matches!(read, Ok(0) | Err(_)));
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    // ----- the answer cache -----
+
+    fn answer_ttls(m: &Message) -> Vec<u32> {
+        m.answers().iter().map(|r| r.ttl()).collect()
+    }
+
+    #[tokio::test]
+    async fn cached_answer_is_served_within_its_ttl_and_still_learned() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let first = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        let second = udp_ask(at(7, port), &query(2, "A.Test", RecordType::A)).await;
+
+        assert_eq!(upstream.received(), 1, "the second query was not sent on");
+        assert_eq!(second.id(), 2);
+        assert_eq!(second.response_code(), ResponseCode::NoError);
+        assert_eq!(answer_ips(&second), answer_ips(&first));
+        assert_eq!(
+            second.queries(),
+            query(0, "A.Test.", RecordType::A).queries(),
+            "the question as this client asked it"
+        );
+        assert!(second.recursion_available());
+        assert!(!second.authoritative());
+        // Judged and learned for both queries, in that order.
+        let learned = Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]);
+        let ask = Call::MayResolve(7, "a.test".into());
+        assert_eq!(
+            gate.calls(),
+            vec![ask.clone(), learned.clone(), ask, learned]
+        );
+        let stats = proxy.stats();
+        assert_eq!(
+            (stats.cache_hits, stats.cache_misses, stats.forwarded),
+            (1, 1, 1)
+        );
+        assert_eq!(*lock(&gate.cache_lookups), (1, 1));
+        assert_eq!(proxy.cache_len(), 1);
+
+        // Over TCP too, and another type is another entry.
+        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let third = tcp_ask(&mut stream, &query(3, "a.test", RecordType::A)).await;
+        assert_eq!(answer_ips(&third), vec![ip([192, 0, 2, 1])]);
+        assert_eq!(upstream.received(), 1);
+        udp_ask(at(7, port), &query(4, "a.test", RecordType::AAAA)).await;
+        assert_eq!(upstream.received(), 2);
+    }
+
+    #[tokio::test]
+    async fn cached_ttls_count_down() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let first = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        assert_eq!(answer_ttls(&first), vec![300]);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let later = udp_ask(at(7, port), &query(2, "a.test", RecordType::A)).await;
+
+        assert_eq!(upstream.received(), 1);
+        let ttl = answer_ttls(&later)[0];
+        assert!((297..=298).contains(&ttl), "TTL {ttl} after 2 s");
+        // The address is opened for what is left of the answer's life.
+        assert_eq!(
+            gate.learned().last(),
+            Some(&Call::Learned(
+                7,
+                "a.test".into(),
+                vec![(ip([192, 0, 2, 1]), ttl)]
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_answer_expires_with_its_ttl() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "short.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        let q = query(1, "short.test", RecordType::A);
+        let first = udp_ask(at(7, port), &q).await;
+        let hit = udp_ask(at(7, port), &q).await;
+        assert_eq!(upstream.received(), 1);
+        assert_eq!(answer_ttls(&first), vec![1]);
+        assert_eq!(answer_ttls(&hit), vec![1], "never served with TTL 0");
+
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let fresh = udp_ask(at(7, port), &q).await;
+        assert_eq!(upstream.received(), 2, "expired: asked upstream again");
+        assert_eq!(answer_ips(&fresh), vec![ip([192, 0, 2, 5])]);
+        assert_eq!(
+            (proxy.stats().cache_hits, proxy.stats().cache_misses),
+            (1, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn negative_answers_are_cached_for_the_soa_minimum_only_with_an_soa() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "gone.test"), (7, "empty.test"), (7, "missing.test")]);
+        let (_proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        // NXDOMAIN with an SOA (MINIMUM 1 s): cached for 1 s.
+        let gone = query(1, "gone.test", RecordType::A);
+        let first = udp_ask(at(7, port), &gone).await;
+        let hit = udp_ask(at(7, port), &gone).await;
+        assert_eq!(upstream.received(), 1);
+        assert_eq!(hit.response_code(), ResponseCode::NXDomain);
+        assert_eq!(first.name_servers()[0].ttl(), 60);
+        assert_eq!(
+            hit.name_servers()[0].ttl(),
+            1,
+            "the SOA says how long the name is missing (RFC 2308 §5)"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        udp_ask(at(7, port), &gone).await;
+        assert_eq!(upstream.received(), 2);
+
+        // NODATA with an SOA (TTL 60, MINIMUM 30): 30 s.
+        let empty = query(2, "empty.test", RecordType::AAAA);
+        udp_ask(at(7, port), &empty).await;
+        let hit = udp_ask(at(7, port), &empty).await;
+        assert_eq!(upstream.received(), 3);
+        assert_eq!(hit.response_code(), ResponseCode::NoError);
+        assert!(hit.answers().is_empty());
+        assert_eq!(hit.name_servers()[0].ttl(), 30);
+
+        // NXDOMAIN without an SOA: not cached.
+        let missing = query(3, "missing.test", RecordType::A);
+        udp_ask(at(7, port), &missing).await;
+        let again = udp_ask(at(7, port), &missing).await;
+        assert_eq!(again.response_code(), ResponseCode::NXDomain);
+        assert_eq!(upstream.received(), 5);
+        assert!(gate.learned().is_empty());
+    }
+
+    #[tokio::test]
+    async fn servfail_is_never_cached() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "fail.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+
+        for id in 0..3 {
+            let r = udp_ask(at(7, port), &query(id, "fail.test", RecordType::A)).await;
+            assert_eq!(r.response_code(), ResponseCode::ServFail);
+        }
+        assert_eq!(upstream.received(), 3);
+        assert_eq!(proxy.cache_len(), 0);
+        let stats = proxy.stats();
+        assert_eq!(
+            (stats.cache_hits, stats.cache_misses, stats.failed),
+            (0, 3, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cache_holds_at_most_its_bound_and_0_turns_it_off() {
+        let upstream = FakeUpstream::start().await;
+        let names = ["a.test", "b.test", "alias.test", "evil.test", "short.test"];
+        let allowed: Vec<(u32, &'static str)> = names.iter().map(|n| (7, *n)).collect();
+        let gate = FakeGate::allowing(&allowed);
+        let (proxy, port) = start_caching_proxy(
+            vec![upstream.addr],
+            gate.clone(),
+            &[7],
+            Limits::default(),
+            2,
+        )
+        .await;
+        for round in 0..3 {
+            for (i, n) in names.iter().enumerate() {
+                let r = udp_ask(at(7, port), &query(round * 10 + i as u16, n, RecordType::A)).await;
+                assert_eq!(r.response_code(), ResponseCode::NoError, "{n}");
+            }
+        }
+        // moka applies the bound in its housekeeping (batched on writes
+        // and reads), so between runs a few extra entries may still hit.
+        assert!(proxy.cache_len() <= 2, "{} entries", proxy.cache_len());
+        let stats = proxy.stats();
+        assert_eq!(stats.cache_hits + stats.cache_misses, 15);
+
+        let gate = FakeGate::allowing(&[(7, "a.test")]);
+        let (proxy, port) = start_caching_proxy(
+            vec![upstream.addr],
+            gate.clone(),
+            &[7],
+            Limits::default(),
+            0,
+        )
+        .await;
+        let before = upstream.received();
+        for id in 0..3 {
+            udp_ask(at(7, port), &query(id, "a.test", RecordType::A)).await;
+        }
+        assert_eq!(upstream.received() - before, 3);
+        let stats = proxy.stats();
+        assert_eq!(
+            (stats.cache_hits, stats.cache_misses, stats.cached),
+            (0, 0, 0)
+        );
+        assert_eq!(*lock(&gate.cache_lookups), (0, 0));
+        assert_eq!(gate.learned().len(), 3);
+    }
+
+    /// The cache holds content, never a decision: a name another subject's
+    /// query put there is still refused to a subject whose tools do not name
+    /// it, and a subject that may ask still gets the addresses opened for
+    /// itself before the cached reply leaves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cached_name_is_judged_and_learned_per_subject() {
+        let upstream = FakeUpstream::start().await;
+        let gate = Arc::new(FakeGate {
+            allowed: vec![(7, "a.test"), (9, "a.test")],
+            learn_delay: Duration::from_millis(100),
+            ..FakeGate::default()
+        });
+        let (proxy, port) = start_proxy(
+            vec![upstream.addr],
+            gate.clone(),
+            &[7, 8, 9],
+            Limits::default(),
+        )
+        .await;
+
+        let seven = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        assert_eq!(seven.response_code(), ResponseCode::NoError);
+        assert_eq!(upstream.received(), 1);
+        assert_eq!(proxy.cache_len(), 1);
+
+        // Subject 8: cached, but not its name.
+        for transport in [Transport::Udp, Transport::Tcp] {
+            let q = query(2, "a.test", RecordType::A);
+            let eight = match transport {
+                Transport::Udp => udp_ask(at(8, port), &q).await,
+                Transport::Tcp => {
+                    let mut s = TcpStream::connect(at(8, port)).await.expect("connect");
+                    tcp_ask(&mut s, &q).await
+                }
+            };
+            assert_eq!(
+                eight.response_code(),
+                ResponseCode::Refused,
+                "{transport:?}"
+            );
+            assert!(
+                eight.answers().is_empty(),
+                "no address leaks from the cache"
+            );
+        }
+
+        // Subject 9: allowed, answered from the cache, learned for 9.
+        let nine = udp_ask(at(9, port), &query(3, "a.test", RecordType::A)).await;
+        let replied_at = Instant::now();
+        assert_eq!(nine.response_code(), ResponseCode::NoError);
+        assert_eq!(answer_ips(&nine), vec![ip([192, 0, 2, 1])]);
+        assert_eq!(upstream.received(), 1, "9 was answered from the cache");
+        let learned_at = lock(&gate.learned_at).expect("learned was called");
+        assert!(
+            learned_at <= replied_at,
+            "the cached reply left before learned()"
+        );
+
+        let calls = gate.calls();
+        assert_eq!(
+            calls,
+            vec![
+                Call::MayResolve(7, "a.test".into()),
+                Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+                Call::MayResolve(8, "a.test".into()),
+                Call::Refused(8, "a.test".into(), "A".into()),
+                Call::MayResolve(8, "a.test".into()),
+                Call::Refused(8, "a.test".into(), "A".into()),
+                Call::MayResolve(9, "a.test".into()),
+                Call::Learned(9, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+            ]
+        );
+        let stats = proxy.stats();
+        // Refusals never look at the cache.
+        assert_eq!(
+            (stats.cache_hits, stats.cache_misses, stats.refused),
+            (1, 1, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cached_answer_still_fails_closed_when_learning_fails() {
+        let upstream = FakeUpstream::start().await;
+        let gate = Arc::new(FakeGate {
+            allowed: vec![(7, "a.test")],
+            fail_learning: true,
+            ..FakeGate::default()
+        });
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        for id in 0..2 {
+            let r = udp_ask(at(7, port), &query(id, "a.test", RecordType::A)).await;
+            assert_eq!(r.response_code(), ResponseCode::ServFail);
+            assert!(r.answers().is_empty());
+        }
+        assert_eq!(upstream.received(), 1, "the answer itself was cached");
+        assert_eq!(proxy.stats().cache_hits, 1);
+        assert_eq!(gate.learned().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_large_cached_answer_is_truncated_over_udp() {
+        let upstream = FakeUpstream::start().await;
+        let gate = FakeGate::allowing(&[(7, "big.test")]);
+        let (proxy, port) =
+            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let full = tcp_ask(&mut stream, &query(1, "big.test", RecordType::A)).await;
+        assert_eq!(answer_ips(&full).len(), BIG_RECORDS);
+
+        let cut = udp_ask(at(7, port), &query(2, "big.test", RecordType::A)).await;
+        assert_eq!(cut.id(), 2);
+        assert!(cut.truncated());
+        assert!(cut.answers().is_empty());
+        assert_eq!(proxy.stats().cache_hits, 1);
+        // UDP (truncated), then TCP for the first query only.
+        assert_eq!(upstream.received(), 2);
     }
 }
