@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod package;
 mod soak;
 
@@ -49,8 +50,9 @@ Examples:
   cargo xtask test -- --nocapture      # extra args go to the test binaries
   cargo xtask test -- -p agent-guard -- --test-threads=1
   sudo -E cargo xtask bench            # connect() cost; --quick for a smoke run
-  cargo xtask package                  # target/debian/agent-guard_*.deb
   sudo -E cargo xtask soak --minutes 10  # one daemon under churn, then leak/loss checks
+  cargo xtask fuzz --seconds 60        # every fuzz target for a minute
+  cargo xtask package                  # target/debian/agent-guard_*.deb
   cargo xtask lint"
 )]
 struct Cli {
@@ -118,6 +120,30 @@ Examples:
   sudo -E cargo xtask bench --skip-grants --skip-audit --skip-flood   # connect cost only
   sudo -E cargo xtask bench --rounds 15 --connects 10000")]
     Bench(bench::BenchArgs),
+    /// Fuzz the library's parsers and verifiers (cargo-fuzz, nightly) for
+    /// N seconds per target, then print a table (target, runs, exec/s,
+    /// result). Installs cargo-fuzz if missing. Fails when a target
+    /// crashes, naming the saved input.
+    #[command(after_help = "\
+Targets: policy, control_request, dns_message, audit_record, token.
+
+Examples:
+  cargo xtask fuzz                          # every target, 30 s each
+  cargo xtask fuzz --seconds 10             # what CI runs
+  cargo xtask fuzz --seconds 600 dns_message token
+  cargo +nightly fuzz run token fuzz/artifacts/token/crash-...   # replay a crash")]
+    Fuzz(fuzz::FuzzArgs),
+    /// Build the Debian package: a release build with the eBPF object
+    /// embedded, man pages and completions generated from the CLI, then
+    /// cargo-deb (installed if missing) from [package.metadata.deb] in
+    /// agent-guard/Cargo.toml. Writes target/debian/agent-guard_*.deb (binary
+    /// stripped) and agent-guard-dbgsym_*.ddeb (its debug info).
+    #[command(after_help = "\
+Examples:
+  cargo xtask package
+  sudo apt install ./target/debian/agent-guard_0.1.0-1_amd64.deb
+  cargo test -p agent-guard-tests --test package -- --nocapture   # check the .deb")]
+    Package,
     /// Build --release, then run one daemon under N minutes of churn (root):
     /// short-lived tagged agents (forks, threads, task scopes, sub-agents,
     /// DNS), grants issued, used up, revoked and expiring, a policy reload
@@ -132,17 +158,6 @@ Examples:
   sudo -E cargo xtask soak --minutes 1      # what CI runs
   sudo -E cargo xtask soak --minutes 5 --launchers 4 --flood-burst 20000 --no-dns")]
     Soak(soak::SoakArgs),
-    /// Build the Debian package: a release build with the eBPF object
-    /// embedded, man pages and completions generated from the CLI, then
-    /// cargo-deb (installed if missing) from [package.metadata.deb] in
-    /// agent-guard/Cargo.toml. Writes target/debian/agent-guard_*.deb (binary
-    /// stripped) and agent-guard-dbgsym_*.ddeb (its debug info).
-    #[command(after_help = "\
-Examples:
-  cargo xtask package
-  sudo apt install ./target/debian/agent-guard_0.1.0-1_amd64.deb
-  cargo test -p agent-guard-tests --test package -- --nocapture   # check the .deb")]
-    Package,
     /// cargo fmt --check and cargo clippy -D warnings over the workspace.
     #[command(after_help = "Examples:\n  cargo xtask lint")]
     Lint,
@@ -185,6 +200,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             let built = build(&ws, true)?;
             bench::bench(&ws, &built, &args)
         }
+        Cmd::Fuzz(args) => fuzz::fuzz(&ws, &args),
+        Cmd::Package => package::package(&ws).map(|_| ()),
         Cmd::Soak(args) => {
             if !is_root() {
                 bail!(
@@ -196,7 +213,6 @@ fn dispatch(cli: Cli) -> Result<()> {
             let built = build(&ws, !args.debug)?;
             soak::soak(&ws, &built, &args)
         }
-        Cmd::Package => package::package(&ws).map(|_| ()),
         Cmd::Lint => lint(&ws),
     }
 }
@@ -800,6 +816,40 @@ mod tests {
                 assert_eq!(args, ["--policy", "/p.toml"]);
             }
             _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn fuzz_arguments() {
+        match parse(&["fuzz"]) {
+            Cmd::Fuzz(args) => {
+                assert_eq!(args.seconds, 30);
+                assert!(args.targets.is_empty());
+                assert_eq!(args.selected(), fuzz::TARGETS);
+            }
+            _ => panic!("not fuzz"),
+        }
+        match parse(&["fuzz", "--seconds", "10", "token", "policy", "token"]) {
+            Cmd::Fuzz(args) => {
+                assert_eq!(args.seconds, 10);
+                assert_eq!(args.selected(), ["token", "policy"]);
+            }
+            _ => panic!("not fuzz"),
+        }
+        match parse(&["fuzz", "dns_message", "--seconds=5"]) {
+            Cmd::Fuzz(args) => {
+                assert_eq!((args.seconds, args.selected()), (5, vec!["dns_message"]));
+            }
+            _ => panic!("not fuzz"),
+        }
+        for bad in [
+            &["fuzz", "nonesuch"][..],
+            &["fuzz", "--seconds", "0"],
+            &["fuzz", "--seconds", "-3"],
+            &["fuzz", "--seconds"],
+        ] {
+            let argv = std::iter::once("xtask").chain(bad.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} was accepted");
         }
     }
 
