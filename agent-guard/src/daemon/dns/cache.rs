@@ -307,7 +307,7 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 
 /// End of the question's name, which starts at offset 12 and must be
 /// plain labels (no compression pointer).
-fn question_name_end(b: &[u8]) -> Option<usize> {
+pub(super) fn question_name_end(b: &[u8]) -> Option<usize> {
     let mut i = 12;
     loop {
         let len = *b.get(i)?;

@@ -727,6 +727,15 @@ impl Shared {
             );
             return Step::Done(encode(&reply_to(&request, ResponseCode::FormErr)));
         };
+        // The question name must be plain labels. The upstream is sent the
+        // client's own bytes under a new id; a compression pointer into the
+        // header (the id) would make it read another name than the one
+        // judged here (found by fuzzing: a way past the gate).
+        if cache::question_name_end(query).is_none() {
+            bump(&self.counters.malformed);
+            tracing::debug!(subject, "DNS proxy: compressed question name");
+            return Step::Done(encode(&reply_to(&request, ResponseCode::FormErr)));
+        }
         let name = judged_name(question.name());
         let qtype = question.query_type();
         if !self.gate.may_resolve(subject, &name) {
@@ -1972,6 +1981,21 @@ nameserver 127.0.0.53
             (31, ResponseCode::FormErr)
         );
 
+        // A question name that ends in a compression pointer into the
+        // header: the upstream, sent these bytes under a new id, would read
+        // another name than the gate judged (fuzz/regressions/
+        // dns_message-question-pointer-into-id).
+        let pointer = [
+            0x00, 0x2a, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 4, b't', b'e', b's', b't',
+            0xc0, 0x00, 0, 1, 0, 1,
+        ];
+        let reply = udp_raw(server, &pointer, wait).await.expect("formerr");
+        let reply = Message::from_vec(&reply).expect("answer");
+        assert_eq!(
+            (reply.id(), reply.response_code()),
+            (0x2a, ResponseCode::FormErr)
+        );
+
         // Two questions: the second would not be judged.
         let mut two = query(32, "a.test", RecordType::A);
         two.add_query(Query::query(name("evil.test"), RecordType::A));
@@ -1998,7 +2022,7 @@ nameserver 127.0.0.53
 
         assert_eq!(upstream.received(), 0);
         assert!(gate.calls().is_empty());
-        assert_eq!(proxy.stats().malformed, 6);
+        assert_eq!(proxy.stats().malformed, 7);
     }
 
     #[tokio::test]
