@@ -472,3 +472,51 @@ fn a_launcher_in_its_own_cgroup_namespace_confirms_its_fencing() {
     let _ = std::fs::remove_dir(&ns_root);
     assert_eq!(code(&out), probe::OK, "{}", stderr(&out));
 }
+
+/// INTERFACE.md writes `run --tenant T --agent A --token FILE`: the names
+/// may be given, and must be the token's (they never override it).
+#[test]
+fn tenant_and_agent_given_with_a_token_must_be_the_tokens() {
+    if !kernel_test("tenant_and_agent_given_with_a_token_must_be_the_tokens") {
+        return;
+    }
+    let s = setup();
+    let launch = |tenant: &str, agent: &str, jti: &str| {
+        let t = s.token(
+            "acme.key",
+            &[
+                "--tenant",
+                "acme",
+                "--agent",
+                "researcher",
+                "--aud",
+                NODE,
+                "--jti",
+                jti,
+            ],
+        );
+        Command::new(agent_guard_bin())
+            .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
+            .arg(&s.d.socket)
+            .arg("--token")
+            .arg(&t)
+            .arg("--")
+            .arg(probe_bin())
+            .args(["tcp", "127.0.0.1", &s.tool.port.to_string()])
+            .uid(ORCH_UID)
+            .gid(CONTROL_GID)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let out = launch("acme", "researcher", "named-1");
+    assert_eq!(code(&out), probe::OK, "{}", stderr(&out));
+    let out = launch("globex", "bot", "named-2");
+    assert_eq!(code(&out), 125);
+    assert!(
+        stderr(&out)
+            .contains("the token is for acme/researcher, but --tenant/--agent say globex/bot"),
+        "{}",
+        stderr(&out)
+    );
+}

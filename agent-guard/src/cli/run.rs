@@ -36,11 +36,11 @@ tenant/agent, refused), 126 when CMD is not executable, 127 when it is not found
 pub struct Args {
     /// Tenant the agent belongs to (required outside an agent; inside one it
     /// can only be the caller's own).
-    #[arg(long, conflicts_with = "token")]
+    #[arg(long)]
     tenant: Option<String>,
     /// Agent name (as in the policy's [[agent]] table); from inside a tagged
     /// process, the name of the new sub-agent.
-    #[arg(long, required_unless_present = "token", conflicts_with = "token")]
+    #[arg(long, required_unless_present = "token")]
     agent: Option<String>,
     /// What the process is started to do; recorded in every audit record.
     #[arg(long, value_name = "TEXT", conflicts_with = "token")]

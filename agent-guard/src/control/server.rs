@@ -301,13 +301,8 @@ fn dispatch(
                 "refused: the caller is a tagged process ({}); a tagged process cannot launch with a token",
                 ident.chain
             ))
-        } else if tenant.is_some()
-            || !agent.is_empty()
-            || task.is_some()
-            || tools.is_some()
-            || ttl_ms.is_some()
-        {
-            Some("refused: a token launch takes tenant, agent, task, tools and ttl from the token only; leave out --tenant, --agent, --task, --tools and --ttl".to_string())
+        } else if task.is_some() || tools.is_some() || ttl_ms.is_some() {
+            Some("refused: a token launch takes task, tools and ttl from the token only; leave out --task, --tools and --ttl".to_string())
         } else if caller.uid != 0
             && !state
                 .control
@@ -338,7 +333,12 @@ fn dispatch(
             state.audit(&log, rec);
             return Response::err(why);
         }
-        let launched = state.launch_with_token(caller, token);
+        let launched = state.launch_with_token(
+            caller,
+            token,
+            tenant.as_deref(),
+            Some(agent.as_str()).filter(|a| !a.is_empty()),
+        );
         state.save_registry();
         return match launched {
             Ok(reg) => Response::ok(serde_json::to_value(reg).unwrap_or_default()),

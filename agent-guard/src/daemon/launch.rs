@@ -150,8 +150,14 @@ impl Caller {
 impl State {
     /// Launches the calling process as the token says, or refuses with a
     /// clear error; either way a `control` record says what happened.
-    pub fn launch_with_token(&self, caller: &Caller, text: &str) -> Result<Registration, String> {
-        let (claims, result) = match self.check_token(text) {
+    pub fn launch_with_token(
+        &self,
+        caller: &Caller,
+        text: &str,
+        tenant: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Registration, String> {
+        let (claims, result) = match self.check_token(text, tenant, agent) {
             Ok(claims) => {
                 let r = self.launch_claims(caller.pid, &claims);
                 (Some(claims), r)
@@ -196,7 +202,12 @@ impl State {
     }
 
     /// Signature, time, audience, agent and tools; not yet the replay guard.
-    fn check_token(&self, text: &str) -> Result<Claims, LaunchError> {
+    fn check_token(
+        &self,
+        text: &str,
+        tenant: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Claims, LaunchError> {
         let (tenants, agents) = {
             let reg = self.registry();
             let Some(l) = reg.loaded.as_ref() else {
@@ -210,6 +221,17 @@ impl State {
             node_id: &self.control.node_id,
         };
         let claims = token::verify(text, &PolicyKeys(tenants), &checks)?;
+        // `run --tenant T --agent A --token F` (INTERFACE.md): the names
+        // given must be the token's; they never override it.
+        if tenant.is_some_and(|t| t != claims.tenant) || agent.is_some_and(|a| a != claims.agent) {
+            return Err(LaunchError::Other(format!(
+                "the token is for {}/{}, but --tenant/--agent say {}/{}",
+                claims.tenant,
+                claims.agent,
+                tenant.unwrap_or(&claims.tenant),
+                agent.unwrap_or(&claims.agent)
+            )));
+        }
         let agent = agents
             .iter()
             .find(|a| a.tenant == claims.tenant && a.name == claims.agent)
