@@ -14,6 +14,16 @@ struct Ports {
     other: Listener,
 }
 
+impl Ports {
+    fn new() -> Ports {
+        Ports {
+            search: Listener::tcp("127.0.0.1"),
+            pay: Listener::tcp("127.0.0.1"),
+            other: Listener::tcp("127.0.0.1"),
+        }
+    }
+}
+
 fn policy(p: &Ports) -> String {
     Policy::new()
         .mode("enforce")
@@ -54,11 +64,7 @@ fn task_scopes_sub_agents_and_grants_survive_a_sigkill_takeover() {
     if !kernel_test("task_scopes_sub_agents_and_grants_survive_a_sigkill_takeover") {
         return;
     }
-    let p = Ports {
-        search: Listener::tcp("127.0.0.1"),
-        pay: Listener::tcp("127.0.0.1"),
-        other: Listener::tcp("127.0.0.1"),
-    };
+    let p = Ports::new();
     let mut d = Daemon::start(&policy(&p));
 
     // Processes that call only after the daemon was killed and replaced.
@@ -192,11 +198,7 @@ fn a_damaged_registry_file_stops_the_start_and_names_itself() {
     if !kernel_test("a_damaged_registry_file_stops_the_start_and_names_itself") {
         return;
     }
-    let p = Ports {
-        search: Listener::tcp("127.0.0.1"),
-        pay: Listener::tcp("127.0.0.1"),
-        other: Listener::tcp("127.0.0.1"),
-    };
+    let p = Ports::new();
     let mut d = Daemon::start(&policy(&p));
     let file = d.dir.path().join("state").join("registry.json");
     assert!(file.exists(), "written at start");
@@ -224,11 +226,7 @@ fn a_saved_scope_that_no_longer_fits_the_policy_stays_quarantined() {
     if !kernel_test("a_saved_scope_that_no_longer_fits_the_policy_stays_quarantined") {
         return;
     }
-    let p = Ports {
-        search: Listener::tcp("127.0.0.1"),
-        pay: Listener::tcp("127.0.0.1"),
-        other: Listener::tcp("127.0.0.1"),
-    };
+    let p = Ports::new();
     let mut d = Daemon::start(&policy(&p));
     let scoped = d
         .launch("acme", "researcher")

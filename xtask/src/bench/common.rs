@@ -755,6 +755,77 @@ pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// A running `watch-connect` probe (see [`start_watch_probe`]).
+pub(crate) struct WatchProbe {
+    /// Ended when dropped.
+    pub(crate) probe: ChildGuard,
+    /// Its verdict lines after `# started T`.
+    pub(crate) reader: BufReader<std::process::ChildStdout>,
+    /// T: CLOCK_MONOTONIC ns when it started.
+    pub(crate) started: u64,
+    /// Its command line, for errors.
+    pub(crate) what: String,
+    /// Where its stderr goes.
+    pub(crate) err_path: PathBuf,
+}
+
+/// Starts a tagged `agent-guard-probe watch-connect` against `port` for
+/// `duration_ms` and reads its `# started T` line. Its stderr goes to
+/// `dir/watch-connect.stderr`.
+pub(crate) fn start_watch_probe(
+    built: &Built,
+    socket: &Path,
+    dir: &Path,
+    port: u16,
+    duration_ms: u64,
+    spacing_ns: u64,
+) -> Result<WatchProbe> {
+    let err_path = dir.join("watch-connect.stderr");
+    let err_file = std::fs::File::create(&err_path)
+        .with_context(|| format!("creating {}", err_path.display()))?;
+    let mut cmd = tagged_probe(built, socket, TENANT, AGENT);
+    cmd.args(["watch-connect", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(duration_ms.to_string())
+        .arg(spacing_ns.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_file);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+    let mut probe = ChildGuard(Some(child));
+    let stdout = probe
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("the probe's stdout was not captured")?;
+    let mut reader = BufReader::new(stdout);
+    let mut first = String::new();
+    reader
+        .read_line(&mut first)
+        .context("reading the probe's first line")?;
+    let started: u64 = first
+        .trim()
+        .strip_prefix("# started ")
+        .and_then(|t| t.parse().ok())
+        .with_context(|| {
+            format!(
+                "`{}` printed {:?} instead of `# started T`; stderr:\n{}",
+                describe(&cmd),
+                first.trim(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            )
+        })?;
+    Ok(WatchProbe {
+        probe,
+        reader,
+        started,
+        what: describe(&cmd),
+        err_path,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,18 +11,18 @@
 //! verdict after it was sent.
 
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Read as _};
-use std::process::Stdio;
+use std::io::Read as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::common::{
-    AGENT, Change, ChildGuard, Guard, PAY_TOOL, ProbeLog, TENANT, control_request, daemon_status,
-    events_lost, median, mono_ns, parse_probe, percentile, tagged_probe, wait_for_foreign_daemons,
+    AGENT, Change, Guard, PAY_TOOL, ProbeLog, TENANT, WatchProbe, control_request, daemon_status,
+    events_lost, median, mono_ns, parse_probe, percentile, start_watch_probe,
+    wait_for_foreign_daemons,
 };
-use crate::{Built, describe};
+use crate::Built;
 
 /// Goal: the kernel enforces a grant or revoke within 1 ms of the command
 /// returning.
@@ -251,43 +251,20 @@ pub(crate) fn measure(
     // One round is a grant, a gap, a revoke and a gap; give the probe room.
     let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
     let duration_ms = PROBE_SLACK_MS + u64::from(rounds) * (2 * gap_ms + 10);
-    let err_path = guard.dir.join("watch-connect.stderr");
-    let err_file = std::fs::File::create(&err_path)
-        .with_context(|| format!("creating {}", err_path.display()))?;
-    let mut cmd = tagged_probe(built, &guard.socket, TENANT, AGENT);
-    cmd.args(["watch-connect", "127.0.0.1"])
-        .arg(pay_port.to_string())
-        .arg(duration_ms.to_string())
-        .arg(spacing_ns.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err_file);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
-    let mut probe = ChildGuard(Some(child));
-    let stdout = probe
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("the probe's stdout was not captured")?;
-    let mut reader = BufReader::new(stdout);
-    let mut first = String::new();
-    reader
-        .read_line(&mut first)
-        .context("reading the probe's first line")?;
-    let started: u64 = first
-        .trim()
-        .strip_prefix("# started ")
-        .and_then(|t| t.parse().ok())
-        .with_context(|| {
-            format!(
-                "`{}` printed {:?} instead of `# started T`; stderr:\n{}",
-                describe(&cmd),
-                first.trim(),
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            )
-        })?;
+    let WatchProbe {
+        mut probe,
+        mut reader,
+        started,
+        what,
+        err_path,
+    } = start_watch_probe(
+        built,
+        &guard.socket,
+        &guard.dir,
+        pay_port,
+        duration_ms,
+        spacing_ns,
+    )?;
     let probe_end = started + duration_ms * 1_000_000;
     std::thread::sleep(PROBE_SETTLE);
 
@@ -355,7 +332,7 @@ pub(crate) fn measure(
     if exit.is_some_and(|s| !s.success()) {
         bail!(
             "`{}` failed ({}): {}\n{}",
-            describe(&cmd),
+            what,
             exit.map(|s| s.to_string()).unwrap_or_default(),
             rest.trim(),
             std::fs::read_to_string(&err_path).unwrap_or_default()
