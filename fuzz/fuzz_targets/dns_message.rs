@@ -34,8 +34,8 @@
 //!
 //! Before the round, the same answer goes through an answer cache
 //! directly (`cache::key`, `AnswerCache::insert`, `get`), as the proxy
-//! would store it: a hit must parse, carry the query's id and question
-//! bytes, and no TTL may grow.
+//! would store it (re-encoded): a hit must parse, carry the query's id and
+//! question bytes, say the same records, and no TTL may grow.
 #![no_main]
 
 use std::{
@@ -399,6 +399,11 @@ fn cache_step(query: &[u8], template: &[u8], splice: bool) {
     if !matches {
         return;
     }
+    // What the proxy caches: the answer as its own encoder writes it
+    // (`UpstreamAnswer::new`), never the upstream's bytes.
+    let Ok(bytes) = answer.to_vec() else {
+        return;
+    };
     // One cache for all inputs (building one is costly): inserting replaces
     // an entry under the same key, so the hit below is this input's answer.
     static CACHE: OnceLock<AnswerCache> = OnceLock::new();
@@ -438,6 +443,20 @@ fn cache_step(query: &[u8], template: &[u8], splice: bool) {
             "a cached TTL grew from {old} to {new}"
         );
     }
+    // Patching id, flags and TTLs must not change what a record says.
+    let content = |m: &Message| {
+        m.answers()
+            .iter()
+            .chain(m.name_servers())
+            .chain(m.additionals())
+            .map(|r| (r.name().to_lowercase(), r.record_type(), r.data().clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        content(&answer),
+        content(&served),
+        "a cached answer says something else when served"
+    );
 }
 
 /// `AGENT_GUARD_FUZZ_VERBOSE=1`: print what each input led to (for seeds

@@ -177,9 +177,11 @@ impl AnswerCache {
         Some(Hit { bytes, learned })
     }
 
-    /// Keeps `answer` (raw bytes and their parse, the upstream's answer to
-    /// the query cached under `key`) if it may be cached; `learned` is what
-    /// the proxy learned from it. Returns whether it was kept.
+    /// Keeps `answer` (its parse, and its bytes as our encoder wrote them:
+    /// never an upstream's own bytes, whose compression pointers may point
+    /// into the id, flags or TTLs a hit rewrites) if it may be cached;
+    /// `learned` is what the proxy learned from it. Returns whether it was
+    /// kept.
     pub fn insert(
         &self,
         key: Key,

@@ -661,6 +661,23 @@ struct UpstreamAnswer {
     message: Message,
 }
 
+impl UpstreamAnswer {
+    /// The answer re-encoded from its parse, never the upstream's own
+    /// bytes. Replies (and cache hits) patch the id, flags and TTLs in
+    /// place; an upstream's compression pointer may point into those
+    /// fields (any earlier offset is legal), and the client would then read
+    /// other names than the ones judged and learned here, or bytes that no
+    /// longer parse (found by fuzzing). Our encoder points only at names it
+    /// wrote, so patching those fields never changes a name.
+    fn new(server: SocketAddr, message: Message) -> Result<Self, ForwardError> {
+        let bytes = message.to_vec().map_err(|_| ForwardError::Unusable {
+            server,
+            why: "answer does not encode again",
+        })?;
+        Ok(Self { bytes, message })
+    }
+}
+
 /// What a query is answered with, from upstream or from the cache.
 struct Answer {
     /// The reply, id not yet the client's.
@@ -936,11 +953,7 @@ async fn udp_exchange(
     loop {
         let len = socket.recv(&mut buf).await.map_err(io_err)?;
         if let Some(message) = matching_answer(&buf[..len], id, question) {
-            buf.truncate(len);
-            return Ok(UpstreamAnswer {
-                bytes: buf,
-                message,
-            });
+            return UpstreamAnswer::new(server, message);
         }
     }
 }
@@ -969,7 +982,7 @@ async fn tcp_exchange(
         server,
         why: "tcp answer does not match the query",
     })?;
-    Ok(UpstreamAnswer { bytes, message })
+    UpstreamAnswer::new(server, message)
 }
 
 /// The parsed answer if `bytes` answer our request: a response with our
@@ -1729,6 +1742,55 @@ nameserver 127.0.0.53
             )]
         );
         liar_task.await.expect("liar ran");
+    }
+
+    #[tokio::test]
+    async fn answers_are_reencoded_so_patched_fields_never_change_a_name() {
+        // An upstream whose second record's owner name is a compression
+        // pointer into the first record's TTL (legal: any earlier offset).
+        // TTL 0x0161003c reads as the name "a."; a cache hit rewrites the
+        // TTL, and the patched bytes would read as "." (or not parse at
+        // all: found by fuzzing). Served bytes must say what was judged.
+        let odd = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let odd_addr = odd.local_addr().expect("addr");
+        let odd_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let (len, peer) = odd.recv_from(&mut buf).await.expect("query");
+            let q = &buf[..len];
+            let qname_end = cache::question_name_end(q).expect("plain question");
+            let mut r = q[..qname_end + 4].to_vec();
+            r[2] = 0x81; // QR, RD
+            r[3] = 0x80; // RA
+            r[4..12].copy_from_slice(&[0, 1, 0, 2, 0, 0, 0, 0]);
+            let first_ttl = r.len() + 6;
+            // b.test A 127.0.0.5, TTL 0x0161003c.
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0x01, 0x61, 0x00, 0x3c, 0, 4]);
+            r.extend_from_slice(&[127, 0, 0, 5]);
+            // "a." (the pointer into the TTL) A 127.0.0.6, TTL 60.
+            let ptr = u16::try_from(first_ttl).expect("offset") | 0xc000;
+            r.extend_from_slice(&ptr.to_be_bytes());
+            r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 6]);
+            let parsed = Message::from_vec(&r).expect("the upstream's bytes parse");
+            assert_eq!(parsed.answers()[1].name(), &name("a."));
+            let _ = odd.send_to(&r, peer).await;
+        });
+        let gate = FakeGate::allowing(&[(7, "b.test")]);
+        let (proxy, port) =
+            start_caching_proxy(vec![odd_addr], gate.clone(), &[7], Limits::default(), 16).await;
+
+        let fresh = udp_ask(at(7, port), &query(1, "b.test", RecordType::A)).await;
+        let cached = udp_ask(at(7, port), &query(2, "b.test", RecordType::A)).await;
+
+        assert_eq!(proxy.stats().cache_hits, 1, "the second answer is a hit");
+        for reply in [&fresh, &cached] {
+            let owners: Vec<&Name> = reply.answers().iter().map(|r| r.name()).collect();
+            assert_eq!(owners, [&name("b.test."), &name("a.")]);
+        }
+        assert!(
+            cached.answers()[0].ttl() <= 60,
+            "the smallest TTL bounds the life"
+        );
+        odd_task.await.expect("upstream ran");
     }
 
     #[tokio::test]
