@@ -80,6 +80,36 @@ fn timed(n: u32, mut op: impl FnMut() -> std::io::Result<()>) -> i32 {
     OK
 }
 
+/// One blocking TCP connect, then close(2) with SO_LINGER 0.
+fn connect_rst(fam: libc::c_int, sa: &socket2_free::SockAddrBytes) -> std::io::Result<()> {
+    // SAFETY: plain system calls on an fd this function owns and closes;
+    // `sa` and `linger` outlive the calls that read them.
+    unsafe {
+        let fd = libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let result = if libc::connect(fd, sa.ptr(), sa.len()) == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::close(fd);
+        result
+    }
+}
+
 /// [`resolve`] without its report line (for the timed loop).
 fn resolve_quiet(mode: &str, name: &str, to: SocketAddr) -> i32 {
     QUIET.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -216,6 +246,7 @@ fn usage() -> i32 {
          unix PATH | unix-dgram PATH   (PATH @name: abstract)\n  \
          resolve udp|udp-connected|tcp NAME SERVER_IP [PORT]   (exit 12: REFUSED)\n  \
          bench-unix PATH N | bench-resolve SERVER_IP PORT NAME N   (print WALL_NS CPU_NS per call)\n  \
+         bench-tcp-rst ADDR PORT N | bench-sendto ADDR PORT N   (same output)\n  \
          raw | bpf | pid | fork CMD.. | thread CMD.. | exec CMD.. | escape-cgroup CGROUP_DIR CMD..\n  \
          repeat N CMD.. | bench-connect ADDR PORT N | watch-connect ADDR PORT DURATION_MS [SPACING_NS]\n{}",
         escape::USAGE
@@ -540,6 +571,39 @@ fn run(args: &[String]) -> i32 {
                 return usage();
             };
             timed(n, || TcpStream::connect(a).map(drop))
+        }
+        "bench-tcp-rst" => {
+            // socket + blocking connect + close with SO_LINGER 0 (an RST, so
+            // no TIME_WAIT port is left behind): what a client pays per
+            // call, without ephemeral-port pressure across samples.
+            let (Some(a), Some(n)) = (addr(rest), rest.get(2).and_then(|n| n.parse::<u32>().ok()))
+            else {
+                return usage();
+            };
+            let sa = socket2_free::encode(&a);
+            let fam = if a.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            timed(n, || connect_rst(fam, &sa))
+        }
+        "bench-sendto" => {
+            // One unconnected UDP socket, N sendto(2) of 64 bytes.
+            let (Some(a), Some(n)) = (addr(rest), rest.get(2).and_then(|n| n.parse::<u32>().ok()))
+            else {
+                return usage();
+            };
+            let bind: SocketAddr = if a.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(socket) = std::net::UdpSocket::bind(bind) else {
+                return OTHER;
+            };
+            let payload = [0x5a_u8; 64];
+            timed(n, || socket.send_to(&payload, a).map(drop))
         }
         "bench-unix" => {
             let (Some(path), Some(n)) = (

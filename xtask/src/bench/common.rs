@@ -127,6 +127,12 @@ pub struct BenchArgs {
     /// [default: 40, or 10 with --quick].
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(2..=10_000))]
     pub(crate) approve_rounds: Option<u32>,
+    /// Skip part 7, the side-by-side cost per call.
+    #[arg(long)]
+    pub(crate) skip_cost: bool,
+    /// Part 7: rounds [default: 12, or 3 with --quick].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) cost_rounds: Option<u32>,
     /// Run only these parts (comma-separated); the --skip-* flags still
     /// apply. results.json then holds only them.
     #[arg(long, value_enum, value_name = "PART", value_delimiter = ',')]
@@ -148,6 +154,9 @@ pub(crate) enum Part {
     Local,
     /// Part 6: control plane (token launch, whois, approve).
     Control,
+    /// Part 7: cost per call side by side (none, nftables, untagged,
+    /// tagged per call and with --flow-records; TCP, UDP, Unix).
+    Cost,
 }
 
 impl BenchArgs {
@@ -161,6 +170,7 @@ impl BenchArgs {
             Part::Flood => self.skip_flood,
             Part::Local => self.skip_local,
             Part::Control => self.skip_control,
+            Part::Cost => self.skip_cost,
         };
         !skipped && (self.only.is_empty() || self.only.contains(&part))
     }
@@ -184,6 +194,7 @@ impl Part {
             Part::Flood => "flood",
             Part::Local => "local",
             Part::Control => "control",
+            Part::Cost => "cost",
         }
     }
 }

@@ -38,6 +38,7 @@ use serde_json::{Value, json};
 mod audit;
 pub(crate) mod common;
 mod control;
+mod cost;
 mod grants;
 mod local;
 
@@ -222,6 +223,20 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         None
     };
 
+    let cost = if args.runs(Part::Cost) {
+        let c = cost::side_by_side(
+            built,
+            &cgroup2,
+            &pin,
+            args.cost_rounds.unwrap_or(if args.quick { 3 } else { 12 }),
+            cost::Calls::new(args.quick),
+        )?;
+        print!("{}", c.table());
+        Some(c)
+    } else {
+        None
+    };
+
     // Everything once more at the end, where it is easy to find.
     if let Some(c) = &connect {
         print!("{}", c.table);
@@ -239,6 +254,9 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
         print!("{}", l.table());
     }
     if let Some(c) = &control_plane {
+        print!("{}", c.table());
+    }
+    if let Some(c) = &cost {
         print!("{}", c.table());
     }
 
@@ -277,6 +295,9 @@ pub fn bench(ws: &Workspace, built: &Built, args: &BenchArgs) -> Result<()> {
     results["control_plane"] = control_plane
         .as_ref()
         .map_or_else(|| skipped(Part::Control), control::ControlPlane::json);
+    results["cost_side_by_side"] = cost
+        .as_ref()
+        .map_or_else(|| skipped(Part::Cost), cost::SideBySide::json);
     let dir = ws.target.join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("results.json");
@@ -931,6 +952,33 @@ fn grant_tool_names() -> impl Iterator<Item = String> {
     (0..GRANT_TOOLS).map(|i| format!("g{i:03}"))
 }
 
+/// The port of endpoint entry `k` (ports spread over 1..=65535).
+fn entry_port(k: u32) -> u64 {
+    1 + u64::from(k) * 7919 % 65_535
+}
+
+/// Appends tools `t0`, `t1`, ... holding `endpoints` distinct
+/// 10.x.y.z/32 entries (ENDPOINTS_PER_TOOL each; map keys only, nothing is
+/// ever sent to them); returns their names.
+fn endpoint_tools(s: &mut String, endpoints: u32) -> Vec<String> {
+    let mut tools = Vec::new();
+    let mut k: u32 = 0;
+    while k < endpoints {
+        let name = format!("t{}", k / ENDPOINTS_PER_TOOL);
+        let _ = writeln!(s, "[[tool]]\nname = \"{name}\"\nendpoints = [");
+        let end = endpoints.min(k + ENDPOINTS_PER_TOOL);
+        while k < end {
+            let [_, x, y, z] = k.to_be_bytes();
+            let port = entry_port(k);
+            let _ = writeln!(s, "  {{ cidr = \"10.{x}.{y}.{z}/32\", port = {port} }},");
+            k += 1;
+        }
+        let _ = writeln!(s, "]\n");
+        tools.push(name);
+    }
+    tools
+}
+
 /// The bench policy:
 /// - agent `bench/a` holds the listener's endpoint plus `endpoints` distinct
 ///   10.x.y.z/32 entries (map keys only; nothing is ever sent to them),
@@ -951,21 +999,7 @@ fn policy_toml(listener_port: u16, pay_port: u16, endpoints: u32) -> String {
         "endpoints = [{{ cidr = \"127.0.0.1/32\", port = {listener_port} }}]\n"
     );
     let mut tools = vec!["listener".to_owned()];
-    let mut k: u32 = 0;
-    while k < endpoints {
-        let name = format!("t{}", k / ENDPOINTS_PER_TOOL);
-        let _ = writeln!(s, "[[tool]]\nname = \"{name}\"\nendpoints = [");
-        let end = endpoints.min(k + ENDPOINTS_PER_TOOL);
-        while k < end {
-            let [_, x, y, z] = k.to_be_bytes();
-            // Ports spread over 1..=65535.
-            let port = 1 + u64::from(k) * 7919 % 65_535;
-            let _ = writeln!(s, "  {{ cidr = \"10.{x}.{y}.{z}/32\", port = {port} }},");
-            k += 1;
-        }
-        let _ = writeln!(s, "]\n");
-        tools.push(name);
-    }
+    tools.extend(endpoint_tools(&mut s, endpoints));
     let _ = writeln!(s, "[[tool]]\nname = \"{PAY_TOOL}\"");
     let _ = writeln!(
         s,
