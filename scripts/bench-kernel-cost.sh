@@ -2,10 +2,13 @@
 # In-kernel cost per connect() of agent-guard's programs, from the kernel's
 # own per-program run statistics (kernel.bpf_stats_enabled=1).
 # Usage (root, after `cargo xtask build --release`): scripts/bench-kernel-cost.sh
+#   AG_DAEMON_FLAGS="--flow-records" scripts/bench-kernel-cost.sh   # flow mode
+#   AG_BIN_DIR=target/debug ...   # other binaries (the eBPF object is always release)
 # Works in a temporary directory, listens on 127.0.0.1:18099, and stops what
 # it started by PID.
 set -u
-B=$(cd "$(dirname "$0")/.." && pwd)/target/release
+B=${AG_BIN_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
+B=$(cd "$B" && pwd)
 WORK=$(mktemp -d)
 cd "$WORK"
 trap 'echo 0 > /proc/sys/kernel/bpf_stats_enabled; rm -rf "$WORK"' EXIT
@@ -28,7 +31,7 @@ def acc():
         c,_=s.accept(); c.close()
 for _ in range(2): threading.Thread(target=acc,daemon=True).start()
 import time; time.sleep(600)' & LPID=$!
-$B/agent-guard daemon --policy $PWD/policy.toml --socket $PWD/s --pin-dir $PWD/bpf --audit-dir $PWD/audit --state-dir $PWD/state --cgroup-root $CG/ag-bs --metrics-addr 127.0.0.1:0 > d.log 2>&1 & DPID=$!
+$B/agent-guard daemon --policy $PWD/policy.toml --socket $PWD/s --pin-dir $PWD/bpf --audit-dir $PWD/audit --state-dir $PWD/state --cgroup-root $CG/ag-bs --metrics-addr 127.0.0.1:0 ${AG_DAEMON_FLAGS:-} > d.log 2>&1 & DPID=$!
 for i in $(seq 100); do $B/agent-guard status --socket $PWD/s >/dev/null 2>&1 && break; sleep 0.1; done
 stat() { $B/agent-guard status --socket $PWD/s --json | python3 -c 'import json,sys; d=json.load(sys.stdin)["program_stats"]["connect4"]; print(d["run_count"], d["run_time_ns"])'; }
 echo 1 > /proc/sys/kernel/bpf_stats_enabled

@@ -8,6 +8,7 @@
 #![no_std]
 
 pub mod event;
+pub mod flow;
 pub mod grant;
 pub mod subject;
 pub mod unix;
@@ -60,6 +61,9 @@ pub mod maps {
     pub const DECISIONS: &str = "DECISIONS";
     pub const UNIX_PATHS: &str = "UNIX_PATHS";
     pub const DNS_ORIG: &str = "DNS_ORIG";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_CONFIG: &str = "FLOW_CONFIG";
+    pub const FLOW_FALLBACKS: &str = "FLOW_FALLBACKS";
 }
 
 /// Capacities of the maps; the daemon reports them as
@@ -79,6 +83,9 @@ pub mod capacity {
     /// Sockets whose DNS traffic was redirected to the per-agent proxy
     /// (LRU: the oldest are forgotten first).
     pub const DNS_ORIG: u32 = 65_536;
+    /// Flows (`--flow-records`) counted between two flushes, both epochs
+    /// together; when full, a call gets its own ring record instead.
+    pub const FLOWS: u32 = 16_384;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 24;
 }
@@ -124,4 +131,7 @@ mod pod {
     unsafe impl aya::Pod for super::grant::RateWindow {}
     unsafe impl aya::Pod for super::unix::UnixPath {}
     unsafe impl aya::Pod for super::dns::DnsOrig {}
+    unsafe impl aya::Pod for super::flow::FlowKey {}
+    unsafe impl aya::Pod for super::flow::FlowStats {}
+    unsafe impl aya::Pod for super::flow::FlowConfig {}
 }

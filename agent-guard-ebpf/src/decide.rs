@@ -8,6 +8,7 @@ use core::ffi::c_void;
 use agent_guard_common::{
     dns::{self, DnsOrig},
     event::{AF_INET, AF_INET6, Event, kind, reason, verdict},
+    flow::FlowKey,
     grant::{
         APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GRANT_SLOTS,
         GrantKey, PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
@@ -25,7 +26,7 @@ use aya_ebpf::{
 
 use crate::judgement::{ALLOW, DENY, Judgement};
 use crate::{
-    emit,
+    emit, flows,
     maps::{
         CAPS, CGROUPS, CONFIG, DECISIONS, DNS_ORIG, GRANT_STATE, GRANTS, PROCS, RATE, SUBJECTS,
         TOOLS, bump,
@@ -379,6 +380,29 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
     } else {
         judge(subject_id, cfg.generation as u8, proto, port, addr, now)
     };
+
+    // Flow mode: an allowed call is counted, not recorded one by one
+    // (denied and would-deny calls always are).
+    if j.verdict == verdict::ALLOW
+        && let Some(epoch) = flows::epoch()
+    {
+        let key = FlowKey {
+            subject: subject_id,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            tool_id: j.tool_id,
+            grant_id: j.grant_id,
+            addr,
+            port,
+            family,
+            kind,
+            proto,
+            reason: j.reason,
+            epoch,
+        };
+        if flows::count(&key, now) {
+            return j.ret;
+        }
+    }
 
     if let Some(mut entry) = emit::reserve::<Event>(kind) {
         let ev = entry.as_mut_ptr();

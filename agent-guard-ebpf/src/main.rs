@@ -16,6 +16,7 @@ mod connect;
 mod decide;
 mod dns;
 mod emit;
+mod flows;
 mod judgement;
 mod maps;
 mod process;

@@ -5,6 +5,7 @@ use agent_guard_common::{
     Config, capacity,
     dns::DnsOrig,
     event::{kind, verdict},
+    flow::{FlowConfig, FlowKey, FlowStats, fallback},
     grant::{GrantKey, GrantSlots, GrantState, GrantValue, RateWindow, ToolLimit},
     subject::Subject,
     unix::UnixPath,
@@ -13,7 +14,7 @@ use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// tgid -> subject id. Written by the daemon (launch) and the fork
@@ -84,6 +85,26 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 /// turns deltas into `gap` audit records.
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT, 0);
+
+/// (epoch, subject, tgid, destination, hook, reason, tool, grant) -> per
+/// CPU {calls, first/last time, cgroup, uid}: allowed calls counted in flow
+/// mode (`--flow-records`). Inserted and counted by connect4/6 and
+/// sendmsg4/6; read and deleted by the daemon one epoch at a time, after a
+/// grace period (see `agent_guard_common::flow`). Preallocated: an insert
+/// on the hot path takes no allocator lock. The daemon sizes it
+/// (`--map-capacity FLOWS=N`); a full table sends the call to the ring.
+#[map]
+pub static FLOWS: PerCpuHashMap<FlowKey, FlowStats> =
+    PerCpuHashMap::with_max_entries(capacity::FLOWS, 0);
+
+/// Index 0: [`FlowConfig`] (on/off, current epoch). Written by the daemon.
+#[map]
+pub static FLOW_CONFIG: Array<FlowConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU count of allowed calls that got a per-call ring record in flow
+/// mode because `FLOWS` was full, by `fallback::*`. Read by the daemon.
+#[map]
+pub static FLOW_FALLBACKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fallback::COUNT, 0);
 
 /// Per-CPU count of decisions by verdict (allow, deny, would_deny), so the
 /// daemon can check attempts = audited + lost.

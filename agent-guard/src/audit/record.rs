@@ -51,6 +51,16 @@ pub struct AuditRecord {
     pub tool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<String>,
+    /// Flow record (`daemon --flow-records`): this many allowed calls of
+    /// the same process to the same destination under the same tool,
+    /// grant and reason, from `first_ts` to `last_ts` (`ts` is `first_ts`).
+    /// Absent on per-call records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_ts: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ts: Option<String>,
     /// Task scope text and id (`run --task`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,

@@ -354,7 +354,13 @@ impl Row {
                 r.detail.clone().unwrap_or_default(),
             )
         } else if r.dst.is_some() || r.proto.is_some() {
-            (replay::destination(r), r.reason.clone().unwrap_or_default())
+            let reason = r.reason.clone().unwrap_or_default();
+            // A flow record (`daemon --flow-records`) stands for N calls.
+            let reason = match r.calls {
+                Some(n) => format!("{reason} ×{n}"),
+                None => reason,
+            };
+            (replay::destination(r), reason)
         } else {
             (
                 r.exe.clone().or(r.detail.clone()).unwrap_or_default(),
@@ -512,6 +518,9 @@ fn print_tree(
                             }
                             if let Some(why) = &r.reason {
                                 s.push_str(&format!(" ({why})"));
+                            }
+                            if let Some(n) = r.calls {
+                                s.push_str(&format!(" ×{n} calls"));
                             }
                             paint(v, s)
                         }

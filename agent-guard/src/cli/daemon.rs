@@ -122,8 +122,19 @@ pub struct Args {
     /// How long one webhook notice may take.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     approval_webhook_timeout: std::time::Duration,
+    /// Count allowed calls of tagged processes per flow in the kernel and
+    /// write one audit record per flow and --flow-interval (`calls`,
+    /// `first_ts`, `last_ts`) instead of one per call: cheaper per call,
+    /// coarser trail. Denied and would-deny calls stay one record each; a
+    /// full flow table (--map-capacity FLOWS=N) falls back to per-call
+    /// records, counted in agent_guard_flow_fallback_total.
+    #[arg(long)]
+    flow_records: bool,
+    /// How often flows become audit records (--flow-records).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration, requires = "flow_records")]
+    flow_interval: std::time::Duration,
     /// Size of a kernel map (repeatable): CGROUPS, SUBJECTS, CAPS, GRANTS,
-    /// GRANT_STATE or UNIX_PATHS, e.g. `--map-capacity GRANTS=262144`.
+    /// GRANT_STATE, UNIX_PATHS or FLOWS, e.g. `--map-capacity GRANTS=262144`.
     /// A full map refuses what would need a new entry (fail closed) with an
     /// error naming the map; `agent_guard_map_entries` / `_capacity` show
     /// how full each is.
@@ -168,6 +179,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             token_skew: args.token_clock_skew,
             control_gid,
         },
+        flow_records: args.flow_records.then_some(args.flow_interval),
         approval_timeout: args.approval_timeout,
         map_capacities: args.map_capacity,
         approval_webhook: args

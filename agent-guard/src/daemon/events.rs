@@ -167,6 +167,8 @@ impl Pipeline {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(DRAIN_INTERVAL);
         let mut ticks = 0u32;
+        let flows = self.state.flows.as_ref().map(|f| f.interval);
+        let mut flow_tick = tokio::time::interval(flows.unwrap_or(Duration::from_secs(3600)));
         loop {
             tokio::select! {
                 ready = self.ring.readable_mut() => {
@@ -208,10 +210,14 @@ impl Pipeline {
                         self.drain_ring();
                     }
                 }
+                _ = flow_tick.tick(), if flows.is_some() => self.write_flows(false),
                 _ = shutdown.changed() => break,
             }
             self.flush();
         }
+        // Flow mode off and every flow written first: calls made meanwhile
+        // went to the ring, drained next.
+        self.write_flows(true);
         self.drain_ring();
         self.account_lost();
         while let Ok(msg) = self.rx.try_recv() {
@@ -316,7 +322,33 @@ impl Pipeline {
         }
     }
 
+    /// Writes the flows of the interval that just ended (`last`: every
+    /// flow, flow mode off; at shutdown).
+    fn write_flows(&mut self, last: bool) {
+        let state = self.state.clone();
+        let Some(flows) = state.flows.as_ref() else {
+            return;
+        };
+        // A grace period is a few ms of waiting in the kernel.
+        let collected = tokio::task::block_in_place(|| flows.collect(last));
+        for flow in &collected {
+            let ev = super::flows::event(flow);
+            // SAFETY: Event is #[repr(C)] plain data without implicit
+            // padding; the slice lives no longer than `ev`.
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<Event>())
+            };
+            self.handle_calls(bytes, Some(flow));
+            flows.written(flow.calls);
+        }
+    }
+
     fn handle(&mut self, bytes: &[u8]) {
+        self.handle_calls(bytes, None);
+    }
+
+    /// One ring record, or (`flow`) the record of a flow of allowed calls.
+    fn handle_calls(&mut self, bytes: &[u8], flow: Option<&crate::kernel::flows::Flow>) {
         if bytes.len() < size_of::<Event>() {
             tracing::warn!(len = bytes.len(), "short record from the kernel");
             return;
@@ -329,7 +361,7 @@ impl Pipeline {
             .events
             .entry(ev.kind)
             .or_insert_with(|| metrics.events.with_label_values(&[kind_name]))
-            .inc();
+            .inc_by(flow.map_or(1, |f| f.calls));
 
         match ev.kind {
             kind::FORK => {
@@ -379,6 +411,11 @@ impl Pipeline {
         };
         let mut rec = AuditRecord::new(kind_name);
         rec.ts = wall_clock(ev.ts_ns);
+        if let Some(f) = flow {
+            rec.calls = Some(f.calls);
+            rec.first_ts = Some(rec.ts.clone());
+            rec.last_ts = Some(wall_clock(f.last_ns));
+        }
         rec.tenant = Some(ident.tenant.clone());
         rec.agent = Some(ident.agent.clone());
         rec.subject = Some(ident.chain.clone());
@@ -452,7 +489,7 @@ impl Pipeline {
             kind::FORK => rec.child = Some(ev.aux),
             _ => {}
         }
-        if ev.ts_ns != 0 {
+        if ev.ts_ns != 0 && flow.is_none() {
             self.delivered.push(ev.ts_ns);
         }
         self.write(&log, rec);
@@ -500,7 +537,7 @@ impl Pipeline {
                     r,
                 ])
             })
-            .inc();
+            .inc_by(rec.calls.unwrap_or(1));
         // A refused call to a two-person tool opens (or counts on) an
         // approval request; its id goes on the record.
         if ev.verdict == verdict::DENY

@@ -5,6 +5,7 @@ pub mod adopt;
 pub mod approvals;
 pub mod dns;
 pub mod events;
+pub mod flows;
 pub mod grants;
 pub mod launch;
 pub mod persist;
@@ -89,6 +90,8 @@ pub struct Options {
     /// Approval requests nobody decided end after this.
     pub approval_timeout: std::time::Duration,
     pub approval_webhook: Option<webhook::Webhook>,
+    /// `--flow-records` with its `--flow-interval`; `None`: per call.
+    pub flow_records: Option<std::time::Duration>,
     /// `--map-capacity NAME=N`.
     pub map_capacities: Vec<(&'static str, u32)>,
 }
@@ -257,7 +260,7 @@ async fn serve(
             "a previous agent-guard left its programs attached (killed or crashed?): taking over"
         );
     }
-    let (mut kernel, maps, ring) = Kernel::load(
+    let (mut kernel, mut maps, ring) = Kernel::load(
         &cgroup_mount,
         &opts.pin_dir,
         opts.ring_bytes,
@@ -268,6 +271,7 @@ async fn serve(
     .context("loading the eBPF programs")?;
     tracing::info!(programs = ?kernel.attached, cgroup2 = %cgroup_mount.display(), "programs attached at the cgroup2 root");
 
+    let maps_flow_table = maps.take_flow_table();
     let (audit_tx, audit_rx) = mpsc::unbounded_channel();
     let metrics = Metrics::new().context("creating metrics")?;
     let mut state = state::State::new(
@@ -282,6 +286,17 @@ async fn serve(
         policy_path,
         crate::kernel::procs_pin(&opts.pin_dir),
     );
+    if let Some(interval) = opts.flow_records {
+        let table = maps_flow_table.context("--flow-records: the eBPF object has no flow table")?;
+        state.flows = Some(
+            flows::Flows::start(table, interval, &state.metrics.registry)
+                .context("--flow-records")?,
+        );
+        tracing::info!(
+            interval = %humantime::format_duration(interval),
+            "flow records: allowed calls are counted per flow in the kernel"
+        );
+    }
     state.idle_subject_age = opts.idle_subject_age;
     state.program_ids = kernel.program_ids.clone();
     state.dns_grace = opts.dns_grace;

@@ -138,6 +138,8 @@ pub struct State {
     pub approval_webhook: Option<super::webhook::Webhook>,
     /// Allowed connects' sockets by cookie, for whois.
     pub sockets: Mutex<super::whois::SocketTable>,
+    /// `--flow-records`: allowed calls counted per flow in the kernel.
+    pub flows: Option<super::flows::Flows>,
     /// What `registry.json` last got (one writer at a time; unchanged
     /// snapshots are not written again).
     pub persist_lock: Mutex<String>,
@@ -259,6 +261,7 @@ impl State {
             approval_timeout: super::approvals::DEFAULT_TIMEOUT,
             approval_webhook: None,
             sockets: Mutex::new(super::whois::SocketTable::default()),
+            flows: None,
             persist_lock: Mutex::new(String::new()),
         }
     }
@@ -565,6 +568,8 @@ impl State {
             "suspended": suspended,
             "events_lost": lost_by_kind,
             "decisions": { "allow": decisions[0], "deny": decisions[1], "would_deny": decisions[2] },
+            // `--flow-records`: null in per-call mode.
+            "flow_records": self.flows.as_ref().map(|f| f.status()),
             "maps": entries.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),
         })
     }

@@ -26,7 +26,11 @@
 //!    sub-agent cgroups not restored are quarantined the same way, so their
 //!    future children are too. The scan repeats until it finds no new
 //!    process (children forked meanwhile);
-//! 4. then it closes the old fds: the old programs detach.
+//! 4. then it closes the old fds: the old programs detach. What they left
+//!    unread is counted into the takeover's `gap` record: records in the
+//!    old ring, and the calls of flows (`--flow-records`) the old instance
+//!    never collected (read after a grace period, so no old program still
+//!    counts into them).
 
 use std::{
     collections::BTreeSet,
@@ -34,12 +38,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agent_guard_common::flow::{FlowKey, FlowStats};
 use agent_guard_common::grant::GrantState;
 use agent_guard_common::{
     event::{Event, kind},
     maps as names,
 };
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 
 use super::state::State;
 use crate::kernel::{LINKS_PREFIX, fs as kfs, procs_pin};
@@ -59,6 +64,8 @@ pub struct Leftovers {
     lost: Option<PerCpuArray<MapData, u64>>,
     /// The old ring: records nobody read.
     ring: Option<RingBuf<MapData>>,
+    /// The old flow table: allowed calls counted but never collected.
+    flows: Option<PerCpuHashMap<MapData, FlowKey, FlowStats>>,
     /// Old daemon's pid, if it recorded one (for the audit record).
     pub found: usize,
 }
@@ -127,6 +134,7 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
     let ring = MapData::from_pin(pin_dir.join(names::EVENTS))
         .ok()
         .and_then(|d| RingBuf::try_from(Map::RingBuf(d)).ok());
+    let flows = crate::kernel::flows::FlowTable::pinned_flows(&pin_dir.join(names::FLOWS));
     // The new instance pins its own under the same names; the fds above
     // keep the old objects alive until step 4.
     for p in &paths {
@@ -146,6 +154,7 @@ pub fn collect(pin_dir: &Path) -> anyhow::Result<Option<Leftovers>> {
         grant_state,
         lost,
         ring,
+        flows,
     }))
 }
 
@@ -271,9 +280,24 @@ impl State {
         // Step 4: the old programs detach when the last fd closes; then
         // nothing writes the old ring any more and it can be counted.
         let Leftovers {
-            links, lost, ring, ..
+            links,
+            lost,
+            ring,
+            flows,
+            ..
         } = old;
         drop(links);
+        if let Some(mut flows) = flows {
+            // Detached, but a program that started before may still run.
+            if let Err(e) = crate::kernel::flows::grace_period() {
+                tracing::warn!("{e}; reading the old flow table anyway");
+            }
+            for flow in crate::kernel::flows::drain(&mut flows, None) {
+                if let Some(slot) = report.lost.get_mut(usize::from(flow.key.kind)) {
+                    *slot += flow.calls;
+                }
+            }
+        }
         if let Some(lost) = &lost {
             for (k, slot) in report.lost.iter_mut().enumerate() {
                 if let Ok(v) = lost.get(&(k as u32), 0) {

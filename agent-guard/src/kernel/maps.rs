@@ -142,6 +142,8 @@ pub struct KernelMaps {
     unix_layout: Option<super::unix::Layout>,
     /// Port of the per-agent DNS proxy (0 = off), written into `CONFIG`.
     dns_proxy_port: u16,
+    /// Until the daemon takes it for its event pipeline.
+    flow_table: Option<super::flows::FlowTable>,
 }
 
 impl KernelMaps {
@@ -160,7 +162,13 @@ impl KernelMaps {
             unix_paths: take(ebpf, names::UNIX_PATHS)?,
             unix_layout: None,
             dns_proxy_port: 0,
+            flow_table: Some(super::flows::FlowTable::take(ebpf)?),
         })
+    }
+
+    /// The flow table (`--flow-records`), once.
+    pub fn take_flow_table(&mut self) -> Option<super::flows::FlowTable> {
+        self.flow_table.take()
     }
 
     pub fn tag_process(&mut self, tgid: u32, subject: u32) -> Result<(), KernelError> {

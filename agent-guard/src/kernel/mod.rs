@@ -5,6 +5,7 @@
 //! created in. Dropping the [`Kernel`] detaches everything it attached.
 
 pub mod btf;
+pub mod flows;
 pub mod fs;
 pub mod maps;
 pub mod sockdiag;
@@ -337,6 +338,10 @@ pub const SIZABLE_MAPS: &[(&str, u32)] = &[
         agent_guard_common::maps::UNIX_PATHS,
         agent_guard_common::capacity::UNIX_PATHS,
     ),
+    (
+        agent_guard_common::maps::FLOWS,
+        agent_guard_common::capacity::FLOWS,
+    ),
 ];
 
 /// Parses `NAME=N` for `--map-capacity`.
@@ -363,12 +368,14 @@ pub fn parse_map_capacity(s: &str) -> Result<(&'static str, u32), String> {
 }
 
 /// Maps pinned (besides `PROCS`) for a daemon that takes over after a crash.
-pub const TAKEOVER_MAPS: [&str; 4] = [
+pub const TAKEOVER_MAPS: [&str; 5] = [
     agent_guard_common::maps::CGROUPS,
     // Uses left of use-counted grants, restored by the successor.
     agent_guard_common::maps::GRANT_STATE,
     agent_guard_common::maps::LOST,
     agent_guard_common::maps::EVENTS,
+    // Flows (`--flow-records`) counted but not collected.
+    agent_guard_common::maps::FLOWS,
 ];
 
 /// Where the links are pinned.
