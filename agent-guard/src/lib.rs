@@ -5,6 +5,7 @@ pub mod audit;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod export;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;

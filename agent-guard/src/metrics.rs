@@ -49,6 +49,9 @@ pub struct Metrics {
     pub audit_write_seconds: Histogram,
     pub event_delivery_seconds: Histogram,
     pub audit_buffered_records: IntGauge,
+    pub export_sent: IntCounterVec,
+    pub export_dropped: IntCounterVec,
+    pub export_queue: IntGaugeVec,
 }
 
 fn counter(
@@ -215,6 +218,24 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            export_sent: counter(
+                &r,
+                "agent_guard_export_sent_total",
+                "Audit records delivered by each --export exporter.",
+                &["exporter"],
+            )?,
+            export_dropped: counter(
+                &r,
+                "agent_guard_export_dropped_total",
+                "Audit records an --export exporter did not deliver (queue full, or retries used up); each loss is also a gap record in the chain, where the records themselves are.",
+                &["exporter"],
+            )?,
+            export_queue: gauge(
+                &r,
+                "agent_guard_export_queue",
+                "Audit records waiting in an --export exporter's queue.",
+                &["exporter"],
+            )?,
             registry: r,
         };
         m.build_info

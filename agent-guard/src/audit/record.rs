@@ -96,6 +96,10 @@ pub struct AuditRecord {
     /// record, left by a crash; the chain continues from the record before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torn_bytes: Option<u64>,
+    /// gap with `lost.export`: the `--export` target that did not get
+    /// `lost.export` records of this chain (they are in the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exporter: Option<String>,
     /// Free text for daemon and policy records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

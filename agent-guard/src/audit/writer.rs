@@ -8,6 +8,10 @@
 //! buffer is bounded by [`WriterConfig::buffer_records`], and records beyond
 //! it are counted and become one `gap` record (`lost.audit = N`) once
 //! writing works again. Nothing is dropped silently.
+//!
+//! A [`Tap`] (the `--export` exporters) gets each chain's lines only after
+//! they are in the file, in chain order: what is exported is what the
+//! chain holds.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -78,6 +82,14 @@ impl Default for WriterConfig {
     }
 }
 
+/// Hears of every line once it is written to its chain's file (on the
+/// writer's task: it must not block).
+pub trait Tap: Send {
+    /// `lines`: one or more whole records of `log`, each ending in `\n`,
+    /// exactly as written, in chain order.
+    fn written(&mut self, log: &str, lines: Vec<u8>);
+}
+
 /// What happened to an appended record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -115,6 +127,8 @@ struct Chain {
     last_checkpoint: Instant,
     next_rotation: u64,
     failing: bool,
+    /// Written to the file, not yet handed to the tap (only with a tap).
+    written: Option<Vec<u8>>,
 }
 
 /// Owns every tenant's open log. Used by one task only.
@@ -123,6 +137,7 @@ pub struct AuditWriter {
     cfg: WriterConfig,
     chains: HashMap<String, Chain>,
     last_sync: Instant,
+    tap: Option<Box<dyn Tap>>,
 }
 
 impl AuditWriter {
@@ -141,7 +156,35 @@ impl AuditWriter {
             cfg,
             chains: HashMap::new(),
             last_sync: Instant::now(),
+            tap: None,
         })
+    }
+
+    /// Hands every line written from now on to `tap` (set it before the
+    /// first append).
+    pub fn set_tap(&mut self, tap: Box<dyn Tap>) {
+        for chain in self.chains.values_mut() {
+            chain.written.get_or_insert_with(Vec::new);
+        }
+        self.tap = Some(tap);
+    }
+
+    /// Gives the tap the whole lines written since the last hand-over.
+    fn hand_over(&mut self) {
+        let Some(tap) = self.tap.as_mut() else {
+            return;
+        };
+        for (log, chain) in self.chains.iter_mut() {
+            let Some(written) = chain.written.as_mut() else {
+                continue;
+            };
+            // A short write can leave half a line: it goes with the next.
+            let Some(end) = memchr::memrchr(b'\n', written).map(|i| i + 1) else {
+                continue;
+            };
+            let rest = written.split_off(end);
+            tap.written(log, std::mem::replace(written, rest));
+        }
     }
 
     /// Appends `record` to `log` (a tenant name or `_node`), filling in
@@ -229,6 +272,7 @@ impl AuditWriter {
                 }
             }
         }
+        self.hand_over();
         failures
     }
 
@@ -271,6 +315,7 @@ impl AuditWriter {
                 });
             }
         }
+        self.hand_over();
         failures
     }
 
@@ -318,6 +363,7 @@ impl AuditWriter {
             last_checkpoint: Instant::now(),
             next_rotation,
             failing: false,
+            written: self.tap.is_some().then(Vec::new),
         };
         if resume.torn > 0 {
             tracing::warn!(
@@ -399,6 +445,9 @@ fn write_pending(chain: &mut Chain) -> Result<(), AuditError> {
         }
     };
     if written > 0 {
+        if let Some(w) = chain.written.as_mut() {
+            w.extend_from_slice(&chain.pending[..written]);
+        }
         let done = memchr::memchr_iter(b'\n', &chain.pending[..written]).count();
         chain.pending_records = chain.pending_records.saturating_sub(done);
         chain.pending.drain(..written);
@@ -650,6 +699,58 @@ mod tests {
         let cps = fs::read_to_string(chain_dir.join(checkpoint::CHECKPOINT_FILE)).expect("cps");
         assert!(cps.contains("\"anchor\""));
         assert!(cps.lines().last().expect("one").contains("\"checkpoint\""));
+    }
+
+    /// (log, lines) as the tap got them.
+    type Handed = Vec<(String, Vec<u8>)>;
+
+    #[derive(Clone, Default)]
+    struct Collect(std::sync::Arc<std::sync::Mutex<Handed>>);
+
+    impl Tap for Collect {
+        fn written(&mut self, log: &str, lines: Vec<u8>) {
+            self.0.lock().expect("lock").push((log.to_string(), lines));
+        }
+    }
+
+    #[test]
+    fn the_tap_gets_exactly_the_written_lines_and_only_once_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = AuditWriter::new(dir.path()).expect("writer");
+        let tap = Collect::default();
+        w.set_tap(Box::new(tap.clone()));
+        w.append("acme", AuditRecord::new("connect"))
+            .expect("append");
+        w.append("acme", AuditRecord::new("exit")).expect("append");
+        assert!(
+            tap.0.lock().expect("lock").is_empty(),
+            "not before the write"
+        );
+        assert!(w.flush().is_empty());
+        // While writing fails, nothing reaches the tap.
+        let path = dir.path().join("acme").join(LOG_FILE);
+        if let Some(c) = w.chains.get_mut("acme") {
+            c.file = Some(File::open(&path).expect("read-only handle"));
+        }
+        w.append("acme", AuditRecord::new("connect"))
+            .expect("append");
+        assert_eq!(w.flush().len(), 1);
+        assert_eq!(tap.0.lock().expect("lock").len(), 1);
+        if let Some(c) = w.chains.get_mut("acme") {
+            c.file = None;
+        }
+        assert!(w.close().is_empty());
+        let got: Vec<u8> = tap
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .flat_map(|(log, lines)| {
+                assert_eq!(log, "acme");
+                lines.clone()
+            })
+            .collect();
+        assert_eq!(got, fs::read(&path).expect("read"), "the tap saw the file");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::{control::DEFAULT_SOCKET, daemon};
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  agent-guard daemon\n  agent-guard daemon --policy /etc/agent-guard/policy.toml --metrics-addr 0.0.0.0:9753\n  agent-guard daemon --socket /tmp/ag/sock --pin-dir /tmp/ag/bpf --audit-dir /tmp/ag/audit \\\n      --cgroup-root /sys/fs/cgroup/unified/ag-test --metrics-addr 127.0.0.1:0\n  agent-guard daemon --dns-mode per-agent      # agents resolve only their tools' names, through the daemon"
+    after_help = "Examples:\n  agent-guard daemon\n  agent-guard daemon --policy /etc/agent-guard/policy.toml --metrics-addr 0.0.0.0:9753\n  agent-guard daemon --socket /tmp/ag/sock --pin-dir /tmp/ag/bpf --audit-dir /tmp/ag/audit \\\n      --cgroup-root /sys/fs/cgroup/unified/ag-test --metrics-addr 127.0.0.1:0\n  agent-guard daemon --dns-mode per-agent      # agents resolve only their tools' names, through the daemon\n  agent-guard daemon --export otlp=http://127.0.0.1:4318 --export ocsf-file=/var/log/agent-guard/ocsf.jsonl\n  agent-guard daemon --export syslog            # RFC 5424 to /dev/log; or syslog=udp://127.0.0.1:514, syslog=unix:/PATH"
 )]
 pub struct Args {
     /// Policy file (TOML). Default: /etc/agent-guard/policy.toml if it exists,
@@ -140,6 +140,17 @@ pub struct Args {
     /// how full each is.
     #[arg(long, value_name = "MAP=N", value_parser = crate::kernel::parse_map_capacity)]
     map_capacity: Vec<(&'static str, u32)>,
+    /// Also send every audit record, once it is in its chain, to KIND
+    /// (repeatable): `otlp=http://HOST:4318` (OpenTelemetry logs over
+    /// OTLP/HTTP; /v1/logs is added to a URL without a path),
+    /// `ocsf-file=/PATH` (OCSF 1.3 JSON lines), `syslog` (RFC 5424 to
+    /// /dev/log), `syslog=udp://IP:PORT` or `syslog=unix:/PATH`. At most
+    /// once, bounded, never in the way of enforcement: what an exporter
+    /// cannot deliver is counted (agent_guard_export_dropped_total) and
+    /// noted in the chain as a gap record; the chain stays the source of
+    /// truth.
+    #[arg(long = "export", value_name = "KIND[=TARGET]", value_parser = crate::export::parse_spec)]
+    export: Vec<crate::export::ExportSpec>,
     /// Log format: `text` (default) or `json` for log shippers.
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -182,6 +193,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         flow_records: args.flow_records.then_some(args.flow_interval),
         approval_timeout: args.approval_timeout,
         map_capacities: args.map_capacity,
+        exports: args.export,
         approval_webhook: args
             .approval_webhook
             .as_deref()

@@ -126,6 +126,18 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    for e in s["exports"].as_array().into_iter().flatten() {
+        println!(
+            "export:      {} sent={} dropped={} queue={}{}",
+            str_of(&e["target"]),
+            e["sent"],
+            e["dropped"],
+            e["queue"],
+            e["last_error"]
+                .as_str()
+                .map_or(String::new(), |m| format!(" last error: {m}"))
+        );
+    }
     let unix = &s["unix_socket_fencing"];
     if unix["enforced"] == true {
         println!("unix:        fenced (cgroup/connect_unix, sendmsg_unix)");

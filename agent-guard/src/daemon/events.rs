@@ -185,6 +185,7 @@ impl Pipeline {
                     ticks += 1;
                     if ticks.is_multiple_of(HOUSEKEEPING_EVERY) {
                         self.account_lost();
+                        self.account_export_losses(crate::export::GAP_EVERY);
                         self.cache = Cache::default();
                         self.state.expire_grants();
                         self.state.expire_approvals();
@@ -220,6 +221,8 @@ impl Pipeline {
         self.write_flows(true);
         self.drain_ring();
         self.account_lost();
+        // Losses so far, whatever the interval: the chains close now.
+        self.account_export_losses(Duration::ZERO);
         while let Ok(msg) = self.rx.try_recv() {
             self.message(msg);
         }
@@ -591,6 +594,18 @@ impl Pipeline {
                     .with_label_values(&[log])
                     .inc();
                 tracing::error!("audit write to {log}: {e}");
+            }
+        }
+    }
+
+    /// Notes records an exporter lost in the chains they belong to, as
+    /// `gap` records (`lost.export`, `exporter`); at most one per chain and
+    /// exporter per `every` after the first.
+    fn account_export_losses(&mut self, every: Duration) {
+        let state = self.state.clone();
+        for stats in &state.exports {
+            for (log, n) in stats.gaps_due(every) {
+                self.write(&log, crate::export::gap_record(stats, n));
             }
         }
     }

@@ -94,6 +94,8 @@ pub struct Options {
     pub flow_records: Option<std::time::Duration>,
     /// `--map-capacity NAME=N`.
     pub map_capacities: Vec<(&'static str, u32)>,
+    /// `--export KIND=TARGET`: where audit records go besides the chain.
+    pub exports: Vec<crate::export::ExportSpec>,
 }
 
 fn require_absolute(flag: &str, p: &std::path::Path) -> anyhow::Result<()> {
@@ -314,6 +316,9 @@ async fn serve(
     }
     state.registry().suspended = suspended;
     state.unix_support = kernel.unix.clone();
+    // Exporters read what the audit writer wrote (its tap), never the ring.
+    let (fanout, exporters) = crate::export::start(&opts.exports, &state.metrics)?;
+    state.exports = exporters.stats.clone();
     allow_control_socket(&state, &opts.socket)?;
     let state = Arc::new(state);
     if opts.dns_per_agent {
@@ -329,7 +334,10 @@ async fn serve(
             "per-agent DNS: tagged processes' DNS goes through the daemon"
         );
     }
-    let writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
+    let mut writer = AuditWriter::with_config(&opts.audit_dir, audit_config(&opts)?)?;
+    if !opts.exports.is_empty() {
+        writer.set_tap(Box::new(fanout));
+    }
     // Servers stop first; the pipeline last, so it writes the final records.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
@@ -473,6 +481,9 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     let _ = pipeline_stop_tx.send(true);
     let _ = pipeline.await;
+    // The writer (and with it the exporters' queues) is gone: let them
+    // deliver the last records, briefly.
+    exporters.finish().await;
 
     // Detach programs before removing cgroups: tagged processes still alive
     // keep their cgroup (rmdir fails with EBUSY), which we report.

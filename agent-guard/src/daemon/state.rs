@@ -143,6 +143,8 @@ pub struct State {
     /// What `registry.json` last got (one writer at a time; unchanged
     /// snapshots are not written again).
     pub persist_lock: Mutex<String>,
+    /// The `--export` exporters' counters.
+    pub exports: Vec<Arc<crate::export::ExportStats>>,
 }
 
 /// File in the state directory that holds the suspended tenants/agents.
@@ -263,6 +265,7 @@ impl State {
             sockets: Mutex::new(super::whois::SocketTable::default()),
             flows: None,
             persist_lock: Mutex::new(String::new()),
+            exports: Vec::new(),
         }
     }
 
@@ -571,6 +574,7 @@ impl State {
             // `--flow-records`: null in per-call mode.
             "flow_records": self.flows.as_ref().map(|f| f.status()),
             "maps": entries.iter().map(|(n, c)| (n.to_string(), *c)).collect::<BTreeMap<_, _>>(),
+            "exports": self.exports.iter().map(|e| e.status()).collect::<Vec<_>>(),
         })
     }
 
