@@ -10,32 +10,10 @@
 //! - flags & 4: this node is `node-2` (else `node-1`).
 #![no_main]
 
-use agent_guard::identity::token::{self, Checks, KeyRing};
+use agent_guard::identity::token::{self, Checks, StaticKeyRing};
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use libfuzzer_sys::fuzz_target;
-
-/// (tenant, key) pairs, as the policy's `token_keys` would list them.
-struct Ring(Vec<(String, VerifyingKey)>);
-
-impl KeyRing for Ring {
-    fn keys_of(&self, tenant: &str) -> Vec<VerifyingKey> {
-        self.0
-            .iter()
-            .filter(|(t, _)| t == tenant)
-            .map(|(_, k)| *k)
-            .collect()
-    }
-    fn tenant_of(&self, key: &VerifyingKey) -> Option<String> {
-        self.0
-            .iter()
-            .find(|(_, k)| k == key)
-            .map(|(t, _)| t.clone())
-    }
-    fn all_keys(&self) -> Vec<VerifyingKey> {
-        self.0.iter().map(|(_, k)| *k).collect()
-    }
-}
 
 /// The seeds of the ring's keys: `01…01` and `02…02` are acme's,
 /// `03…03` globex's; `09…09` is nobody's.
@@ -43,8 +21,8 @@ fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
-fn ring() -> Ring {
-    Ring(vec![
+fn ring() -> StaticKeyRing {
+    StaticKeyRing(vec![
         ("acme".into(), key(1).verifying_key()),
         ("acme".into(), key(2).verifying_key()),
         ("globex".into(), key(3).verifying_key()),

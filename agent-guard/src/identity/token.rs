@@ -176,6 +176,30 @@ pub trait KeyRing {
     fn all_keys(&self) -> Vec<VerifyingKey>;
 }
 
+/// A fixed list of (tenant, key) pairs, as a policy's `token_keys` would
+/// list them: for tests, fuzzing and tools that check tokens offline.
+#[derive(Debug, Clone, Default)]
+pub struct StaticKeyRing(pub Vec<(String, VerifyingKey)>);
+
+impl KeyRing for StaticKeyRing {
+    fn keys_of(&self, tenant: &str) -> Vec<VerifyingKey> {
+        self.0
+            .iter()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+    fn tenant_of(&self, key: &VerifyingKey) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(_, k)| k == key)
+            .map(|(t, _)| t.clone())
+    }
+    fn all_keys(&self) -> Vec<VerifyingKey> {
+        self.0.iter().map(|(_, k)| *k).collect()
+    }
+}
+
 /// When and where the token is checked.
 #[derive(Debug, Clone)]
 pub struct Checks<'a> {
@@ -280,27 +304,6 @@ pub fn verify(token: &str, keys: &dyn KeyRing, checks: &Checks<'_>) -> Result<Cl
 mod tests {
     use super::*;
 
-    struct Ring(Vec<(String, VerifyingKey)>);
-
-    impl KeyRing for Ring {
-        fn keys_of(&self, tenant: &str) -> Vec<VerifyingKey> {
-            self.0
-                .iter()
-                .filter(|(t, _)| t == tenant)
-                .map(|(_, k)| *k)
-                .collect()
-        }
-        fn tenant_of(&self, key: &VerifyingKey) -> Option<String> {
-            self.0
-                .iter()
-                .find(|(_, k)| k == key)
-                .map(|(t, _)| t.clone())
-        }
-        fn all_keys(&self) -> Vec<VerifyingKey> {
-            self.0.iter().map(|(_, k)| *k).collect()
-        }
-    }
-
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
     }
@@ -321,8 +324,8 @@ mod tests {
         }
     }
 
-    fn ring() -> Ring {
-        Ring(vec![
+    fn ring() -> StaticKeyRing {
+        StaticKeyRing(vec![
             ("acme".into(), key(1).verifying_key()),
             ("acme".into(), key(2).verifying_key()),
             ("globex".into(), key(3).verifying_key()),
