@@ -10,6 +10,8 @@
 //! detected by [`verify`].
 
 pub mod checkpoint;
+mod external_sort;
+pub mod progress;
 pub mod record;
 pub mod replay;
 pub mod verify;

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{
     chain_dirs, chain_files,
     checkpoint::{ANCHOR, CHECKPOINT_FILE, Checkpoint, TrustedKeys},
+    progress::{Progress, Tally},
     record::GENESIS,
 };
 
@@ -59,6 +60,36 @@ impl Fault {
             Fault::BadSignature => "bad signature",
             Fault::CheckpointMismatch => "checkpoint mismatch",
             Fault::Unreadable => "unreadable",
+        }
+    }
+
+    /// What to do about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Fault::Edited | Fault::CheckpointMismatch => {
+                "the chain was changed after it was written: keep this copy as evidence and compare it with a copy kept off the node (a backup, or what --export sent to the SIEM)"
+            }
+            Fault::Removed | Fault::Reordered => {
+                "records were deleted or moved: keep this copy as evidence; the records around the named seq are what a backup or the SIEM's copy must supply"
+            }
+            Fault::Truncated => {
+                "the newest records are gone: restore the chain's tail (or newest file) from a backup; the last checkpoint says how far it went"
+            }
+            Fault::FileDeleted => {
+                "a rotated file (audit-NNNNNN.jsonl) is missing: restore it from a backup into the chain's directory and verify again"
+            }
+            Fault::TornTail => {
+                "a crash cut the last line: start the daemon once (it notes the torn line in a gap record) and verify again"
+            }
+            Fault::NotARecord => {
+                "a line is not a record and no gap record accounts for it: it was inserted or damaged; compare with a backup"
+            }
+            Fault::BadSignature => {
+                "check that --public-key (default <audit-dir>/node.pub) holds this node's key; otherwise the checkpoint was forged"
+            }
+            Fault::Unreadable => {
+                "check that the file exists and is readable (run as root), and pass --public-key FILE if node.pub is kept elsewhere"
+            }
         }
     }
 }
@@ -117,18 +148,36 @@ pub enum KeySource<'a> {
 
 /// Verifies every chain under `audit_dir`, in parallel.
 pub fn verify_dir(audit_dir: &Path, keys: KeySource<'_>) -> std::io::Result<Vec<ChainReport>> {
+    verify_dir_with_progress(audit_dir, keys, &Progress::default())
+}
+
+/// [`verify_dir`], counting bytes and records read into `progress`.
+pub fn verify_dir_with_progress(
+    audit_dir: &Path,
+    keys: KeySource<'_>,
+    progress: &Progress,
+) -> std::io::Result<Vec<ChainReport>> {
     let key_path = match keys {
         KeySource::AuditDir => audit_dir.join(super::checkpoint::PUBLIC_KEY_FILE),
         KeySource::File(p) => p.to_path_buf(),
     };
     let trusted = TrustedKeys::load(&key_path);
     let dirs = chain_dirs(audit_dir)?;
+    let bytes = dirs
+        .iter()
+        .filter_map(|(_, dir)| chain_files(dir).ok())
+        .flatten()
+        .filter_map(|(_, path)| std::fs::metadata(path).ok())
+        .map(|m| m.len())
+        .sum();
+    progress.set_total(bytes, 1);
+    progress.next_pass();
     let reports = std::thread::scope(|s| {
         let handles: Vec<_> = dirs
             .iter()
             .map(|(name, dir)| {
                 let trusted = trusted.as_ref().map_err(|e| e.to_string());
-                s.spawn(move || verify_chain(name, dir, trusted))
+                s.spawn(move || verify_chain_counted(name, dir, trusted, progress))
             })
             .collect();
         handles
@@ -257,6 +306,15 @@ fn load_checkpoints(chain: &str, dir: &Path, trusted: Result<&TrustedKeys, Strin
 
 /// Verifies one chain directory.
 pub fn verify_chain(chain: &str, dir: &Path, trusted: Result<&TrustedKeys, String>) -> ChainReport {
+    verify_chain_counted(chain, dir, trusted, &Progress::default())
+}
+
+fn verify_chain_counted(
+    chain: &str,
+    dir: &Path,
+    trusted: Result<&TrustedKeys, String>,
+    progress: &Progress,
+) -> ChainReport {
     let mut report = ChainReport {
         chain: chain.to_string(),
         ..ChainReport::default()
@@ -277,7 +335,7 @@ pub fn verify_chain(chain: &str, dir: &Path, trusted: Result<&TrustedKeys, Strin
         }
     };
     report.files = files.len();
-    let first_problem = walk(&files, &cps, &mut report);
+    let first_problem = walk(&files, &cps, &mut report, &mut Tally::new(progress));
     if let Some(p) = first_problem {
         report.problems.push(p);
     } else {
@@ -327,6 +385,7 @@ fn walk(
     files: &[(Option<u64>, PathBuf)],
     cps: &Checkpoints,
     report: &mut ChainReport,
+    tally: &mut Tally<'_>,
 ) -> Option<Problem> {
     let mut expect_seq: Option<u64> = None;
     let mut prev_hash = String::new();
@@ -366,6 +425,7 @@ fn walk(
                 }
             };
             line_no += 1;
+            tally.line(n);
             let terminated = buf.last() == Some(&b'\n');
             let line = if terminated { &buf[..n - 1] } else { &buf[..] };
             let bad = |fault, seq, detail: String| {

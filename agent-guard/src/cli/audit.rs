@@ -4,6 +4,10 @@ use std::{
     io::{IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -15,7 +19,8 @@ use crate::{
         AuditRecord, AuditWriter, WriterConfig,
         checkpoint::Signer,
         format_ts,
-        replay::{self, Filter, WhatIf},
+        progress::Progress,
+        replay::{self, Filter, Ordered, ReadStats, Trail, TreeItem, WhatIf, WhatIfSummary},
         verify::{self, KeySource},
     },
     policy::Policy,
@@ -38,6 +43,10 @@ pub enum Command {
         /// Default: <audit-dir>/node.pub; keep a copy off the node.
         #[arg(long, value_name = "FILE")]
         public_key: Option<PathBuf>,
+        /// No progress line on stderr (there is none unless stderr is a
+        /// terminal).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Show recorded calls as a timeline, a process tree, JSON, or re-judged
     /// under another policy.
@@ -100,6 +109,10 @@ pub struct ReplayArgs {
     /// the calls whose verdict would change.
     #[arg(long, value_name = "POLICY_FILE")]
     what_if: Option<PathBuf>,
+    /// No progress line on stderr (there is none unless stderr is a
+    /// terminal).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -107,7 +120,8 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Verify {
             audit_dir,
             public_key,
-        } => verify_cmd(&audit_dir, public_key.as_deref()),
+            quiet,
+        } => verify_cmd(&audit_dir, public_key.as_deref(), quiet),
         Command::Replay(args) => replay_cmd(*args),
         Command::Generate {
             audit_dir,
@@ -122,17 +136,24 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
 fn verify_cmd(
     audit_dir: &std::path::Path,
     public_key: Option<&std::path::Path>,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     if !audit_dir.is_dir() {
-        bail!("{}: no such audit directory", audit_dir.display());
+        bail!(
+            "{}: no such audit directory (pass --audit-dir DIR, the daemon's --audit-dir; default {DEFAULT_AUDIT_DIR})",
+            audit_dir.display()
+        );
     }
     let started = Instant::now();
     let keys = match public_key {
         Some(p) => KeySource::File(p),
         None => KeySource::AuditDir,
     };
-    let reports = verify::verify_dir(audit_dir, keys)
+    let progress = Arc::new(Progress::default());
+    let shown = ShowProgress::start(&progress, "verify", quiet);
+    let reports = verify::verify_dir_with_progress(audit_dir, keys, &progress)
         .with_context(|| format!("reading {}", audit_dir.display()))?;
+    shown.stop();
     let mut out = std::io::stdout().lock();
     let mut total = 0u64;
     let mut bad = 0usize;
@@ -176,6 +197,15 @@ fn verify_cmd(
             "NOT INTACT: {bad} of {} chain(s) have problems ({total} records read in {secs:.2} s)",
             reports.len()
         )?;
+        let mut faults: Vec<verify::Fault> = Vec::new();
+        for p in reports.iter().flat_map(|r| &r.problems) {
+            if !faults.contains(&p.fault) {
+                faults.push(p.fault);
+            }
+        }
+        for f in faults {
+            writeln!(out, "what to do ({}): {}", f.as_str(), f.fix())?;
+        }
         Ok(ExitCode::from(super::EXIT_FAILURE))
     }
 }
@@ -208,45 +238,74 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(WhatIf::new(Policy::from_file(p)?.compile()?)),
         None => None,
     };
-    let (records, stats) = replay::read(&args.audit_dir, &filter)?;
-    if stats.unreadable > 0 {
-        eprintln!(
-            "agent-guard: {} line(s) are not records (torn or altered); run `agent-guard audit verify`",
-            stats.unreadable
-        );
-    }
+    let trail = Trail::open(&args.audit_dir, filter.tenant.as_deref())?;
     let stdout = std::io::stdout();
-    let colour = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let on_terminal = stdout.is_terminal();
+    let colour = on_terminal && std::env::var_os("NO_COLOR").is_none();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let clock = Clock { utc: args.utc };
-    if let Some(w) = what_if {
-        let (changes, sum) = w.run(&records);
-        let rows: Vec<Row> = changes
-            .iter()
-            .map(|c| {
-                let mut row = Row::of(c.record, &clock);
-                row.verdict = format!(
-                    "{} -> {}",
-                    c.record.verdict.as_deref().unwrap_or("?"),
-                    c.now.verdict
-                );
-                row.reason = c.now.reason.to_string();
-                row.tool = c.now.tool.clone().unwrap_or_else(|| row.tool.clone());
-                row.colour_key = c.now.verdict;
-                row
-            })
-            .collect();
-        if args.json {
-            for c in &changes {
-                let mut v = serde_json::to_value(c.record)?;
-                v["what_if"] = serde_json::json!({
-                    "verdict": c.now.verdict, "reason": c.now.reason, "tool": c.now.tool,
-                });
-                writeln!(out, "{v}")?;
-            }
-        } else {
-            print_rows(&mut out, &rows, colour)?;
+    let progress = Arc::new(Progress::default());
+    let mut stats = ReadStats::default();
+    let shown = ShowProgress::start(&progress, "replay", args.quiet);
+    // Output on the same terminal as the progress line: the line goes
+    // when output starts.
+    let output_starts = || {
+        if on_terminal {
+            shown.stop();
         }
+    };
+    let w = |e: std::io::Error| replay::ReplayError::Output(e);
+    if let Some(judge) = &what_if {
+        let mut sum = WhatIfSummary::default();
+        if args.json {
+            output_starts();
+            replay::stream(&trail, &filter, &progress, &mut stats, |r| {
+                let Some(now) = judge.judge(r) else {
+                    return Ok(());
+                };
+                if sum.add(r, &now) {
+                    let mut v = serde_json::to_value(r).map_err(|e| w(e.into()))?;
+                    v["what_if"] = serde_json::json!({
+                        "verdict": now.verdict, "reason": now.reason, "tool": now.tool,
+                    });
+                    writeln!(out, "{v}").map_err(w)?;
+                }
+                Ok(())
+            })?;
+        } else {
+            let changed_row = |r: &AuditRecord| {
+                let now = judge.judge(r)?;
+                (r.verdict.as_deref().unwrap_or("") != now.verdict).then(|| {
+                    let mut row = Row::of(r, &clock);
+                    row.verdict =
+                        format!("{} -> {}", r.verdict.as_deref().unwrap_or("?"), now.verdict);
+                    row.reason = now.reason.to_string();
+                    row.tool = now.tool.clone().unwrap_or_else(|| row.tool.clone());
+                    row.colour_key = now.verdict;
+                    row
+                })
+            };
+            let mut table = Table::default();
+            progress.set_total(trail.bytes(), 2);
+            let ordered = Ordered::build(&trail, &filter, &progress, &mut stats, |r, _| {
+                if let Some(now) = judge.judge(r) {
+                    sum.add(r, &now);
+                }
+                if let Some(row) = changed_row(r) {
+                    table.fit(&row);
+                }
+                Ok(())
+            })?;
+            output_starts();
+            table.head(&mut out, colour).map_err(w)?;
+            ordered.each(&progress, |r, _| {
+                if let Some(row) = changed_row(r) {
+                    table.line(&mut out, &row, colour).map_err(w)?;
+                }
+                Ok(())
+            })?;
+        }
+        shown.stop();
         let policy = args
             .what_if
             .as_ref()
@@ -254,11 +313,7 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default();
         let msg = format!(
             "what-if {policy}: {} calls re-judged; {} would change: {} allowed -> denied, {} denied -> allowed, {} other (monitor/enforce)",
-            sum.judged,
-            changes.len(),
-            sum.allow_to_deny,
-            sum.deny_to_allow,
-            sum.other_changes
+            sum.judged, sum.changed, sum.allow_to_deny, sum.deny_to_allow, sum.other_changes
         );
         let grants = (sum.granted > 0).then(|| {
             format!(
@@ -268,6 +323,7 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         });
         // The summary goes to stderr with --json so stdout stays JSON lines.
         if args.json {
+            out.flush()?;
             eprintln!("{msg}");
             if let Some(g) = grants {
                 eprintln!("{g}");
@@ -278,22 +334,151 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{g}")?;
             }
         }
-        out.flush()?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if args.json {
-        for r in &records {
-            serde_json::to_writer(&mut out, r)?;
-            out.write_all(b"\n")?;
-        }
+    } else if args.json {
+        output_starts();
+        replay::stream(&trail, &filter, &progress, &mut stats, |r| {
+            serde_json::to_writer(&mut out, r).map_err(|e| w(e.into()))?;
+            out.write_all(b"\n").map_err(w)
+        })?;
     } else if args.tree {
-        print_tree(&mut out, &records, &clock, colour)?;
+        // The tree prints only in its last pass.
+        print_tree(
+            &mut out,
+            &trail,
+            &filter,
+            &progress,
+            &mut stats,
+            &clock,
+            colour,
+            &output_starts,
+        )?;
     } else {
-        let rows: Vec<Row> = records.iter().map(|r| Row::of(r, &clock)).collect();
-        print_rows(&mut out, &rows, colour)?;
+        let mut table = Table::default();
+        progress.set_total(trail.bytes(), 2);
+        let ordered = Ordered::build(&trail, &filter, &progress, &mut stats, |r, _| {
+            table.fit(&Row::of(r, &clock));
+            Ok(())
+        })?;
+        output_starts();
+        table.head(&mut out, colour).map_err(w)?;
+        ordered.each(&progress, |r, _| {
+            table.line(&mut out, &Row::of(r, &clock), colour).map_err(w)
+        })?;
     }
+    shown.stop();
     out.flush()?;
+    if stats.unreadable > 0 {
+        let at = stats
+            .first_unreadable
+            .as_ref()
+            .map(|(f, l)| format!(", the first at {}:{l}", f.display()))
+            .unwrap_or_default();
+        eprintln!(
+            "agent-guard: {} line(s) are not records (torn or altered){at}; run `agent-guard audit verify --audit-dir {}` to see why",
+            stats.unreadable,
+            args.audit_dir.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A single updating progress line on stderr, when stderr is a terminal
+/// and not `--quiet`: the pass, bytes read of the trail, records/s.
+struct ShowProgress {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Nothing is drawn for reads shorter than this.
+const PROGRESS_AFTER: Duration = Duration::from_millis(500);
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+impl ShowProgress {
+    fn start(progress: &Arc<Progress>, what: &'static str, quiet: bool) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let (progress, stop) = (progress.clone(), stop.clone());
+            std::thread::spawn(move || draw_progress(&progress, what, &stop))
+        });
+        Self {
+            stop,
+            thread: Mutex::new(thread),
+        }
+    }
+
+    /// Clears the line and draws no more (before output to the terminal,
+    /// and at the end).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ShowProgress {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn draw_progress(progress: &Progress, what: &str, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut drawn = false;
+    let mut pass = (0, Instant::now());
+    let mut err = std::io::stderr();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::park_timeout(PROGRESS_EVERY);
+        if stop.load(Ordering::Relaxed) || started.elapsed() < PROGRESS_AFTER {
+            continue;
+        }
+        let s = progress.snapshot();
+        if s.pass != pass.0 {
+            pass = (s.pass, Instant::now());
+        }
+        let secs = pass.1.elapsed().as_secs_f64().max(1e-3);
+        let of_passes = if s.passes > 1 {
+            format!(" pass {}/{}:", s.pass, s.passes)
+        } else {
+            String::new()
+        };
+        let pct = if s.total_bytes > 0 {
+            format!(" ({:.0}%)", 100.0 * s.bytes as f64 / s.total_bytes as f64)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            err,
+            "\r\x1b[2K{what}:{of_passes} {} of {}{pct}, {} records, {:.0} records/s",
+            human_bytes(s.bytes),
+            human_bytes(s.total_bytes),
+            s.records,
+            s.records as f64 / secs
+        );
+        let _ = err.flush();
+        drawn = true;
+    }
+    if drawn {
+        let _ = write!(err, "\r\x1b[2K");
+        let _ = err.flush();
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// Formats record times in UTC or the local zone.
@@ -400,40 +585,62 @@ fn style(key: &str) -> Style {
     }
 }
 
-fn print_rows(out: &mut impl Write, rows: &[Row], colour: bool) -> std::io::Result<()> {
-    const HEAD: [&str; 9] = [
-        "TIME",
-        "SUBJECT",
-        "PID",
-        "KIND",
-        "VERDICT",
-        "REASON",
-        "DESTINATION",
-        "TOOL",
-        "GRANT",
-    ];
-    let cells = |r: &Row| -> [String; 9] {
+/// The timeline's columns, sized over every row in a first pass and
+/// printed in a second, so no row is held.
+struct Table {
+    width: [usize; 9],
+}
+
+const HEAD: [&str; 9] = [
+    "TIME",
+    "SUBJECT",
+    "PID",
+    "KIND",
+    "VERDICT",
+    "REASON",
+    "DESTINATION",
+    "TOOL",
+    "GRANT",
+];
+
+impl Default for Table {
+    fn default() -> Self {
+        Self {
+            width: HEAD.map(str::len),
+        }
+    }
+}
+
+impl Table {
+    fn cells(r: &Row) -> [&str; 9] {
         [
-            r.time.clone(),
-            r.subject.clone(),
-            r.pid.clone(),
-            r.kind.clone(),
-            r.verdict.clone(),
-            r.reason.clone(),
-            r.dst.clone(),
-            r.tool.clone(),
-            r.grant.clone(),
+            &r.time, &r.subject, &r.pid, &r.kind, &r.verdict, &r.reason, &r.dst, &r.tool, &r.grant,
         ]
-    };
-    let mut width = HEAD.map(str::len);
-    for r in rows {
-        for (w, c) in width.iter_mut().zip(cells(r)) {
+    }
+
+    fn fit(&mut self, r: &Row) {
+        for (w, c) in self.width.iter_mut().zip(Self::cells(r)) {
             *w = (*w).max(c.chars().count().min(60));
         }
     }
-    let line = |out: &mut dyn Write, cells: [String; 9], st: Style| -> std::io::Result<()> {
+
+    fn head(&self, out: &mut impl Write, colour: bool) -> std::io::Result<()> {
+        self.print(out, HEAD, Style::new().bold(), colour)
+    }
+
+    fn line(&self, out: &mut impl Write, r: &Row, colour: bool) -> std::io::Result<()> {
+        self.print(out, Self::cells(r), style(r.colour_key), colour)
+    }
+
+    fn print(
+        &self,
+        out: &mut impl Write,
+        cells: [&str; 9],
+        st: Style,
+        colour: bool,
+    ) -> std::io::Result<()> {
         let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+        for (i, (c, w)) in cells.iter().zip(self.width).enumerate() {
             if i + 1 == cells.len() {
                 s.push_str(c);
             } else {
@@ -446,20 +653,20 @@ fn print_rows(out: &mut impl Write, rows: &[Row], colour: bool) -> std::io::Resu
         } else {
             writeln!(out, "{s}")
         }
-    };
-    line(out, HEAD.map(str::to_string), Style::new().bold())?;
-    for r in rows {
-        line(out, cells(r), style(r.colour_key))?;
     }
-    Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_tree(
     out: &mut impl Write,
-    records: &[AuditRecord],
+    trail: &Trail,
+    filter: &Filter,
+    progress: &Progress,
+    stats: &mut ReadStats,
     clock: &Clock,
     colour: bool,
-) -> std::io::Result<()> {
+    output_starts: &dyn Fn(),
+) -> Result<(), replay::ReplayError> {
     let paint = |key: &str, s: String| {
         if colour {
             let st = style(key);
@@ -468,11 +675,17 @@ fn print_tree(
             s
         }
     };
-    let t = replay::tree(records);
-    for (tenant, node) in &t.tenants {
-        writeln!(out, "{tenant}")?;
-        for g in &node.gaps {
-            writeln!(
+    let mut started = false;
+    let mut indent = String::new();
+    replay::tree(trail, filter, progress, stats, |item| {
+        if !started {
+            started = true;
+            output_starts();
+        }
+        let w = replay::ReplayError::Output;
+        match item {
+            TreeItem::Tenant(tenant) => writeln!(out, "{tenant}").map_err(w),
+            TreeItem::Gap(g) => writeln!(
                 out,
                 "  {}",
                 paint(
@@ -484,64 +697,59 @@ fn print_tree(
                         g.detail.as_deref().unwrap_or("")
                     )
                 )
-            )?;
-        }
-        for (subject, procs) in &node.subjects {
-            let depth = subject.matches('/').count();
-            let indent = "  ".repeat(depth);
-            writeln!(out, "{indent}{subject}")?;
-            for p in procs {
-                writeln!(
-                    out,
-                    "{indent}  pid {} ({}{}){}",
-                    p.pid,
-                    p.comm.unwrap_or("?"),
-                    p.exe.map(|e| format!(" {e}")).unwrap_or_default(),
-                    p.ppid.map(|pp| format!(" ppid {pp}")).unwrap_or_default()
-                )?;
-                for r in &p.records {
-                    let what = match r.kind.as_str() {
-                        "connect" | "sendmsg" | "socket" => {
-                            let v = r.verdict.as_deref().unwrap_or("?");
-                            let mut s = format!(
-                                "{} {} {:<10} {}",
-                                clock.show(&r.ts),
-                                r.kind,
-                                v,
-                                replay::destination(r)
-                            );
-                            if let Some(t) = &r.tool {
-                                s.push_str(&format!(" tool={t}"));
-                            }
-                            if let Some(g) = &r.grant {
-                                s.push_str(&format!(" grant={g}"));
-                            }
-                            if let Some(why) = &r.reason {
-                                s.push_str(&format!(" ({why})"));
-                            }
-                            if let Some(n) = r.calls {
-                                s.push_str(&format!(" ×{n} calls"));
-                            }
-                            paint(v, s)
+            )
+            .map_err(w),
+            TreeItem::Subject(subject) => {
+                indent = "  ".repeat(subject.matches('/').count());
+                writeln!(out, "{indent}{subject}").map_err(w)
+            }
+            TreeItem::Process(p, names) => writeln!(
+                out,
+                "{indent}  pid {} ({}{}){}",
+                p.pid,
+                p.comm(names).unwrap_or("?"),
+                p.exe(names).map(|e| format!(" {e}")).unwrap_or_default(),
+                p.ppid.map(|pp| format!(" ppid {pp}")).unwrap_or_default()
+            )
+            .map_err(w),
+            TreeItem::Record(r) => {
+                let what = match r.kind.as_str() {
+                    "connect" | "sendmsg" | "socket" => {
+                        let v = r.verdict.as_deref().unwrap_or("?");
+                        let mut s = format!(
+                            "{} {} {:<10} {}",
+                            clock.show(&r.ts),
+                            r.kind,
+                            v,
+                            replay::destination(r)
+                        );
+                        if let Some(t) = &r.tool {
+                            s.push_str(&format!(" tool={t}"));
                         }
-                        "fork" => format!(
-                            "{} fork -> pid {}",
-                            clock.show(&r.ts),
-                            r.child.map(|c| c.to_string()).unwrap_or_default()
-                        ),
-                        "exec" => format!(
-                            "{} exec {}",
-                            clock.show(&r.ts),
-                            r.exe.as_deref().unwrap_or("?")
-                        ),
-                        other => format!("{} {other}", clock.show(&r.ts)),
-                    };
-                    writeln!(out, "{indent}    {what}")?;
-                }
+                        if let Some(g) = &r.grant {
+                            s.push_str(&format!(" grant={g}"));
+                        }
+                        if let Some(why) = &r.reason {
+                            s.push_str(&format!(" ({why})"));
+                        }
+                        paint(v, s)
+                    }
+                    "fork" => format!(
+                        "{} fork -> pid {}",
+                        clock.show(&r.ts),
+                        r.child.map(|c| c.to_string()).unwrap_or_default()
+                    ),
+                    "exec" => format!(
+                        "{} exec {}",
+                        clock.show(&r.ts),
+                        r.exe.as_deref().unwrap_or("?")
+                    ),
+                    other => format!("{} {other}", clock.show(&r.ts)),
+                };
+                writeln!(out, "{indent}    {what}").map_err(w)
             }
         }
-    }
-    Ok(())
+    })
 }
 
 /// Synthetic, realistic records for benchmarks: connects (allowed and
