@@ -536,7 +536,8 @@ pub fn gap_record(stats: &ExportStats, n: u64) -> AuditRecord {
         .last_error()
         .map_or_else(|| "its queue was full".to_string(), |(_, e)| e);
     gap.detail = Some(format!(
-        "{n} records of this chain were not exported to {} (last error: {why}); they are in this chain",
+        "{n} record{} of this chain not exported to {} (last error: {why}); the chain has them",
+        if n == 1 { "" } else { "s" },
         stats.name
     ));
     gap
