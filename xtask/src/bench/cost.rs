@@ -28,6 +28,11 @@
 //! for the probe's own CPU time per call (user + sys: our programs run in
 //! its system calls; time it was preempted by other tenants is left out),
 //! and the median wall-time ratio beside it. Targets are judged on CPU.
+//!
+//! After the rounds, one more pass with `kernel.bpf_stats_enabled=1` (it
+//! adds two clock reads per program run, so never during the timed rounds)
+//! says which of our programs ran per call and what each cost in the
+//! kernel: the breakdown for a missed target.
 
 use std::fmt::Write as _;
 use std::io::Read as _;
@@ -203,6 +208,25 @@ pub(crate) struct SideBySide {
     /// Events the daemon lost over all its runs (must be 0).
     lost: u64,
     pinned: bool,
+    /// The kernel's own statistics of our programs, one pass after the
+    /// rounds (`None`: not taken, and why).
+    kernel: Result<Vec<KernelRow>, String>,
+}
+
+/// What our programs cost in the kernel during one sample, from the
+/// kernel's per-program statistics (`kernel.bpf_stats_enabled`).
+struct KernelRow {
+    config: Config,
+    workload: Workload,
+    calls: u32,
+    /// (program, runs per call, ns per run) of each program that ran.
+    programs: Vec<(String, f64, f64)>,
+}
+
+impl KernelRow {
+    fn ns_per_call(&self) -> f64 {
+        self.programs.iter().map(|(_, runs, ns)| runs * ns).sum()
+    }
 }
 
 struct Row {
@@ -315,6 +339,33 @@ impl SideBySide {
             "events lost by the daemon over the part: {} (must be 0)",
             self.lost
         );
+        match &self.kernel {
+            Ok(rows) => {
+                let _ = writeln!(
+                    s,
+                    "\nin-kernel cost of our programs per call (bpf_stats, one extra pass; runs x \
+                     ns per run)"
+                );
+                for r in rows {
+                    let parts: Vec<String> = r
+                        .programs
+                        .iter()
+                        .map(|(p, runs, ns)| format!("{p} {runs:.2} x {ns:.0} ns"))
+                        .collect();
+                    let _ = writeln!(
+                        s,
+                        "{:<20} {:<42} {:>7.0} ns/call  {}",
+                        r.workload.name(),
+                        r.config.name(),
+                        r.ns_per_call(),
+                        parts.join(", ")
+                    );
+                }
+            }
+            Err(why) => {
+                let _ = writeln!(s, "in-kernel cost: not measured: {why}");
+            }
+        }
         s
     }
 
@@ -345,6 +396,18 @@ impl SideBySide {
             "skipped": self.skipped.iter().map(|(c, why)| json!({"config": c.key(), "why": why})).collect::<Vec<_>>(),
             "events_lost": self.lost,
             "pinned": self.pinned,
+            "kernel_cost": match &self.kernel {
+                Ok(rows) => Value::Array(rows.iter().map(|r| json!({
+                    "workload": r.workload.key(),
+                    "config": r.config.key(),
+                    "calls": r.calls,
+                    "ns_per_call": r.ns_per_call(),
+                    "programs": r.programs.iter().map(|(p, runs, ns)| json!({
+                        "program": p, "runs_per_call": runs, "ns_per_run": ns,
+                    })).collect::<Vec<_>>(),
+                })).collect()),
+                Err(why) => json!({ "skipped": why }),
+            },
         })
     }
 }
@@ -639,6 +702,103 @@ fn with_daemon(
     Ok(lost)
 }
 
+/// `kernel.bpf_stats_enabled` on for the guard's life, then back to what
+/// it was.
+struct BpfStats {
+    before: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("reading {BPF_STATS}"))?
+            .trim()
+            .to_owned();
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing 1 to {BPF_STATS}"))?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.before);
+    }
+}
+
+/// program -> (run count, run time ns), from `status --json`.
+fn program_stats(status: &Value) -> std::collections::BTreeMap<String, (u64, u64)> {
+    status["program_stats"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(name, v)| {
+                    (
+                        name.clone(),
+                        (
+                            v["run_count"].as_u64().unwrap_or(0),
+                            v["run_time_ns"].as_u64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One pass with the kernel's statistics on: per configuration of the
+/// daemon (`flow` or per call) and workload, one sample, and what each of
+/// our programs ran meanwhile.
+fn kernel_pass(runner: &Runner, guard: &mut Guard, flow: bool) -> Result<Vec<KernelRow>> {
+    guard.extra_args.clear();
+    guard.extra_args.push("--state-dir".into());
+    guard.extra_args.push(guard.dir.join("state").into());
+    if flow {
+        guard.extra_args.push("--flow-records".into());
+    }
+    guard.start_daemon(&runner.built.daemon)?;
+    let configs: &[Config] = if flow {
+        &[Config::Flow]
+    } else {
+        &[Config::Untagged, Config::Tagged]
+    };
+    let mut rows = Vec::new();
+    for &c in configs {
+        let tagged = matches!(c, Config::Tagged | Config::Flow).then_some(guard.socket.as_path());
+        for w in Workload::ALL {
+            let before = program_stats(&daemon_status(&runner.built.daemon, &guard.socket)?);
+            runner.sample(w, tagged)?;
+            let after = program_stats(&daemon_status(&runner.built.daemon, &guard.socket)?);
+            let calls = runner.calls.of(w);
+            let programs = after
+                .iter()
+                .filter_map(|(name, &(count, ns))| {
+                    let (c0, t0) = before.get(name).copied().unwrap_or((0, 0));
+                    let runs = count.saturating_sub(c0);
+                    // Programs that ran for fewer than 1 in 20 calls are
+                    // other processes' (and the daemon's own) calls.
+                    (runs * 20 >= u64::from(calls)).then(|| {
+                        (
+                            name.clone(),
+                            runs as f64 / f64::from(calls),
+                            ns.saturating_sub(t0) as f64 / runs as f64,
+                        )
+                    })
+                })
+                .collect();
+            rows.push(KernelRow {
+                config: c,
+                workload: w,
+                calls,
+                programs,
+            });
+        }
+    }
+    guard.stop_daemon()?;
+    Ok(rows)
+}
+
 pub(crate) fn side_by_side(
     built: &Built,
     cgroup2: &Path,
@@ -717,12 +877,25 @@ pub(crate) fn side_by_side(
         );
         out.push(round);
     }
+    // The kernel's own statistics cost two clock reads per program run, so
+    // they are taken in a pass of their own, after the timed rounds.
+    let kernel = match BpfStats::enable() {
+        Ok(_on) => {
+            let mut rows = kernel_pass(&runner, &mut guard, false)?;
+            if flow {
+                rows.extend(kernel_pass(&runner, &mut guard, true)?);
+            }
+            Ok(rows)
+        }
+        Err(e) => Err(format!("{e:#}")),
+    };
     Ok(SideBySide {
         rounds: out,
         calls,
         skipped,
         lost,
         pinned: pin.probe_cpu.is_some(),
+        kernel,
     })
 }
 
