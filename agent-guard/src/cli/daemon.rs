@@ -13,6 +13,18 @@ pub struct Args {
     /// else the embedded default policy (monitor mode).
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
+    /// Where the policy comes from: `file` (--policy, reloaded when it
+    /// changes) or `kubernetes`: the AgentGuardPolicy object named by
+    /// --policy-object, applied whenever it changes (builds with the
+    /// `kubernetes` feature only). With `kubernetes`, the file policy is
+    /// what the daemon starts with until the object is seen, and a deleted
+    /// object leaves the policy in force.
+    #[arg(long, value_name = "SOURCE", default_value = "file", value_parser = ["file", "kubernetes"])]
+    policy_source: String,
+    /// The AgentGuardPolicy (cluster-scoped) to follow with
+    /// --policy-source kubernetes. Default: `default`.
+    #[arg(long, value_name = "NAME")]
+    policy_object: Option<String>,
     /// Control socket path (absolute).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -163,8 +175,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(resolve_group)
         .transpose()?;
+    let policy_source = daemon::kubernetes::PolicySource::from_args(
+        &args.policy_source,
+        args.policy_object.as_deref(),
+    )?;
     let opts = daemon::Options {
         policy: args.policy,
+        policy_source,
         socket: args.socket,
         pin_dir: args.pin_dir,
         audit_dir: args.audit_dir,

@@ -1,6 +1,7 @@
 //! `agent-guard generate` (hidden): man pages and shell completions made
 //! from this very command line definition, so they can never drift from
-//! `--help`. `cargo xtask package` calls it to fill the .deb.
+//! `--help`. `cargo xtask package` calls it to fill the .deb. Also the
+//! AgentGuardPolicy CRD, from the policy file's own types.
 
 use std::{
     path::{Path, PathBuf},
@@ -38,6 +39,16 @@ pub enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Write the AgentGuardPolicy CustomResourceDefinition (YAML), whose
+    /// spec is the policy file's schema, to stdout or FILE.
+    #[command(
+        after_help = "Examples:\n  agent-guard generate crd --out deploy/kubernetes/crd/agentguardpolicy.yaml\n  agent-guard generate crd | kubectl apply -f -"
+    )]
+    Crd {
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -53,6 +64,14 @@ pub fn main(cmd: Command) -> anyhow::Result<ExitCode> {
             let path = clap_complete::generate_to(shell, &mut Cli::command(), BIN, &dir)
                 .with_context(|| format!("writing {shell} completions into {}", dir.display()))?;
             println!("{}", path.display());
+        }
+        Command::Crd { out } => {
+            let text = crate::policy::crd::crd_yaml()?;
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

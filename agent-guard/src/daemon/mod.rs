@@ -7,6 +7,7 @@ pub mod dns;
 pub mod events;
 pub mod flows;
 pub mod grants;
+pub mod kubernetes;
 pub mod launch;
 pub mod persist;
 pub mod state;
@@ -50,6 +51,9 @@ pub const DEFAULT_POLICY_PATH: &str = "/etc/agent-guard/policy.toml";
 #[derive(Debug, Clone)]
 pub struct Options {
     pub policy: Option<PathBuf>,
+    /// `--policy-source`: the file above, or an AgentGuardPolicy object
+    /// (then the file is only the policy to start with).
+    pub policy_source: kubernetes::PolicySource,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub audit_dir: PathBuf,
@@ -156,6 +160,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     // Refuse bad policy before touching the kernel.
     let (policy, policy_text, policy_path) = initial_policy(opts.policy.as_ref())?;
+    // One source of truth: with the policy from Kubernetes, the file is
+    // neither watched nor re-read on SIGHUP.
+    let policy_path = policy_path.filter(|_| opts.policy_source.is_file());
 
     // The control socket first: if another daemon holds it, stop before
     // creating anything (and never remove its socket).
@@ -414,6 +421,7 @@ async fn serve(
         notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("programs attached, policy applied")]);
 
         let watch_task = tokio::spawn(watch_policy(state.clone(), shutdown_rx.clone()));
+        let kube_task = kubernetes::spawn(&opts.policy_source, state.clone(), &opts.control.node_id, shutdown_rx.clone());
         // A node without a resolver configuration still enforces; tools
         // named by host then reach nothing (fail closed), loudly.
         let dns_task = if opts.dns_per_agent {
@@ -435,6 +443,9 @@ async fn serve(
         ready.set(false);
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
         watch_task.abort();
+        if let Some(t) = kube_task {
+            t.abort();
+        }
         if let Some(t) = dns_task {
             t.abort();
         }

@@ -6,6 +6,7 @@
 //! a security policy must never silently widen or narrow what agents can do.
 
 mod compile;
+pub mod crd;
 mod error;
 mod raw;
 #[cfg(test)]
