@@ -438,3 +438,102 @@ fn replay_filters_tree_and_what_if_answer_from_the_recorded_trail() {
         "{out}"
     );
 }
+
+/// A synthetic trail of `n` records in one chain, shaped like `audit
+/// generate`'s (replay does not check hashes, so they are left out).
+fn synthetic_trail(dir: &Path, n: u64) {
+    use std::io::Write as _;
+    let chain = dir.join("acme");
+    std::fs::create_dir_all(&chain).expect("mkdir");
+    let file = std::fs::File::create(chain.join("audit.jsonl")).expect("create");
+    let mut w = std::io::BufWriter::new(file);
+    for i in 0..n {
+        let (s, us) = (i / 1_000_000, i % 1_000_000);
+        let head = format!(
+            r#"{{"seq":{i},"ts":"2026-01-01T00:{:02}:{:02}.{us:06}000Z","kind":"{}","tenant":"acme","agent":"researcher","subject":"acme/researcher","pid":{},"ppid":9999,"uid":1000,"comm":"python3","exe":"/usr/bin/python3""#,
+            s / 60,
+            s % 60,
+            if i % 50 == 0 { "exec" } else { "connect" },
+            10_000 + i / 50
+        );
+        let call = if i % 50 == 0 {
+            String::new()
+        } else if i % 7 == 0 {
+            r#","dst":"127.0.0.1","port":18082,"proto":"tcp","verdict":"deny","reason":"no_capability""#.to_string()
+        } else {
+            r#","dst":"127.0.0.1","port":18081,"proto":"tcp","verdict":"allow","reason":"granted","tool":"search""#.to_string()
+        };
+        writeln!(w, "{head}{call},\"prev\":\"0\"}}").expect("write");
+    }
+    w.flush().expect("flush");
+}
+
+/// Peak RSS (KiB) of `agent-guard audit replay ARGS`, from wait4's rusage
+/// of that child alone.
+#[allow(clippy::zombie_processes, reason = "reaped by wait4, for its rusage")]
+fn replay_peak_rss_kib(dir: &Path, args: &[&str]) -> i64 {
+    let child = Command::new(agent_guard_bin())
+        .args(["audit", "replay", "--audit-dir"])
+        .arg(dir)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start replay");
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    let mut status = 0;
+    // SAFETY: plain syscall on our own child; both out-pointers are ours.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let got = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(got, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "replay {args:?} failed: status {status}"
+    );
+    usage.ru_maxrss
+}
+
+/// Replay used to hold every record (about 1.2 KiB each): its memory grew
+/// with the trail. Four times the records must not need (nearly) four
+/// times the memory: the growth per added record stays far below what
+/// holding records costs. Sizes are small so it runs in seconds on a debug
+/// build; `cargo xtask bench --only audit` measures 10 M records.
+#[test]
+fn replay_memory_does_not_grow_with_the_trail() {
+    const N: u64 = 15_000;
+    let small = tempfile::tempdir().expect("tempdir");
+    let large = tempfile::tempdir().expect("tempdir");
+    synthetic_trail(small.path(), N);
+    synthetic_trail(large.path(), 4 * N);
+    let policy = small.path().join("what-if.toml");
+    std::fs::write(&policy, policy_text_for_memory_test()).expect("write policy");
+    let policy = policy.to_str().expect("utf-8");
+    for args in [
+        &["--tree"][..],
+        &["--verdict", "deny"][..],
+        &["--what-if", policy][..],
+    ] {
+        let a = replay_peak_rss_kib(small.path(), args);
+        let b = replay_peak_rss_kib(large.path(), args);
+        let per_record = (b - a) as f64 * 1024.0 / (3 * N) as f64;
+        eprintln!(
+            "replay {args:?}: peak RSS {a} KiB at {N} records, {b} KiB at {} ({per_record:.0} bytes per added record)",
+            4 * N
+        );
+        assert!(
+            (b as f64) < 2.0 * a as f64 && per_record < 200.0,
+            "replay {args:?} grows with the trail: {a} KiB at {N} records, {b} KiB at {} \
+             ({per_record:.0} bytes per added record)",
+            4 * N
+        );
+    }
+}
+
+fn policy_text_for_memory_test() -> String {
+    Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("search", [Endpoint::tcp("127.0.0.1/32", 18082)])
+        .agent("acme", "researcher", &["search"])
+        .build()
+}

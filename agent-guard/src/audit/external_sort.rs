@@ -14,8 +14,8 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-/// Entries sorted in memory before a chunk is written out: 20 MiB.
-pub const CHUNK_ENTRIES: usize = 1 << 19;
+/// Entries sorted in memory before a chunk is written out: 2.5 MiB.
+pub const CHUNK_ENTRIES: usize = 1 << 16;
 /// Read buffer per chunk while merging, and for all chunks together.
 const MERGE_BUFFER: usize = 64 * 1024;
 const MERGE_MEMORY: usize = 16 << 20;

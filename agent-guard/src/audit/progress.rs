@@ -1,13 +1,19 @@
 //! How far a long read of the trail (`audit verify`, `audit replay`) has
 //! got: counters the readers bump and a display reads from another thread.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::{
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 /// Lines between two updates of the shared counters by one reader.
 pub const BATCH: u64 = 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
+    created: Instant,
+    /// When the current pass started, in ns after `created`.
+    pass_started_ns: AtomicU64,
     /// Bytes of the trail read in this pass.
     bytes: AtomicU64,
     records: AtomicU64,
@@ -26,6 +32,22 @@ pub struct Snapshot {
     pub total_bytes: u64,
     pub pass: u32,
     pub passes: u32,
+    /// Time spent in the current pass.
+    pub in_pass: Duration,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            created: Instant::now(),
+            pass_started_ns: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            total_bytes: AtomicU64::new(0),
+            pass: AtomicU32::new(0),
+            passes: AtomicU32::new(0),
+        }
+    }
 }
 
 impl Progress {
@@ -36,6 +58,8 @@ impl Progress {
 
     /// Starts the next pass over the trail.
     pub fn next_pass(&self) {
+        let now = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.pass_started_ns.store(now, Ordering::Relaxed);
         self.bytes.store(0, Ordering::Relaxed);
         self.records.store(0, Ordering::Relaxed);
         self.pass.fetch_add(1, Ordering::Relaxed);
@@ -53,6 +77,9 @@ impl Progress {
             total_bytes: self.total_bytes.load(Ordering::Relaxed),
             pass: self.pass.load(Ordering::Relaxed),
             passes: self.passes.load(Ordering::Relaxed),
+            in_pass: self.created.elapsed().saturating_sub(Duration::from_nanos(
+                self.pass_started_ns.load(Ordering::Relaxed),
+            )),
         }
     }
 }

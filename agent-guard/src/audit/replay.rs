@@ -4,7 +4,7 @@
 //! Records are streamed, never all held: what must be known before the
 //! first line is printed (column widths, the merge order of several
 //! chains, each process's summary for the tree) comes from an earlier pass
-//! over the files, and orders are sorted on disk past a few hundred
+//! over the files, and orders are sorted on disk past some ten
 //! thousand records ([`super::external_sort`]). Memory stays in the tens of
 //! MiB at ten million records; only `--tree` grows, with the number of
 //! distinct processes (tens of bytes each), not of records.
@@ -403,7 +403,7 @@ fn time_key(ts: &str) -> [u64; 3] {
 /// The selected records in replay order: each chain in order, the chains
 /// merged by time (stable: at equal times, trail order). A first pass in
 /// file order finds the matching records and, when chains are merged, sorts
-/// their locations by time (on disk past a few hundred thousand); later
+/// their locations by time (on disk past 65,536 records); later
 /// passes read the records again in that order. Memory does not grow with
 /// the trail.
 pub struct Ordered<'t> {
@@ -676,7 +676,7 @@ impl TreeIndex {
 
 /// `--tree`: hands `emit` the tree item by item. Passes: one to learn the
 /// processes (two when chains are merged), one to sort the records into
-/// tree order (on disk past a few hundred thousand), one to print.
+/// tree order (on disk past 65,536 records), one to print.
 pub fn tree(
     trail: &Trail,
     filter: &Filter,

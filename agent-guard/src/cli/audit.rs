@@ -427,7 +427,6 @@ impl Drop for ShowProgress {
 fn draw_progress(progress: &Progress, what: &str, stop: &AtomicBool) {
     let started = Instant::now();
     let mut drawn = false;
-    let mut pass = (0, Instant::now());
     let mut err = std::io::stderr();
     while !stop.load(Ordering::Relaxed) {
         std::thread::park_timeout(PROGRESS_EVERY);
@@ -435,10 +434,7 @@ fn draw_progress(progress: &Progress, what: &str, stop: &AtomicBool) {
             continue;
         }
         let s = progress.snapshot();
-        if s.pass != pass.0 {
-            pass = (s.pass, Instant::now());
-        }
-        let secs = pass.1.elapsed().as_secs_f64().max(1e-3);
+        let secs = s.in_pass.as_secs_f64().max(1e-3);
         let of_passes = if s.passes > 1 {
             format!(" pass {}/{}:", s.pass, s.passes)
         } else {
