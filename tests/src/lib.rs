@@ -230,6 +230,38 @@ impl Daemon {
         cmd.output().expect("run agent-guard")
     }
 
+    /// `agent-guard grant --tenant T --agent A ARGS...` (ARGS: `--tool`,
+    /// `--ttl`, `--uses`, `--pid`, ...), the output as it came.
+    pub fn try_grant(&self, tenant: &str, agent: &str, args: &[&str]) -> Output {
+        let mut all = vec!["grant", "--tenant", tenant, "--agent", agent];
+        all.extend_from_slice(args);
+        self.cli(&all)
+    }
+
+    /// [`Daemon::try_grant`] that must succeed; the grant's id.
+    pub fn grant(&self, tenant: &str, agent: &str, args: &[&str]) -> u32 {
+        let out = self.try_grant(tenant, agent, args);
+        assert!(
+            out.status.success(),
+            "grant {tenant}/{agent} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("grant prints its id")
+    }
+
+    /// `agent-guard revoke --grant ID`, which must succeed.
+    pub fn revoke(&self, id: u32) {
+        let out = self.cli(&["revoke", "--grant", &id.to_string()]);
+        assert!(
+            out.status.success(),
+            "revoke {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `agent-guard run --tenant T --agent A -- CMD...` (see
     /// [`Daemon::launch`] for task scopes and spawning).
     pub fn run<S: AsRef<std::ffi::OsStr>>(&self, tenant: &str, agent: &str, cmd: &[S]) -> Output {

@@ -65,16 +65,9 @@ fn wait_code(mut c: Child) -> i32 {
     c.wait().expect("wait").code().unwrap_or(-1)
 }
 
+/// The grant's id as records carry it.
 fn grant(d: &Daemon, args: &[&str]) -> String {
-    let mut all = vec!["grant", "--tenant", "acme", "--agent", "researcher"];
-    all.extend_from_slice(args);
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "grant failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    d.grant("acme", "researcher", args).to_string()
 }
 
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
@@ -658,9 +651,7 @@ fn grant_errors_are_clear_and_change_nothing() {
             "at least 1",
         ),
     ] {
-        let mut all = vec!["grant", "--tenant", "acme", "--agent", "researcher"];
-        all.extend(args);
-        let out = d.cli(&all);
+        let out = d.try_grant("acme", "researcher", &args);
         assert_eq!(out.status.code(), Some(1));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(want),

@@ -32,34 +32,9 @@ fn a_full_grants_map_refuses_the_next_grant_and_keeps_the_others() {
     let policy = tools(&ports).agent("acme", "researcher", &["t0"]).build();
     let d = Daemon::start_with(&policy, &["--map-capacity", "GRANTS=4"]);
     for t in ["t1", "t2", "t3", "t4"] {
-        let out = d.cli(&[
-            "grant",
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--tool",
-            t,
-            "--ttl",
-            "5m",
-        ]);
-        assert!(
-            out.status.success(),
-            "{t}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.grant("acme", "researcher", &["--tool", t, "--ttl", "5m"]);
     }
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--tool",
-        "t5",
-        "--ttl",
-        "5m",
-    ]);
+    let out = d.try_grant("acme", "researcher", &["--tool", "t5", "--ttl", "5m"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -31,27 +31,11 @@ fn policy(p: &Ports) -> String {
 }
 
 fn grant(d: &Daemon, args: &[&str]) -> u32 {
-    let mut all = vec!["grant", "--tenant", "acme", "--agent", "researcher"];
-    all.extend_from_slice(args);
-    let out = d.cli(&all);
-    assert!(
-        out.status.success(),
-        "grant {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("grant prints its id")
+    d.grant("acme", "researcher", args)
 }
 
 fn revoke(d: &Daemon, id: u32) {
-    let out = d.cli(&["revoke", "--grant", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "revoke {id}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.revoke(id)
 }
 
 fn active(status: &Value) -> BTreeSet<u32> {

@@ -89,25 +89,13 @@ fn task_scopes_sub_agents_and_grants_survive_a_sigkill_takeover() {
         &refs(&call(p.other.port)),
     ));
     // A grant with two uses; one spent before the crash.
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--tool",
-        "payments",
-        "--ttl",
-        "60s",
-        "--uses",
-        "2",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let grant = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let grant = d
+        .grant(
+            "acme",
+            "researcher",
+            &["--tool", "payments", "--ttl", "60s", "--uses", "2"],
+        )
+        .to_string();
     let pay = p.pay.port.to_string();
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &pay]),
