@@ -6,6 +6,12 @@
 //! `audit verify`, `audit replay --tenant tenant0 --json` (to /dev/null) and
 //! `audit replay --tenant tenant0 --what-if POLICY` (timeline to a file) are
 //! each timed K times; the median wall time and records/s are reported.
+//! Then replay in bounded memory (issue 9): a second trail of 10x the
+//! records (10 M by default, 1 M with --quick) is generated the same way,
+//! and `audit replay --tenant tenant0` is run once each as a timeline, with
+//! a filter (`--verdict deny`), as `--tree` and with `--what-if`, output to
+//! /dev/null; its wall time, records/s and peak RSS (the child's own
+//! `ru_maxrss` from wait4) are reported against the 200 MiB goal.
 //!
 //! Part 4: the event pipeline under a deny flood from every core. A daemon
 //! (default ring size) with one agent; `nproc` tagged probes each run
@@ -100,6 +106,7 @@ pub(crate) struct AuditSpeed {
     generate: Duration,
     timed: Vec<Timed>,
     what_if_summary: String,
+    replay_memory: ReplayMemory,
 }
 
 impl AuditSpeed {
@@ -146,6 +153,7 @@ impl AuditSpeed {
             );
         }
         let _ = writeln!(s, "{}", self.what_if_summary);
+        s.push_str(&self.replay_memory.table());
         s
     }
 
@@ -162,6 +170,7 @@ impl AuditSpeed {
             "generate_records_per_s": self.records as f64 / self.generate.as_secs_f64(),
             "timed": timed,
             "what_if_summary": self.what_if_summary,
+            "replay_memory": self.replay_memory.json(),
         })
     }
 }
@@ -343,13 +352,205 @@ pub(crate) fn audit_speed(built: &Built, records: u64, runs: u32) -> Result<Audi
             .map(|l| l.replace(&policy.display().to_string(), "POLICY"))
             .context("`audit replay --what-if` printed no summary line")?;
     }
+    let (files, bytes) = (files.len(), total_bytes(&files));
+    // The large trail needs the disk space.
+    drop(tmp);
+    let replay_memory = replay_memory(built, records.saturating_mul(10))?;
     Ok(AuditSpeed {
+        records,
+        files,
+        bytes,
+        generate,
+        timed,
+        what_if_summary,
+        replay_memory,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Part 3, second half: replay in bounded memory
+// ---------------------------------------------------------------------------
+
+/// Issue 9's goal for `audit replay` at 10 M records.
+const REPLAY_RSS_GOAL_KIB: u64 = 200 * 1024;
+
+/// The replay forms measured, with their arguments after `--tenant tenant0`
+/// (`POLICY` stands for the what-if policy's path).
+const REPLAY_FORMS: [(&str, &[&str]); 4] = [
+    ("timeline", &[]),
+    ("filter --verdict deny", &["--verdict", "deny"]),
+    ("--tree", &["--tree"]),
+    ("--what-if", &["--what-if", "POLICY"]),
+];
+
+struct ReplayRun {
+    what: &'static str,
+    command: String,
+    wall: Duration,
+    peak_rss_kib: u64,
+}
+
+pub(crate) struct ReplayMemory {
+    records: u64,
+    files: usize,
+    bytes: u64,
+    generate: Duration,
+    runs: Vec<ReplayRun>,
+}
+
+impl ReplayMemory {
+    fn goal_met(&self) -> bool {
+        !self.runs.is_empty()
+            && self
+                .runs
+                .iter()
+                .all(|r| r.peak_rss_kib < REPLAY_RSS_GOAL_KIB)
+    }
+
+    fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "\naudit replay at {} records ({:.1} GB in {} file(s), one tenant; generated in \
+             {:.0} s), one run each, output to /dev/null",
+            self.records,
+            self.bytes as f64 / 1e9,
+            self.files,
+            self.generate.as_secs_f64()
+        );
+        let _ = writeln!(
+            s,
+            "{:<28} {:>10} {:>12} {:>14}",
+            "replay", "wall s", "records/s", "peak RSS MiB"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "{:<28} {:>10.1} {:>12.0} {:>14.1}",
+                r.what,
+                r.wall.as_secs_f64(),
+                self.records as f64 / r.wall.as_secs_f64(),
+                r.peak_rss_kib as f64 / 1024.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "goal (every form under {} MiB peak RSS): {}",
+            REPLAY_RSS_GOAL_KIB / 1024,
+            if self.goal_met() { "MET" } else { "MISSED" }
+        );
+        s
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "records": self.records,
+            "files": self.files,
+            "bytes": self.bytes,
+            "generate_s": self.generate.as_secs_f64(),
+            "runs": self.runs.iter().map(|r| json!({
+                "what": r.what,
+                "command": r.command,
+                "wall_s": r.wall.as_secs_f64(),
+                "records_per_s": self.records as f64 / r.wall.as_secs_f64(),
+                "peak_rss_kib": r.peak_rss_kib,
+            })).collect::<Vec<_>>(),
+            "goal": format!("peak RSS under {} MiB", REPLAY_RSS_GOAL_KIB / 1024),
+            "goal_met": self.goal_met(),
+        })
+    }
+}
+
+/// Runs `cmd` to completion; its wall time and peak RSS (KiB), from the
+/// rusage wait4 reports for this child alone.
+#[allow(clippy::zombie_processes, reason = "reaped by wait4, for its rusage")]
+fn run_measured(cmd: &mut Command, stderr_to: &Path) -> Result<(Duration, u64)> {
+    let err = std::fs::File::create(stderr_to)
+        .with_context(|| format!("creating {}", stderr_to.display()))?;
+    cmd.stdin(Stdio::null()).stderr(err);
+    let started = Instant::now();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let pid = libc::pid_t::try_from(child.id()).context("child pid out of range")?;
+    let mut status = 0;
+    // SAFETY: a plain syscall on our own child; both out-pointers are ours.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let got = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = started.elapsed();
+    if got != pid {
+        bail!(
+            "waiting for `{}`: {}",
+            describe(cmd),
+            std::io::Error::last_os_error()
+        );
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let text = std::fs::read_to_string(stderr_to).unwrap_or_default();
+        bail!(
+            "`{}` failed (wait status {status}): {}",
+            describe(cmd),
+            text.trim()
+        );
+    }
+    Ok((wall, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+}
+
+fn replay_memory(built: &Built, records: u64) -> Result<ReplayMemory> {
+    let tmp = TempDir::create("agent-guard-bench-replay")?;
+    let audit_dir = tmp.0.join("audit");
+    let bin = &built.daemon;
+    eprintln!("bench: part 3: replay memory at {records} records: generating the trail");
+    let mut cmd = Command::new(bin);
+    cmd.args(["audit", "generate", "--records", &records.to_string()])
+        .arg("--audit-dir")
+        .arg(&audit_dir)
+        .arg("--state-dir")
+        .arg(tmp.0.join("state"))
+        .stdout(Stdio::null());
+    let (generate, _) = run_timed(&mut cmd)?;
+    let files = audit_files(&audit_dir.join(GEN_TENANT))?;
+    let policy = tmp.0.join("what-if.toml");
+    std::fs::write(&policy, what_if_policy())
+        .with_context(|| format!("writing {}", policy.display()))?;
+    let stderr_file = tmp.0.join("replay.stderr");
+    let mut runs = Vec::new();
+    for (what, extra) in REPLAY_FORMS {
+        let mut cmd = Command::new(bin);
+        cmd.args(["audit", "replay", "--tenant", GEN_TENANT, "--quiet"])
+            .arg("--audit-dir")
+            .arg(&audit_dir)
+            .stdout(Stdio::null());
+        for a in extra {
+            if *a == "POLICY" {
+                cmd.arg(&policy);
+            } else {
+                cmd.arg(a);
+            }
+        }
+        let command = format!(
+            "agent-guard audit replay --tenant {GEN_TENANT} --audit-dir DIR {} > /dev/null",
+            extra.join(" ")
+        );
+        let (wall, peak_rss_kib) = run_measured(&mut cmd, &stderr_file)?;
+        eprintln!(
+            "bench:     replay {what}: {:.1} s, peak RSS {:.1} MiB",
+            wall.as_secs_f64(),
+            peak_rss_kib as f64 / 1024.0
+        );
+        runs.push(ReplayRun {
+            what,
+            command,
+            wall,
+            peak_rss_kib,
+        });
+    }
+    Ok(ReplayMemory {
         records,
         files: files.len(),
         bytes: total_bytes(&files),
         generate,
-        timed,
-        what_if_summary,
+        runs,
     })
 }
 
