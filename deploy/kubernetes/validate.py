@@ -43,6 +43,11 @@ HOST_PATHS = {
     "/run/agent-guard": "/run/agent-guard",
 }
 
+# Kinds kustomize leaves without a namespace.
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+CRD_FILE = K8S / "crd" / "agentguardpolicy.yaml"
+SAMPLE_FILE = K8S / "crd" / "sample-policy.yaml"
+
 failures: list[str] = []
 counts = {"ok": 0, "skipped": 0}
 strict = os.environ.get("AGENT_GUARD_VALIDATE_STRICT") == "1"
@@ -228,7 +233,7 @@ def kustomization_structure(directory: Path) -> list[dict] | None:
         return None
     ns = k.get("namespace")
     for o in objs:
-        if ns and o["kind"] != "Namespace":
+        if ns and o["kind"] not in CLUSTER_SCOPED:
             o["metadata"]["namespace"] = ns
     ok(check, f"{len(objs)} objects, every resource and generator file present and parsed")
     return objs
@@ -361,7 +366,7 @@ def semantic_checks(objs: list[dict], monitoring: list[dict]) -> None:
         return
     name = ns["metadata"]["name"]
     for o in objs:
-        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != name:
+        if o["kind"] not in CLUSTER_SCOPED and o["metadata"].get("namespace") != name:
             problems.append(f"{o['kind']}/{o['metadata']['name']} is not in namespace {name}")
     if ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce") != "privileged":
         problems.append("the namespace does not enforce Pod Security `privileged` (the baseline refuses hostPID, hostPath, SYS_ADMIN)")
@@ -457,6 +462,199 @@ def semantic_checks(objs: list[dict], monitoring: list[dict]) -> None:
         ok(check, "hostPID, host mounts match the daemon's flags, policy from the ConfigMap, "
                   "metrics on 0.0.0.0:9753 with /readyz and /healthz probes, capabilities as documented, "
                   "Service and ServiceMonitor select the pods")
+
+
+def rbac_checks(objs: list[dict]) -> None:
+    """The ClusterRole is what --policy-source kubernetes needs (README.md,
+    "Policy as a resource"), bound to the daemon's ServiceAccount."""
+    check = "RBAC: AgentGuardPolicy watch and Events"
+    role, binding, sa = one(objs, "ClusterRole"), one(objs, "ClusterRoleBinding"), one(objs, "ServiceAccount")
+    if not (role and binding and sa):
+        fail(check, "expected exactly one ClusterRole, ClusterRoleBinding and ServiceAccount")
+        return
+    problems = []
+    granted = {(g, r): set(rule.get("verbs", []))
+               for rule in role.get("rules", []) for g in rule.get("apiGroups", []) for r in rule.get("resources", [])}
+    want = {("agent-guard.io", "agentguardpolicies"): {"get", "list", "watch"},
+            ("events.k8s.io", "events"): {"create", "patch"}}
+    for key, verbs in want.items():
+        if granted.get(key) != verbs:
+            problems.append(f"{key[0]}/{key[1]}: verbs {sorted(granted.get(key, []))}, expected {sorted(verbs)}")
+    extra = set(granted) - set(want)
+    if extra:
+        problems.append(f"grants more than needed: {sorted(extra)}")
+    ref = binding.get("roleRef", {})
+    if ref.get("kind") != "ClusterRole" or ref.get("name") != role["metadata"]["name"]:
+        problems.append("the ClusterRoleBinding does not refer to the ClusterRole")
+    subj = {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"].get("namespace")}
+    if subj not in binding.get("subjects", []):
+        problems.append(f"the ClusterRoleBinding does not bind {subj}")
+    if problems:
+        fail(check, "; ".join(problems))
+    else:
+        ok(check, "get/list/watch agentguardpolicies, create/patch events.k8s.io events, bound to the ServiceAccount, nothing more")
+
+
+def structural_problems(schema, path: str = "") -> list[str]:
+    """Kubernetes' structural schema rules that matter for a generated
+    schema: a type on every node, no references or combinators, no
+    additionalProperties beside properties."""
+    out = []
+    if not isinstance(schema, dict):
+        return [f"{path or '.'}: not an object"]
+    for key in ("$ref", "anyOf", "oneOf", "allOf", "not", "definitions", "$schema"):
+        if key in schema:
+            out.append(f"{path or '.'}: {key}")
+    if "type" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out.append(f"{path or '.'}: no type")
+    if "properties" in schema and "additionalProperties" in schema:
+        out.append(f"{path or '.'}: properties and additionalProperties")
+    for k, v in schema.get("properties", {}).items():
+        out.extend(structural_problems(v, f"{path}.{k}"))
+    if "items" in schema:
+        out.extend(structural_problems(schema["items"], f"{path}[]"))
+    return out
+
+
+def strict(schema, under_metadata: bool = False):
+    """The schema as the API server applies it with strict field validation
+    (kubectl's default): unknown fields refused, except in metadata."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {k: strict(v, k == "metadata") for k, v in out["properties"].items()}
+        out["additionalProperties"] = False
+    if "items" in out:
+        out["items"] = strict(out["items"])
+    if out.get("nullable"):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def crd_checks(objs: list[dict], binary: str | None) -> None:
+    """The AgentGuardPolicy CRD: a valid apiextensions.k8s.io/v1 object
+    (schemas: schema_validate), structural, generated from the code, and
+    the sample object valid against it."""
+    check = "AgentGuardPolicy CRD: structural schema"
+    try:
+        crd = yaml.safe_load(CRD_FILE.read_text())
+        sample = yaml.safe_load(SAMPLE_FILE.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        fail(check, str(e))
+        return
+    built = [o for o in objs if o.get("kind") == "CustomResourceDefinition"]
+    if len(built) != 1 or built[0] != crd:
+        fail("AgentGuardPolicy CRD: in the base", f"{CRD_FILE.relative_to(ROOT)} is not in the kustomization as is")
+    else:
+        ok("AgentGuardPolicy CRD: in the base", "kustomize passes the generated file through unchanged")
+    versions = crd.get("spec", {}).get("versions", [])
+    if len(versions) != 1 or not versions[0].get("storage"):
+        fail(check, "expected one served, stored version")
+        return
+    schema = versions[0].get("schema", {}).get("openAPIV3Schema")
+    problems = structural_problems(schema)
+    if problems:
+        fail(check, "; ".join(problems))
+    else:
+        ok(check, "types everywhere, no $ref/anyOf/oneOf/allOf, no additionalProperties beside properties")
+
+    if binary:
+        r = subprocess.run([binary, "generate", "crd"], capture_output=True, text=True)
+        if r.returncode != 0:
+            fail("AgentGuardPolicy CRD: generated", r.stderr.strip())
+        elif r.stdout != CRD_FILE.read_text():
+            fail("AgentGuardPolicy CRD: generated",
+                 f"`agent-guard generate crd` differs from {CRD_FILE.relative_to(ROOT)}; regenerate it "
+                 f"(agent-guard generate crd --out {CRD_FILE.relative_to(ROOT)})")
+        else:
+            ok("AgentGuardPolicy CRD: generated", f"`{Path(binary).name} generate crd` writes the committed file")
+    else:
+        skipped("AgentGuardPolicy CRD: generated",
+                "no built agent-guard binary; the unit test committed_crd_is_what_the_code_generates checks it")
+
+    check = "AgentGuardPolicy sample: valid against the CRD"
+    try:
+        import jsonschema
+        from importlib.metadata import version
+    except ImportError:
+        skipped(check, "jsonschema not installed", tool_missing=True)
+        return
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    if sample.get("apiVersion") != f"{group}/{versions[0]['name']}" or sample.get("kind") != kind:
+        fail(check, f"the sample is {sample.get('apiVersion')} {sample.get('kind')}, not {group}/{versions[0]['name']} {kind}")
+        return
+    validator = jsonschema.Draft4Validator(strict(schema))
+    errors = [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(sample)]
+    if errors:
+        fail(check, "; ".join(errors))
+    else:
+        ok(check, f"{SAMPLE_FILE.relative_to(ROOT)} (jsonschema {version('jsonschema')}, the CRD's openAPIV3Schema "
+                  "with unknown fields refused, as kubectl's strict field validation does)")
+    # The validator must refuse what the API server would.
+    check = "AgentGuardPolicy schema: refuses bad objects"
+    bad = {
+        "a port as a string": lambda o: o["spec"]["tool"][0]["endpoints"][0].__setitem__("port", "18081"),
+        "an unknown key": lambda o: o["spec"]["tenant"][0].__setitem__("colour", "red"),
+        "an agent without tools": lambda o: o["spec"]["agent"][0].pop("tools"),
+        "no spec": lambda o: o.pop("spec"),
+    }
+    let_through = []
+    for what, mutate in bad.items():
+        o = yaml.safe_load(SAMPLE_FILE.read_text())
+        mutate(o)
+        if validator.is_valid(o):
+            let_through.append(what)
+    if let_through:
+        fail(check, f"accepted {', '.join(let_through)}")
+    else:
+        ok(check, f"refuses {', '.join(bad)}")
+
+    skipped("AgentGuardPolicy: API server admission and a live watch",
+            "no API server here; the CRD's structural rules and the sample are checked above, and the daemon's "
+            "apply path against recorded watch events by `cargo xtask test` (daemon::kubernetes)")
+
+    check = "AgentGuardPolicy sample: is policy.toml"
+    try:
+        policy = tomllib.loads((K8S / "policy.toml").read_text())
+    except tomllib.TOMLDecodeError as e:
+        fail(check, str(e))
+        return
+    if sample.get("spec") == policy:
+        ok(check, "its spec is the ConfigMap's policy.toml, key for key (checked by `agent-guard policy check` below)")
+    else:
+        fail(check, "its spec differs from policy.toml; keep the two the same policy")
+
+
+def policy_resource_component(kubectl: str | None) -> None:
+    """The policy-resource component, used from an overlay as README.md says."""
+    check = "kustomize component policy-resource"
+    if not kubectl or not Path(kubectl).exists():
+        skipped(check, "no kubectl (kustomize) here", tool_missing=True)
+        return
+    overlay = WORK / "overlay"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../../../deploy/kubernetes]\ncomponents: [../../../deploy/kubernetes/policy-resource]\n")
+    r = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(check, r.stderr.strip())
+        return
+    objs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    ds = one(objs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"] if ds else {}
+    args = pod.get("containers", [{}])[0].get("args", [])
+    problems = []
+    if "--policy-source=kubernetes" not in args or "--policy-object=default" not in args:
+        problems.append(f"the daemon's args lack --policy-source=kubernetes --policy-object=default: {args}")
+    if pod.get("automountServiceAccountToken") is not True:
+        problems.append("the pod does not mount its ServiceAccount token")
+    if problems:
+        fail(check, "; ".join(problems))
+        return
+    ok(check, f"{len(objs)} objects; the DaemonSet follows AgentGuardPolicy/default with its token mounted")
+    schema_validate(objs, "deploy/kubernetes + policy-resource")
 
 
 def readme_checks(ds_objs: list[dict]) -> list[dict]:
@@ -662,6 +860,9 @@ def main() -> int:
     schema_validate(objs, "deploy/kubernetes")
     servicemonitor_validate(mobjs)
     semantic_checks(objs, mobjs)
+    rbac_checks(objs)
+    crd_checks(objs, find_binary())
+    policy_resource_component(opts.kubectl)
     pod_docs = readme_checks(objs)
     if pod_docs:
         schema_validate(pod_docs, "README.md agent pod example")

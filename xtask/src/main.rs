@@ -711,6 +711,17 @@ fn build(ws: &Workspace, release: bool) -> Result<Built> {
     if release {
         cmd.arg("--release");
     }
+    // Optional daemon features, e.g. AGENT_GUARD_FEATURES=kubernetes (the
+    // Containerfile passes its build argument of that name).
+    let features: Vec<String> = std::env::var("AGENT_GUARD_FEATURES")
+        .unwrap_or_default()
+        .split([',', ' '])
+        .filter(|f| !f.is_empty())
+        .map(|f| format!("agent-guard/{f}"))
+        .collect();
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
     run_cmd(&mut cmd)?;
     let dir = ws.profile_dir(release);
     let built = Built {
@@ -759,8 +770,29 @@ fn test(ws: &Workspace, args: &[String]) -> Result<()> {
     } else if !args.is_empty() {
         cmd.arg("--").args(args);
     }
-    run_cmd(&mut cmd)
+    run_cmd(&mut cmd)?;
+    // The `kubernetes` feature is off by default; its code (the
+    // AgentGuardPolicy watcher and apply path) is built and tested here.
+    run_cmd(
+        host_cargo(ws)
+            .args(KUBERNETES_FEATURE_TESTS)
+            .env("AGENT_GUARD_EBPF_OBJ", &built.ebpf_object),
+    )
 }
+
+/// `cargo xtask test`'s run of the daemon's unit tests with the
+/// `kubernetes` feature: the modules that feature touches.
+const KUBERNETES_FEATURE_TESTS: &[&str] = &[
+    "test",
+    "-p",
+    "agent-guard",
+    "--features",
+    "kubernetes",
+    "--lib",
+    "--",
+    "daemon::kubernetes",
+    "policy::crd",
+];
 
 fn lint(ws: &Workspace) -> Result<()> {
     run_cmd(host_cargo(ws).args(["fmt", "--all", "--", "--check"]))?;
@@ -780,6 +812,22 @@ fn lint(ws: &Workspace) -> Result<()> {
                 "clippy",
                 "--workspace",
                 "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("AGENT_GUARD_EBPF_OBJ", &obj),
+    )?;
+    // And the daemon with its optional `kubernetes` feature.
+    run_cmd(
+        host_cargo(ws)
+            .args([
+                "clippy",
+                "-p",
+                "agent-guard",
+                "--all-targets",
+                "--features",
+                "kubernetes",
                 "--",
                 "-D",
                 "warnings",
