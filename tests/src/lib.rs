@@ -22,6 +22,23 @@ pub use launch::Launch;
 pub use policy::{Agent, Endpoint, Policy, Tool};
 
 /// The daemon/CLI binary under test.
+/// Runs a command as another user: `uid` with primary group `gid`, no
+/// supplementary groups (std drops them when a root parent sets the uid).
+/// uid 0 leaves the command as it is (root).
+pub trait AsUser {
+    fn as_user(&mut self, uid: u32, gid: u32) -> &mut Self;
+}
+
+impl AsUser for Command {
+    fn as_user(&mut self, uid: u32, gid: u32) -> &mut Self {
+        use std::os::unix::process::CommandExt as _;
+        if uid != 0 {
+            self.uid(uid).gid(gid);
+        }
+        self
+    }
+}
+
 pub fn agent_guard_bin() -> PathBuf {
     let p = std::env::var_os("AGENT_GUARD_BIN")
         .map(PathBuf::from)
@@ -227,6 +244,18 @@ impl Daemon {
         cmd.args(args)
             .env("AGENT_GUARD_SOCKET", &self.socket)
             .stdin(Stdio::null());
+        cmd.output().expect("run agent-guard")
+    }
+
+    /// [`Daemon::cli`] as user `uid` with primary group `gid` (uid 0: as
+    /// root, unchanged). std drops supplementary groups when a root parent
+    /// sets the uid, so `gid` is the only group the command has.
+    pub fn cli_as(&self, uid: u32, gid: u32, args: &[&str]) -> Output {
+        let mut cmd = Command::new(agent_guard_bin());
+        cmd.args(args)
+            .env("AGENT_GUARD_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .as_user(uid, gid);
         cmd.output().expect("run agent-guard")
     }
 

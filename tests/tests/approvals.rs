@@ -7,13 +7,15 @@
 
 use std::{
     io::{Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
-    process::{Command, Output, Stdio},
+    os::unix::fs::PermissionsExt as _,
+    process::{Command, Output},
     sync::mpsc,
     time::Duration,
 };
 
-use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin};
+use agent_guard_tests::{
+    AsUser as _, Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin,
+};
 use serde_json::Value;
 
 const CONTROL_GID: u32 = 64_100;
@@ -86,14 +88,7 @@ fn start(extra: &[&str]) -> (Daemon, Listener, tempfile::TempDir) {
 
 /// An agent-guard client command as `uid` (0: root), in the control group.
 fn as_user(d: &Daemon, uid: u32, args: &[&str]) -> Output {
-    let mut cmd = Command::new(agent_guard_bin());
-    cmd.args(args)
-        .env("AGENT_GUARD_SOCKET", &d.socket)
-        .stdin(Stdio::null());
-    if uid != 0 {
-        cmd.uid(uid).gid(CONTROL_GID);
-    }
-    cmd.output().expect("agent-guard")
+    d.cli_as(uid, CONTROL_GID, args)
 }
 
 fn err(o: &Output) -> String {
@@ -353,8 +348,7 @@ fn the_requesting_uid_never_approves_and_requests_expire_with_a_webhook_notice()
         .arg("--")
         .arg(probe_bin())
         .args(["tcp", "127.0.0.1", &pay.port.to_string()])
-        .uid(ALICE)
-        .gid(CONTROL_GID)
+        .as_user(ALICE, CONTROL_GID)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(probe::EPERM), "{}", err(&out));

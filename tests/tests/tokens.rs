@@ -5,12 +5,14 @@
 //! kind of bad token is refused with its own error and audit record.
 
 use std::{
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
 
-use agent_guard_tests::{Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin};
+use agent_guard_tests::{
+    AsUser as _, Daemon, Listener, agent_guard_bin, dump, kernel_test, probe, probe_bin,
+};
 use serde_json::Value;
 
 /// The orchestrator's uid and the control group's gid: no such user or
@@ -145,11 +147,8 @@ impl Setup {
             .arg("--")
             .arg(probe_bin())
             .args(probe_args)
-            .stdin(Stdio::null());
-        if uid != 0 {
-            // std drops supplementary groups when a root parent sets the uid.
-            cmd.uid(uid).gid(gid);
-        }
+            .stdin(Stdio::null())
+            .as_user(uid, gid);
         cmd.output().expect("run --token")
     }
 
@@ -367,8 +366,7 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_record() {
             .args(["--tenant", "acme", "--agent", "researcher", "--"])
             .arg(probe_bin())
             .args(&args)
-            .uid(ORCH_UID)
-            .gid(CONTROL_GID);
+            .as_user(ORCH_UID, CONTROL_GID);
         cmd.output().expect("run")
     };
     assert_eq!(code(&out), 125);
@@ -503,8 +501,7 @@ fn tenant_and_agent_given_with_a_token_must_be_the_tokens() {
             .arg("--")
             .arg(probe_bin())
             .args(["tcp", "127.0.0.1", &s.tool.port.to_string()])
-            .uid(ORCH_UID)
-            .gid(CONTROL_GID)
+            .as_user(ORCH_UID, CONTROL_GID)
             .stdin(Stdio::null())
             .output()
             .expect("run")

@@ -7,13 +7,13 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use agent_guard_tests::{Daemon, agent_guard_bin, free_port, kernel_test, probe_bin};
+use agent_guard_tests::{AsUser as _, Daemon, agent_guard_bin, free_port, kernel_test, probe_bin};
 use serde_json::Value;
 
 const CONTROL_GID: u32 = 64_100;
@@ -47,14 +47,11 @@ tools = ["svc"]
 }
 
 fn whois(d: &Daemon, uid: u32, peer: &str, local: &str) -> (i32, Value, String) {
-    let mut cmd = Command::new(agent_guard_bin());
-    cmd.args(["whois", "--peer", peer, "--local", local, "--json"])
-        .env("AGENT_GUARD_SOCKET", &d.socket)
-        .stdin(Stdio::null());
-    if uid != 0 {
-        cmd.uid(uid).gid(uid);
-    }
-    let out = cmd.output().expect("whois");
+    let out = d.cli_as(
+        uid,
+        uid,
+        &["whois", "--peer", peer, "--local", local, "--json"],
+    );
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (
         out.status.code().unwrap_or(-1),
@@ -115,8 +112,7 @@ fn whois_names_the_agent_behind_a_connection_from_the_kernels_view() {
             "--json",
         ])
         .env("AGENT_GUARD_SOCKET", &d.socket)
-        .uid(64_101)
-        .gid(CONTROL_GID);
+        .as_user(64_101, CONTROL_GID);
     let out = member.output().expect("whois");
     assert!(
         out.status.success(),
