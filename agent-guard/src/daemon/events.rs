@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, Ipv6Addr},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -25,13 +26,16 @@ use tokio::{
 use super::state::{PipelineMsg, State, ppid_of};
 use crate::audit::{AuditRecord, AuditWriter, NODE_LOG, format_ts, writer::Appended};
 
+/// IP protocol number of TCP.
+const IPPROTO_TCP: u8 = 6;
 /// Records taken from the ring buffer between two flushes.
 const DRAIN_BATCH: usize = 8192;
 /// How often the daemon drains the ring buffer without a kernel wakeup.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// How often lost-event counters become gap records and stale pids are swept.
 const HOUSEKEEPING_EVERY: u32 = 50;
-/// Processes remembered for enrichment (exe, ppid) from exec/fork events.
+/// Processes remembered for enrichment (exe, ppid) from exec/fork events:
+/// a backstop, since entries go when their process's exit record comes.
 const PROC_CACHE: usize = 65_536;
 
 /// What the kernel told us about a process, so records need no racy /proc
@@ -44,26 +48,97 @@ struct ProcInfo {
     comm: Option<String>,
 }
 
+/// pid -> what its exec/fork records said. An entry goes with its exit
+/// record; the tids its fork records named (threads get fork records too,
+/// but only a whole process gets an exit record) go with their process's
+/// exit unless they still run (a child process, whose own exit comes). What
+/// no exit record removes (a lost record, threads of a process that lives
+/// on) ages out oldest first beyond [`PROC_CACHE`].
 #[derive(Default)]
 struct ProcCache {
-    map: HashMap<u32, ProcInfo>,
-    order: VecDeque<u32>,
+    /// pid -> (info, insertion number).
+    map: HashMap<u32, (ProcInfo, u64)>,
+    /// (pid, insertion number), oldest first; numbers no longer in `map`
+    /// are stale and skipped.
+    order: VecDeque<(u32, u64)>,
+    inserted: u64,
+    /// pid -> the tids its fork records named, while it lives.
+    forked: HashMap<u32, Vec<u32>>,
+    cap: usize,
 }
 
 impl ProcCache {
+    fn with_capacity(cap: usize) -> Self {
+        Self {
+            cap,
+            ..Self::default()
+        }
+    }
+
     fn entry(&mut self, pid: u32) -> &mut ProcInfo {
         if !self.map.contains_key(&pid) {
-            if self.order.len() >= PROC_CACHE
-                && let Some(old) = self.order.pop_front()
-            {
-                self.map.remove(&old);
+            while self.map.len() >= self.cap.max(1) {
+                let Some((old, n)) = self.order.pop_front() else {
+                    break;
+                };
+                if self.map.get(&old).is_some_and(|(_, m)| *m == n) {
+                    self.map.remove(&old);
+                    self.forked.remove(&old);
+                }
             }
-            self.order.push_back(pid);
+            // Stale numbers of removed pids must not pile up either.
+            if self.order.len() >= self.cap.max(1).saturating_mul(2) {
+                let map = &self.map;
+                self.order
+                    .retain(|(p, n)| map.get(p).is_some_and(|(_, m)| m == n));
+            }
+            self.inserted += 1;
+            self.order.push_back((pid, self.inserted));
+            self.map.insert(pid, (ProcInfo::default(), self.inserted));
         }
-        self.map.entry(pid).or_default()
+        &mut self.map.entry(pid).or_default().0
     }
+
     fn get(&self, pid: u32) -> Option<&ProcInfo> {
-        self.map.get(&pid)
+        self.map.get(&pid).map(|(info, _)| info)
+    }
+
+    /// A fork record of `parent` named `child` (a process or a thread).
+    fn forked(&mut self, parent: u32, child: u32) {
+        if child == parent {
+            return;
+        }
+        // The parent gets an entry, so its list ages out with it.
+        self.entry(parent);
+        let map = &self.map;
+        let tids = self.forked.entry(parent).or_default();
+        // A long-lived parent whose threads come and go: keep only the
+        // tids still remembered as its own.
+        if tids.len() >= 64 && tids.len().is_power_of_two() {
+            tids.retain(|t| map.get(t).is_some_and(|(i, _)| i.ppid == Some(parent)));
+        }
+        tids.push(child);
+    }
+
+    /// The exit record of process `pid` was written: forget it, and the
+    /// tids it forked that no longer run (`alive` asks the system).
+    fn exited(&mut self, pid: u32, alive: impl Fn(u32) -> bool) {
+        let ppid = self.map.remove(&pid).and_then(|(info, _)| info.ppid);
+        if let Some(siblings) = ppid.and_then(|pp| self.forked.get_mut(&pp)) {
+            siblings.retain(|&t| t != pid);
+        }
+        for tid in self.forked.remove(&pid).unwrap_or_default() {
+            let ours = self.get(tid).is_some_and(|i| i.ppid == Some(pid));
+            if ours && !alive(tid) {
+                self.map.remove(&tid);
+                self.forked.remove(&tid);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -96,7 +171,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Converts kernel monotonic ns into wall-clock RFC 3339 with nanoseconds.
-fn wall_clock(mono_ns: u64) -> String {
+pub(super) fn wall_clock(mono_ns: u64) -> String {
     let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
         .unwrap_or(mono_ns as i128);
@@ -153,7 +228,7 @@ impl Pipeline {
                 .map_err(|e| e.into_parts().1)?,
             rx,
             writer,
-            procs: ProcCache::default(),
+            procs: ProcCache::with_capacity(PROC_CACHE),
             lost_seen: [0; kind::COUNT as usize],
             delivered: Vec::new(),
             batch_records: 0,
@@ -368,6 +443,7 @@ impl Pipeline {
 
         match ev.kind {
             kind::FORK => {
+                self.procs.forked(ev.pid, ev.aux);
                 let child = self.procs.entry(ev.aux);
                 child.ppid = Some(ev.pid);
                 // The fork record is the parent's: the child starts with its comm.
@@ -467,7 +543,13 @@ impl Pipeline {
                 rec.port = Some(ev.port);
                 rec.proto = Some(proto_name(ev.proto));
                 self.decision(&mut rec, &ev, &ident);
-                if ev.cookie != 0 && ev.verdict == verdict::ALLOW {
+                // whois answers for TCP connections only (sock_diag finds
+                // them by 4-tuple): other sockets would only fill the table.
+                if ev.cookie != 0
+                    && ev.verdict == verdict::ALLOW
+                    && ev.kind == kind::CONNECT
+                    && ev.proto == IPPROTO_TCP
+                {
                     self.state
                         .sockets
                         .lock()
@@ -477,9 +559,9 @@ impl Pipeline {
                             super::whois::SocketOwner {
                                 subject_id: ev.subject,
                                 pid: ev.pid,
-                                tool: rec.tool.clone(),
-                                grant: (ev.grant_id != 0).then_some(ev.grant_id),
-                                at: rec.ts.clone(),
+                                tool_id: ev.tool_id,
+                                grant: ev.grant_id,
+                                at_ns: ev.ts_ns,
                             },
                         );
                 }
@@ -496,6 +578,11 @@ impl Pipeline {
             self.delivered.push(ev.ts_ns);
         }
         self.write(&log, rec);
+        if ev.kind == kind::EXIT {
+            // No record of this process follows its exit record.
+            self.procs
+                .exited(ev.pid, |tid| Path::new(&format!("/proc/{tid}")).exists());
+        }
     }
 
     fn decision(&mut self, rec: &mut AuditRecord, ev: &Event, ident: &super::subjects::Identity) {
@@ -640,5 +727,73 @@ impl Pipeline {
             rec.detail = Some("ring buffer full: the kernel could not deliver these events".into());
             self.write(&log, rec);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProcCache;
+
+    #[test]
+    fn exited_process_is_forgotten_with_its_dead_threads() {
+        let mut procs = ProcCache::with_capacity(1024);
+        procs.entry(100).exe = Some("/usr/bin/agent".into());
+        // Fork records: a thread (tid 101) and a child process (102).
+        for child in [101, 102] {
+            procs.forked(100, child);
+            procs.entry(child).ppid = Some(100);
+        }
+        // The child process still runs when its parent exits.
+        procs.exited(100, |tid| tid == 102);
+        assert!(procs.get(100).is_none());
+        assert!(procs.get(101).is_none(), "a dead thread's entry stays");
+        assert_eq!(procs.get(102).and_then(|i| i.ppid), Some(100));
+        procs.exited(102, |_| false);
+        assert_eq!(procs.len(), 0);
+        assert!(procs.forked.is_empty() && procs.map.is_empty());
+    }
+
+    #[test]
+    fn churn_of_short_lived_processes_leaves_nothing_behind() {
+        let mut procs = ProcCache::with_capacity(1024);
+        procs.entry(1).exe = Some("/usr/bin/launcher".into());
+        for pid in 2..50_000u32 {
+            procs.forked(1, pid);
+            let p = procs.entry(pid);
+            p.ppid = Some(1);
+            p.exe = Some("/usr/bin/probe".into());
+            procs.exited(pid, |_| false);
+        }
+        assert_eq!(procs.len(), 1);
+        assert!(procs.forked.get(&1).is_none_or(Vec::is_empty));
+        assert!(procs.order.len() <= 2 * 1024);
+    }
+
+    #[test]
+    fn cache_stays_bounded_without_exit_records() {
+        let mut procs = ProcCache::with_capacity(100);
+        for pid in 0..10_000u32 {
+            procs.entry(pid).comm = Some("worker".into());
+        }
+        assert_eq!(procs.len(), 100);
+        // The newest are kept.
+        assert!(procs.get(9_999).is_some() && procs.get(9_899).is_none());
+        // A pid removed and seen again is not evicted by its old place.
+        procs.exited(9_950, |_| false);
+        procs.entry(9_950).comm = Some("again".into());
+        procs.entry(20_000);
+        assert!(procs.get(9_950).is_some());
+    }
+
+    #[test]
+    fn long_lived_parent_keeps_no_list_of_forgotten_threads() {
+        let mut procs = ProcCache::with_capacity(256);
+        procs.entry(1);
+        for tid in 2..100_000u32 {
+            procs.forked(1, tid);
+            procs.entry(tid).ppid = Some(1);
+        }
+        assert!(procs.len() <= 256);
+        assert!(procs.forked[&1].len() <= 2 * 256);
     }
 }

@@ -21,15 +21,19 @@ use crate::kernel::sockdiag;
 /// Sockets remembered at once; the oldest are forgotten first.
 pub const CAPACITY: usize = 65_536;
 
-/// Who made one allowed connect.
-#[derive(Debug, Clone)]
+/// Who made one allowed connect. Plain numbers, no heap: the table holds
+/// tens of thousands of these on a busy node; names and times are made
+/// when whois asks.
+#[derive(Debug, Clone, Copy)]
 pub struct SocketOwner {
     pub subject_id: u32,
     pub pid: u32,
-    pub tool: Option<String>,
-    pub grant: Option<u32>,
-    /// When the connect was judged (RFC 3339).
-    pub at: String,
+    /// The tool the connect matched, 0 for none.
+    pub tool_id: u32,
+    /// The grant that allowed it, 0 for none.
+    pub grant: u32,
+    /// When the connect was judged (kernel monotonic ns).
+    pub at_ns: u64,
 }
 
 /// cookie -> owner, bounded, oldest out first.
@@ -80,7 +84,7 @@ impl State {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(found.cookie)
-            .cloned();
+            .copied();
         let Some(owner) = owner else {
             return Ok(json!({
                 "known": true, "tagged": false, "peer": peer.to_string(), "local": local.to_string(),
@@ -96,7 +100,12 @@ impl State {
             .filter(|g| reg.grant_reaches(g, owner.subject_id))
             .map(|g| g.id)
             .collect();
+        let tool = (owner.tool_id != 0)
+            .then(|| reg.ids.tool_names.get(&owner.tool_id).cloned())
+            .flatten();
         drop(reg);
+        let grant = (owner.grant != 0).then_some(owner.grant);
+        let connected_at = super::events::wall_clock(owner.at_ns);
         let exe = std::fs::read_link(format!("/proc/{}/exe", owner.pid))
             .ok()
             .map(|p| p.display().to_string());
@@ -114,7 +123,7 @@ impl State {
                 "on_behalf_of": i.principal.as_ref().and_then(|p| p.on_behalf_of.clone()),
                 "jti": i.principal.as_ref().map(|p| p.jti.clone()),
                 "pid": owner.pid, "exe": exe, "uid": found.uid,
-                "tool": owner.tool, "grant": owner.grant, "connected_at": owner.at,
+                "tool": tool, "grant": grant, "connected_at": connected_at,
                 "grants_in_force": grants, "active": i.active,
             }),
         })
