@@ -181,7 +181,10 @@ impl Trail {
             let known = if names.is_empty() {
                 "it holds no chains: is it the daemon's --audit-dir?".to_string()
             } else {
-                format!("chains there: {}; pass one of them", names.join(", "))
+                format!(
+                    "chains there: {}; pass one of them to --tenant",
+                    names.join(", ")
+                )
             };
             return Err(ReplayError::NoTenant {
                 tenant: t.to_string(),

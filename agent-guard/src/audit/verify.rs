@@ -667,6 +667,21 @@ mod tests {
     }
 
     #[test]
+    fn progress_counts_every_line_and_byte_read() {
+        let (dir, _s) = chain(10, WriterConfig::default());
+        let progress = Progress::default();
+        let reports =
+            verify_dir_with_progress(dir.path(), KeySource::AuditDir, &progress).expect("verify");
+        assert!(reports.iter().all(ChainReport::intact));
+        let len = std::fs::metadata(dir.path().join("acme").join(LOG_FILE))
+            .expect("stat")
+            .len();
+        let s = progress.snapshot();
+        assert_eq!((s.records, s.bytes, s.total_bytes), (10, len, len));
+        assert_eq!((s.pass, s.passes), (1, 1));
+    }
+
+    #[test]
     fn each_kind_of_alteration_is_named() {
         let (dir, _s) = chain(10, WriterConfig::default());
         edit_lines(dir.path(), |l| {
