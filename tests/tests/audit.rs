@@ -537,3 +537,36 @@ fn policy_text_for_memory_test() -> String {
         .agent("acme", "researcher", &["search"])
         .build()
 }
+
+/// A damaged `ts` at the end of year 9999 has no local time east of UTC;
+/// replay shows it as recorded instead of panicking.
+#[test]
+fn replay_shows_a_time_without_a_local_form_as_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chain = dir.path().join("acme");
+    std::fs::create_dir_all(&chain).expect("mkdir");
+    let ts = "9999-12-31T23:59:59.000000000Z";
+    std::fs::write(
+        chain.join("audit.jsonl"),
+        format!(
+            r#"{{"seq":0,"ts":"{ts}","kind":"connect","tenant":"acme","subject":"acme/a","pid":1,"dst":"127.0.0.1","port":1,"proto":"tcp","verdict":"deny","prev":"0"}}"#
+        ) + "\n",
+    )
+    .expect("write");
+    for form in [&[][..], &["--tree"][..]] {
+        let out = Command::new(agent_guard_bin())
+            .args(["audit", "replay", "--audit-dir"])
+            .arg(dir.path())
+            .args(form)
+            // A POSIX zone string: no zoneinfo files needed.
+            .env("TZ", "JST-9")
+            .output()
+            .expect("run replay");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(ts),
+            "replay {form:?}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -491,7 +491,12 @@ impl Clock {
         let t = if self.utc {
             t
         } else {
-            t.to_offset(local_offset(t.unix_timestamp()))
+            // A damaged `ts` near year 9999 has no local form (to_offset
+            // would panic): show it as recorded.
+            match t.checked_to_offset(local_offset(t.unix_timestamp())) {
+                Some(t) => t,
+                None => return ts.to_string(),
+            }
         };
         let fmt = time::macros::format_description!(
             "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6][offset_hour sign:mandatory]:[offset_minute]"
