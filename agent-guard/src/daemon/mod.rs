@@ -538,7 +538,10 @@ impl state::State {
     /// Re-reads the policy file (SIGHUP, or a change on disk).
     pub fn reload_file(&self) {
         let Some(path) = self.policy_path.clone() else {
-            tracing::info!("no policy file to reload (running the embedded default policy)");
+            tracing::info!(
+                "no policy file to re-read: the policy is the embedded default, or comes from \
+                 --policy-source kubernetes"
+            );
             return;
         };
         // Remember what was read, so the file watcher does not reload the
