@@ -3,7 +3,8 @@
 //! signs checkpoints.
 //!
 //! Records are serialized into a per-chain buffer first and written by
-//! [`AuditWriter::flush`]. When writing fails (disk full, read-only, ...)
+//! [`AuditWriter::flush`] (or as soon as the buffer holds
+//! [`WRITE_THROUGH_BYTES`], so a burst is not held in memory). When writing fails (disk full, read-only, ...)
 //! the bytes stay in that buffer and are retried on the next flush; the
 //! buffer is bounded by [`WriterConfig::buffer_records`], and records beyond
 //! it are counted and become one `gap` record (`lost.audit = N`) once
@@ -49,6 +50,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
         source,
     }
 }
+
+/// A chain's pending lines are written once they reach this size, even
+/// before the next flush: a burst (the pipeline drains up to 8192 ring
+/// records between flushes) must not leave a buffer of megabytes behind in
+/// the heap.
+const WRITE_THROUGH_BYTES: usize = 256 * 1024;
 
 /// How the writer rotates, syncs, signs and buffers.
 pub struct WriterConfig {
@@ -127,6 +134,9 @@ struct Chain {
     last_checkpoint: Instant,
     next_rotation: u64,
     failing: bool,
+    /// A write-through in `append` failed: wait for the next flush, which
+    /// retries and reports.
+    held: bool,
     /// Written to the file, not yet handed to the tap (only with a tap).
     written: Option<Vec<u8>>,
 }
@@ -215,7 +225,12 @@ impl AuditWriter {
                 Err(e) => tracing::error!("audit rotation of {log}: {e}"),
             }
         }
-        Ok(Appended::Queued(push(chain, record)))
+        let seq = push(chain, record);
+        if chain.pending.len() >= WRITE_THROUGH_BYTES && !chain.failing && !chain.held {
+            // A failure is retried and reported by the next flush.
+            chain.held = write_pending(chain).is_err();
+        }
+        Ok(Appended::Queued(seq))
     }
 
     /// Records waiting in memory, over all chains.
@@ -248,8 +263,15 @@ impl AuditWriter {
                 }
                 Ok(())
             });
+            chain.held = false;
             match result {
                 Ok(()) => {
+                    // What a failure or a burst grew goes back to the heap.
+                    if chain.pending.is_empty()
+                        && chain.pending.capacity() > 2 * WRITE_THROUGH_BYTES
+                    {
+                        chain.pending = Vec::new();
+                    }
                     if chain.failing {
                         tracing::info!(log, "audit writing works again");
                         chain.failing = false;
@@ -363,6 +385,7 @@ impl AuditWriter {
             last_checkpoint: Instant::now(),
             next_rotation,
             failing: false,
+            held: false,
             written: self.tap.is_some().then(Vec::new),
         };
         if resume.torn > 0 {
@@ -604,6 +627,53 @@ fn resume_point(file: &mut File) -> std::io::Result<ResumePoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_between_flushes_is_written_through_not_held_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = AuditWriter::new(dir.path()).expect("writer");
+        for _ in 0..20_000 {
+            let mut r = AuditRecord::new("connect");
+            r.detail = Some("x".repeat(200));
+            w.append("acme", r).expect("append");
+        }
+        let chain = &w.chains["acme"];
+        assert!(
+            chain.pending.capacity() <= 2 * WRITE_THROUGH_BYTES,
+            "{} bytes held for {} records",
+            chain.pending.capacity(),
+            chain.pending_records
+        );
+        assert!(w.buffered_records() < 20_000);
+        assert!(w.flush().is_empty());
+        assert_eq!(read(&dir.path().join("acme").join(LOG_FILE)).len(), 20_000);
+    }
+
+    #[test]
+    fn buffer_grown_while_writing_failed_is_released_once_it_works_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = AuditWriter::new(dir.path()).expect("writer");
+        w.append("acme", AuditRecord::new("connect"))
+            .expect("append");
+        assert!(w.flush().is_empty());
+        let path = dir.path().join("acme").join(LOG_FILE);
+        if let Some(c) = w.chains.get_mut("acme") {
+            c.file = Some(File::open(&path).expect("read-only handle"));
+        }
+        for _ in 0..10_000 {
+            let mut r = AuditRecord::new("connect");
+            r.detail = Some("x".repeat(200));
+            w.append("acme", r).expect("append");
+        }
+        assert_eq!(w.flush().len(), 1);
+        assert_eq!(w.buffered_records(), 10_000, "kept while writing fails");
+        if let Some(c) = w.chains.get_mut("acme") {
+            c.file = None;
+        }
+        assert!(w.flush().is_empty());
+        assert_eq!(read(&path).len(), 10_001);
+        assert!(w.chains["acme"].pending.capacity() <= 2 * WRITE_THROUGH_BYTES);
+    }
 
     fn read(path: &Path) -> Vec<AuditRecord> {
         fs::read_to_string(path)
