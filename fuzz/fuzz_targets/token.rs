@@ -10,9 +10,9 @@
 //! - flags & 4: this node is `node-2` (else `node-1`).
 #![no_main]
 
-use agent_guard::identity::token::{self, Checks, StaticKeyRing};
+use agent_guard::identity::token::{self, Checks, KeyRing as _, StaticKeyRing};
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _};
 use libfuzzer_sys::fuzz_target;
 
 /// The seeds of the ring's keys: `01…01` and `02…02` are acme's,

@@ -28,7 +28,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "token",
 ];
 
-const FUZZ_DIR: &str = "fuzz";
+pub(crate) const FUZZ_DIR: &str = "fuzz";
 const CARGO_FUZZ_CMD: &str = "cargo install cargo-fuzz --locked";
 
 #[derive(clap::Args, Debug, PartialEq, Eq)]

@@ -833,7 +833,18 @@ fn lint(ws: &Workspace) -> Result<()> {
                 "warnings",
             ])
             .env("AGENT_GUARD_EBPF_OBJ", &obj),
-    )
+    )?;
+    // The fuzz targets are their own workspace (nightly): check that they
+    // still compile against the library, warnings denied, so a change to a
+    // public API does not first show up in `cargo xtask fuzz`.
+    let mut fuzz = Command::new(cargo_program());
+    scrub_build_env(&mut fuzz);
+    fuzz.current_dir(ws.root.join(fuzz::FUZZ_DIR))
+        .args(["+nightly", "check", "--bins"])
+        .env("CARGO_TARGET_DIR", ws.target.join("fuzz-check"))
+        .env("RUSTFLAGS", "-D warnings")
+        .env("AGENT_GUARD_EBPF_OBJ", &obj);
+    run_cmd(&mut fuzz)
 }
 
 #[cfg(test)]
