@@ -311,7 +311,7 @@ fn run_child(cmd: &mut Command) -> Result<(i32, String)> {
 }
 
 /// Runs `cmd` and returns its stdout; an error unless it exits 0.
-fn run_output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run_output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

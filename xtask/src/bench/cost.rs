@@ -48,6 +48,7 @@ use super::common::{
     AGENT, Guard, PROBE_EPERM, TENANT, daemon_status, events_lost, median, percentile, tagged_probe,
 };
 use super::{Listener, Pinning, endpoint_tools, pin_command, pin_current_thread};
+use crate::soak::run_output;
 use crate::{Built, describe, find_in_path};
 
 /// Endpoint entries of the tagged agent (and elements of the nft set).
@@ -529,7 +530,7 @@ impl NftTable {
         std::fs::write(&file, s).with_context(|| format!("writing {}", file.display()))?;
         let mut cmd = Command::new("nft");
         cmd.arg("-f").arg(&file);
-        run_quiet(&mut cmd)?;
+        run_output(&mut cmd)?;
         Ok(Self { name })
     }
 
@@ -537,7 +538,7 @@ impl NftTable {
     fn matched(&self) -> Result<u64> {
         let mut cmd = Command::new("nft");
         cmd.args(["list", "chain", "inet", &self.name, "out"]);
-        let out = run_quiet(&mut cmd)?;
+        let out = run_output(&mut cmd)?;
         out.split_whitespace()
             .skip_while(|w| *w != "packets")
             .nth(1)
@@ -555,22 +556,6 @@ impl Drop for NftTable {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn run_quiet(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Whether nft is there (installed from Debian's package when missing).
