@@ -201,3 +201,90 @@ fn retired_task_scopes_do_not_pile_up_in_the_daemon() {
         s["subjects_known"].as_u64() == Some(roots)
     });
 }
+
+/// Unix socket listeners in a private directory, one per name.
+fn unix_sockets(names: &[&str]) -> (tempfile::TempDir, Vec<std::os::unix::net::UnixListener>) {
+    let dir = tempfile::Builder::new()
+        .prefix("agent-guard-capacity-")
+        .tempdir()
+        .expect("tempdir");
+    let held = names
+        .iter()
+        .map(|n| std::os::unix::net::UnixListener::bind(dir.path().join(n)).expect("bind"))
+        .collect();
+    (dir, held)
+}
+
+#[test]
+fn a_policy_with_a_unix_path_that_does_not_fit_is_refused_and_the_old_one_kept() {
+    if !kernel_test("a_policy_with_a_unix_path_that_does_not_fit_is_refused_and_the_old_one_kept") {
+        return;
+    }
+    let (dir, _held) = unix_sockets(&["a.sock", "b.sock"]);
+    let path = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_string();
+    let (a, b) = (path("a.sock"), path("b.sock"));
+    let old = Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("a", [Endpoint::unix(&a)])
+        .agent("acme", "researcher", &["a"])
+        .build();
+    // The daemon's control socket takes one entry, the policy's path the
+    // other.
+    let d = Daemon::start_with(&old, &["--map-capacity", "UNIX_PATHS=2"]);
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"UNIX_PATHS\"} 2"),
+        "full before the reload: {m}"
+    );
+    // Started now, calls after the refused reload.
+    let running = d
+        .launch("acme", "researcher")
+        .spawn_probe(&["after", "2500", "unix", &a]);
+    let new = Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool("a", [Endpoint::unix(&a)])
+        .tool("b", [Endpoint::unix(&b)])
+        .agent("acme", "researcher", &["a", "b"])
+        .build();
+    let file = d.dir.path().join("new.toml");
+    std::fs::write(&file, &new).expect("policy");
+    let out = d.cli(&["policy", "apply", file.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kernel map UNIX_PATHS is full (2 entries)")
+            && err.contains("--map-capacity UNIX_PATHS=N"),
+        "{err}"
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &a]),
+        probe::OK,
+        "the old policy holds"
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &b]),
+        probe::EPERM,
+        "nothing of the refused one"
+    );
+    let mut running = running;
+    assert_eq!(
+        running.wait().expect("wait").code(),
+        Some(probe::OK),
+        "a running agent keeps its socket"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_capacity{map=\"UNIX_PATHS\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"UNIX_PATHS\"} 2"),
+        "no leftovers: {m}"
+    );
+    assert!(
+        m.contains("agent_guard_policy_reloads_total{result=\"error\"} 1"),
+        "{m}"
+    );
+}
