@@ -167,7 +167,7 @@ impl Metrics {
             dns_queries: counter(
                 &r,
                 "agent_guard_dns_queries_total",
-                "Queries to the per-agent DNS proxy, by result: answered (addresses opened to that agent) or refused (a name none of its current tools names). Upstream failures are in `status` (dns_proxy).",
+                "Queries to the per-agent DNS proxy, by result: answered (addresses opened to that agent), refused (a name none of its current tools names) or failed (an allowed answer whose entries did not fit a full map: SERVFAIL, nothing opened). Upstream failures are in `status` (dns_proxy).",
                 &["tenant", "agent", "result"],
             )?,
             dns_cache: counter(

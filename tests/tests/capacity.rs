@@ -288,3 +288,209 @@ fn a_policy_with_a_unix_path_that_does_not_fit_is_refused_and_the_old_one_kept()
         "{m}"
     );
 }
+
+/// A DNS server on loopback answering A queries for fixed names (TTL 300 s,
+/// so nothing expires during a test), NXDOMAIN for the rest.
+struct Names {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Names {
+    fn serve(answers: &[(&str, std::net::Ipv4Addr)]) -> Names {
+        use std::sync::atomic::Ordering;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind dns");
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, answers) = (
+            stop.clone(),
+            answers
+                .iter()
+                .map(|(n, a)| (n.to_string(), *a))
+                .collect::<Vec<_>>(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf)
+                    && let Some(reply) = dns_reply(&buf[..n], &answers)
+                {
+                    let _ = sock.send_to(&reply, from);
+                }
+            }
+        });
+        Names { port, stop }
+    }
+}
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The reply to one query (RFC 1035 wire format).
+fn dns_reply(q: &[u8], answers: &[(String, std::net::Ipv4Addr)]) -> Option<Vec<u8>> {
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*q.get(i)?);
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let name = labels.join(".");
+    let found = answers.iter().find(|(n, _)| *n == name).map(|(_, a)| *a);
+    let mut r = q.get(0..2)?.to_vec();
+    r.extend_from_slice(&[0x84, if found.is_some() { 0x80 } else { 0x83 }]);
+    r.extend_from_slice(&[0, 1, 0, u8::from(found.is_some() && qtype == 1), 0, 0, 0, 0]);
+    r.extend_from_slice(q.get(12..i + 4)?);
+    if let Some(ip) = found.filter(|_| qtype == 1) {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4]);
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}
+
+#[test]
+fn a_dns_answer_that_does_not_fit_caps_stays_closed_and_gets_servfail() {
+    if !kernel_test("a_dns_answer_that_does_not_fit_caps_stays_closed_and_gets_servfail") {
+        return;
+    }
+    let tool = Listener::tcp_dual();
+    let port = tool.port.to_string();
+    let (first, second) = ("first.agent-guard.test", "second.agent-guard.test");
+    let dns = Names::serve(&[
+        (first, std::net::Ipv4Addr::new(127, 0, 0, 2)),
+        (second, std::net::Ipv4Addr::new(127, 0, 0, 3)),
+    ]);
+    let policy = Policy::new()
+        .mode("enforce")
+        .tenant("acme")
+        .tool(
+            "search",
+            [
+                Endpoint::host(first, tool.port),
+                Endpoint::host(second, tool.port),
+            ],
+        )
+        .agent("acme", "researcher", &["search"])
+        .build();
+    let proxy_port = agent_guard_tests::free_port().to_string();
+    // Per-agent DNS opens each answer with one CAPS entry for the agent
+    // that asked; the first answer fills the map.
+    let d = Daemon::start_with(
+        &policy,
+        &[
+            "--dns-mode",
+            "per-agent",
+            "--dns-proxy-port",
+            &proxy_port,
+            "--dns-server",
+            &format!("127.0.0.1:{}", dns.port),
+            "--map-capacity",
+            "CAPS=1",
+        ],
+    );
+    let resolve = |name: &str| {
+        d.launch("acme", "researcher")
+            .probe(&["resolve", "udp", name, "127.0.0.1"])
+    };
+    let out = resolve(first);
+    assert_eq!(out.status.code(), Some(probe::OK), "{out:?}");
+    assert_eq!(
+        call_host(&d, 2, &port),
+        probe::OK,
+        "the first answer is open"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"CAPS\"} 1"),
+        "full: {m}"
+    );
+    // Started now, calls the first address after the refused answer.
+    let running =
+        d.launch("acme", "researcher")
+            .spawn_probe(&["after", "2500", "tcp", "127.0.0.2", &port]);
+
+    // Twice: the second time the answer comes from the proxy's cache and
+    // must be refused all the same.
+    for attempt in ["upstream", "cached"] {
+        let out = resolve(second);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(probe::OTHER), "{attempt}: {said}");
+        assert!(said.contains("rcode 2"), "{attempt}: SERVFAIL, not {said}");
+        assert_eq!(
+            call_host(&d, 3, &port),
+            probe::EPERM,
+            "{attempt}: the answer that did not fit opened nothing"
+        );
+    }
+    assert_eq!(
+        call_host(&d, 2, &port),
+        probe::OK,
+        "the first answer stays open"
+    );
+    let mut running = running;
+    assert_eq!(
+        running.wait().expect("wait").code(),
+        Some(probe::OK),
+        "a running agent keeps what it had"
+    );
+    let st = d.status();
+    assert_eq!(
+        st["dns"][second]["addresses"],
+        serde_json::json!([]),
+        "not counted as learned: {st:#}"
+    );
+    let m = d.metrics();
+    assert!(
+        m.contains("agent_guard_map_capacity{map=\"CAPS\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("agent_guard_map_entries{map=\"CAPS\"} 1"),
+        "no leftovers: {m}"
+    );
+    assert!(
+        m.contains(
+            "agent_guard_dns_queries_total{agent=\"researcher\",result=\"failed\",tenant=\"acme\"} 2"
+        ),
+        "{m}"
+    );
+    let recs = d.wait_audit("acme", "the failed answer's records", |r| {
+        r.iter()
+            .filter(|x| x["kind"] == "dns" && x["reason"] == "map_full")
+            .count()
+            == 2
+    });
+    let failed = recs
+        .iter()
+        .find(|x| x["kind"] == "dns" && x["reason"] == "map_full")
+        .expect("dns record");
+    assert_eq!(failed["verdict"], "deny", "{failed}");
+    assert_eq!(failed["dst"], second, "{failed}");
+    assert!(
+        failed["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains("SERVFAIL")
+                && t.contains("kernel map CAPS is full (1 entries)")
+                && t.contains("--map-capacity CAPS=N")),
+        "{failed}"
+    );
+}
+
+/// A tagged connect to 127.0.0.`host`:`port`.
+fn call_host(d: &Daemon, host: u8, port: &str) -> i32 {
+    d.probe(
+        "acme",
+        "researcher",
+        &["tcp", &format!("127.0.0.{host}"), port],
+    )
+}

@@ -18,6 +18,14 @@
 //! like a fresh one: the cache saves the upstream round trip, never the
 //! decision or this subject's kernel entries.
 //!
+//! When an answer needs a capability entry that does not fit (`CAPS` is
+//! full, or a grant's entries in `GRANTS`), nothing of it is opened: the
+//! entries written for it are taken out again, the agent gets SERVFAIL (the
+//! server could not serve this answer; REFUSED would say the name is not
+//! the agent's, which is not true), the audit record (`kind` `dns`, reason
+//! `map_full`) names the map and `--map-capacity`, and what earlier answers
+//! opened stays open.
+//!
 //! Left as it is: an address shared by many names (CDN, load balancer) is
 //! reachable for all of them once one allowed name resolved to it.
 
@@ -33,6 +41,20 @@ use tokio::sync::watch;
 use super::proxy::{DnsGate, DnsProxy, ProxyConfig};
 use crate::audit::AuditRecord;
 use crate::daemon::state::{Registry, State};
+
+/// Why an answer could not be opened to the subject that asked (the proxy
+/// then replies SERVFAIL).
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("{name} is no longer a tool of subject {subject}")]
+    NotItsTool { name: String, subject: u32 },
+    /// A capability entry did not fit; nothing of the answer was opened.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    /// A grant reaching the subject could not take the new addresses.
+    #[error("{0}")]
+    Grant(String),
+}
 
 /// Bounds on how long one answer keeps an address open.
 const MIN_TTL: Duration = Duration::from_secs(1);
@@ -56,7 +78,9 @@ impl DnsGate for Gate {
 
     fn learned(&self, subject: u32, name: &str, answers: &[(IpAddr, u32)]) -> Result<(), String> {
         let state = self.state.upgrade().ok_or("daemon is shutting down")?;
-        state.dns_learned(subject, name, answers)
+        state
+            .dns_learned(subject, name, answers)
+            .map_err(|e| e.to_string())
     }
 
     fn refused(&self, subject: u32, name: &str, qtype: &str) {
@@ -187,7 +211,7 @@ impl State {
         subject: u32,
         name: &str,
         answers: &[(IpAddr, u32)],
-    ) -> Result<(), String> {
+    ) -> Result<(), LearnError> {
         let now = Instant::now();
         let tools = {
             let mut reg = self.registry();
@@ -199,7 +223,10 @@ impl State {
                     return Ok(());
                 }
                 // The policy changed between the question and the answer.
-                return Err(format!("{name} is no longer a tool of subject {subject}"));
+                return Err(LearnError::NotItsTool {
+                    name: name.to_string(),
+                    subject,
+                });
             }
             let entry = reg
                 .learned
@@ -207,7 +234,7 @@ impl State {
                 .or_default()
                 .entry(normalise(name))
                 .or_default();
-            let mut opened = false;
+            let mut opened = Vec::new();
             for (addr, ttl) in answers {
                 let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_TTL, MAX_TTL);
                 let until = now + ttl + self.dns_grace;
@@ -215,7 +242,7 @@ impl State {
                     Some(e) => *e = (*e).max(until),
                     None => {
                         entry.insert(*addr, until);
-                        opened = true;
+                        opened.push(*addr);
                     }
                 }
             }
@@ -224,8 +251,12 @@ impl State {
         let (tools, opened) = tools;
         // A repeated answer only moves the deadline (kept here, swept by
         // the daemon); the kernel entries change only for new addresses.
-        if opened {
-            self.refresh_subject_dns(subject)?;
+        if !opened.is_empty()
+            && let Err(e) = self.refresh_subject_dns(subject)
+        {
+            self.forget_learned(subject, name, &opened);
+            self.dns_failed_record(subject, name, &e);
+            return Err(e);
         }
         let addrs = answers.iter().map(|(a, _)| a.to_string()).collect();
         self.dns_query_record(subject, name, addrs, None, &tools.join(","));
@@ -291,10 +322,65 @@ impl State {
         self.audit(&ident.tenant, rec);
     }
 
+    /// Takes back the addresses an answer added to `learned` whose
+    /// entries could not be written, and puts the subject's entries back
+    /// to what they were (grants included).
+    fn forget_learned(&self, subject: u32, name: &str, addrs: &[IpAddr]) {
+        {
+            let mut reg = self.registry();
+            if let Some(names) = reg.learned.get_mut(&subject) {
+                if let Some(known) = names.get_mut(&normalise(name)) {
+                    for a in addrs {
+                        known.remove(a);
+                    }
+                }
+                names.retain(|_, a| !a.is_empty());
+            }
+            reg.learned.retain(|_, names| !names.is_empty());
+        }
+        if let Err(e) = self.refresh_subject_dns(subject) {
+            tracing::warn!(subject, "restoring DNS entries after a failed answer: {e}");
+        }
+    }
+
+    /// The audit record of an allowed name whose answer could not be
+    /// opened (the agent got SERVFAIL).
+    fn dns_failed_record(&self, subject: u32, name: &str, error: &LearnError) {
+        let Some(ident) = self.identity(subject) else {
+            return;
+        };
+        let mut rec = AuditRecord::new("dns");
+        rec.tenant = Some(ident.tenant.clone());
+        rec.agent = Some(ident.agent.clone());
+        rec.subject = Some(ident.chain.clone());
+        rec.task = ident.task.as_ref().map(|t| t.text.clone());
+        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+        rec.dst = Some(normalise(name));
+        rec.proto = Some("dns".into());
+        rec.verdict = Some("deny".into());
+        rec.reason = Some(
+            match error {
+                LearnError::Kernel(crate::kernel::KernelError::MapFull { .. }) => "map_full",
+                _ => "dns_not_opened",
+            }
+            .into(),
+        );
+        rec.detail = Some(format!(
+            "answer not opened, the agent got SERVFAIL: {error}"
+        ));
+        self.metrics
+            .dns_queries
+            .with_label_values(&[ident.tenant.as_str(), ident.agent.as_str(), "failed"])
+            .inc();
+        self.audit(&ident.tenant, rec);
+    }
+
     /// Rewrites `subject`'s base entries (current generation) and the
     /// entries of grants reaching it from the current learned addresses:
-    /// new keys first, then stale ones removed.
-    pub fn refresh_subject_dns(&self, subject: u32) -> Result<(), String> {
+    /// new keys first, then stale ones removed. When a new key does not
+    /// fit, the ones written before it are removed again: the subject
+    /// keeps exactly its old entries.
+    pub fn refresh_subject_dns(&self, subject: u32) -> Result<(), LearnError> {
         let grants: Vec<u32> = {
             let mut reg = self.registry();
             let Some(generation) = reg.loaded.as_ref().map(|l| l.generation) else {
@@ -307,9 +393,16 @@ impl State {
             let old = reg.caps.get(&subject).cloned().unwrap_or_default();
             {
                 let mut kernel = self.kernel();
+                let mut written = Vec::new();
                 for (rule, value) in &caps {
                     if !old.contains(rule) {
-                        kernel.insert_cap(rule, *value).map_err(|e| e.to_string())?;
+                        if let Err(e) = kernel.insert_cap(rule, *value) {
+                            for r in &written {
+                                kernel.remove_cap(r);
+                            }
+                            return Err(e.into());
+                        }
+                        written.push(*rule);
                     }
                 }
                 for rule in &old {
@@ -327,7 +420,7 @@ impl State {
                 .collect()
         };
         for g in grants {
-            self.reinstall_grant(g)?;
+            self.reinstall_grant(g).map_err(LearnError::Grant)?;
         }
         Ok(())
     }
