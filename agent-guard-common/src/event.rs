@@ -160,10 +160,56 @@ impl Event {
     }
 }
 
-/// A decision on a Unix socket call (`family` = `AF_UNIX`): the common
-/// [`Event`] (`tool_id`, `grant_id` as usual; `addr` holds the path id, 0
-/// when the path is not in `UNIX_PATHS`; `aux` the path length) followed by
-/// the path the caller named, as the kernel compared it.
+/// Bytes of a decision record (connect, sendmsg): an [`Event`] up to,
+/// not including, `comm`. A decision never carries a comm (the daemon has
+/// it from the exec and fork records), and every byte less is less the
+/// per-call path writes into the ring. Read back with
+/// [`Event::from_record`], which takes the missing tail as zeros.
+pub const DECISION_LEN: usize = core::mem::offset_of!(Event, comm);
+
+/// The ring reservation of a decision record: [`DECISION_LEN`] bytes laid
+/// out as the start of an [`Event`].
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct DecisionRecord {
+    pub bytes: [u8; DECISION_LEN],
+}
+
+impl DecisionRecord {
+    pub const fn zeroed() -> Self {
+        Self {
+            bytes: [0; DECISION_LEN],
+        }
+    }
+}
+
+impl Event {
+    /// The event at the start of a ring record: a full [`Event`], or a
+    /// [`DecisionRecord`] whose missing `comm` reads as zeros. `None` when
+    /// the record is shorter than either.
+    pub fn from_record(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < DECISION_LEN {
+            return None;
+        }
+        let mut ev = Self::zeroed();
+        let n = bytes.len().min(core::mem::size_of::<Self>());
+        // SAFETY: Event is #[repr(C)] plain data without implicit padding;
+        // `n` bytes fit both the record and the event.
+        unsafe {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut ev).cast::<u8>(), n);
+        }
+        Some(ev)
+    }
+}
+
+/// A decision on a Unix socket call (`family` = `AF_UNIX`) whose path has
+/// no id the daemon knows (not in `UNIX_PATHS`, or the control socket):
+/// the common [`Event`] (`tool_id`, `grant_id` as usual; `addr` holds the
+/// path id, 0 when the path is not in `UNIX_PATHS`; `aux` the path length)
+/// followed by the path the caller named, as the kernel compared it. A
+/// call to a path of the policy is a plain [`DecisionRecord`] with the
+/// path id: the daemon knows the path of every id it gave out (ids are
+/// never reused).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UnixEvent {

@@ -7,8 +7,7 @@ use core::ffi::c_void;
 
 use agent_guard_common::{
     dns::{self, DnsOrig},
-    event::{AF_INET, AF_INET6, Event, kind, reason, verdict},
-    flow::FlowKey,
+    event::{AF_INET, AF_INET6, kind, reason, verdict},
     grant::{
         APPROVAL_REQUIRED, FIXED_PREFIX_BITS, GRANT_LIMITED_USES, GRANT_REVOKED, GRANT_SLOTS,
         GrantKey, PROTO_TCP, PROTO_UDP, RateWindow, rate_key,
@@ -381,46 +380,23 @@ pub fn decide(ctx: &SockAddrContext, kind: u8, v6: bool) -> i32 {
         judge(subject_id, cfg.generation as u8, proto, port, addr, now)
     };
 
-    // Flow mode: an allowed call is counted, not recorded one by one
-    // (denied and would-deny calls always are).
-    if j.verdict == verdict::ALLOW
-        && let Some(epoch) = flows::epoch()
-    {
-        let key = FlowKey {
-            subject: subject_id,
-            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            tool_id: j.tool_id,
-            grant_id: j.grant_id,
-            addr,
-            port,
-            family,
-            kind,
-            proto,
-            reason: j.reason,
-            epoch,
-        };
-        if flows::count(&key, now) {
-            return j.ret;
-        }
+    if flows::counted(subject_id, &j, addr, port, family, kind, proto, now) {
+        return j.ret;
     }
 
-    if let Some(mut entry) = emit::reserve::<Event>(kind) {
-        let ev = entry.as_mut_ptr();
-        // SAFETY: the reservation is sizeof(Event) bytes; fully written below.
+    let sa = ctx.sock_addr;
+    emit::decision(kind, subject_id, now, &j, cfg.wakeup_bytes, |ev| {
+        // SAFETY: a zeroed decision record; fields before `comm` only.
         unsafe {
-            ev.write(Event::zeroed());
-            emit::fill_decision(&mut *ev, kind, subject_id, now, &j);
-            let ev = &mut *ev;
-            ev.proto = proto;
-            ev.family = family;
-            ev.port = port;
-            ev.addr = addr;
+            (*ev).proto = proto;
+            (*ev).family = family;
+            (*ev).port = port;
+            (*ev).addr = addr;
             if kind == kind::CONNECT {
                 // SAFETY: the context pointer is valid for this call.
-                ev.cookie = bpf_get_socket_cookie(ctx.sock_addr as *mut c_void);
+                (*ev).cookie = bpf_get_socket_cookie(sa as *mut c_void);
             }
         }
-        entry.submit(emit::wake_flags(cfg.wakeup_bytes));
-    }
+    });
     j.ret
 }

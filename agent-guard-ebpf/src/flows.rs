@@ -4,13 +4,19 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use agent_guard_common::flow::{FlowKey, FlowStats, fallback};
+use agent_guard_common::{
+    event::verdict,
+    flow::{FlowKey, FlowStats, fallback},
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
 };
 
-use crate::maps::{FLOW_CONFIG, FLOW_FALLBACKS, FLOWS, bump};
+use crate::{
+    judgement::Judgement,
+    maps::{FLOW_CONFIG, FLOW_FALLBACKS, FLOWS, bump},
+};
 
 /// `-EEXIST` from a map update with `BPF_NOEXIST`.
 const EEXIST: i32 = -17;
@@ -22,11 +28,48 @@ pub fn epoch() -> Option<u8> {
     (cfg.enabled != 0).then_some((cfg.epoch & 1) as u8)
 }
 
+/// Flow mode: an allowed call is counted, not recorded one by one (denied
+/// and would-deny calls always are). True when the call was counted, so
+/// the caller writes no per-call record.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn counted(
+    subject: u32,
+    j: &Judgement,
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+    kind: u8,
+    proto: u8,
+    now: u64,
+) -> bool {
+    if j.verdict != verdict::ALLOW {
+        return false;
+    }
+    let Some(epoch) = epoch() else {
+        return false;
+    };
+    let key = FlowKey {
+        subject,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        tool_id: j.tool_id,
+        grant_id: j.grant_id,
+        addr,
+        port,
+        family,
+        kind,
+        proto,
+        reason: j.reason,
+        epoch,
+    };
+    count(&key, now)
+}
+
 /// Counts one call of `key` at `now`. False when it could not be counted
 /// (table full): the caller then emits the per-call record, so a full table
 /// costs speed, never accounting.
 #[inline(always)]
-pub fn count(key: &FlowKey, now: u64) -> bool {
+fn count(key: &FlowKey, now: u64) -> bool {
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         add(v, now);
         return true;

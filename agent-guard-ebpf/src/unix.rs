@@ -13,6 +13,8 @@
 //! offsets from the kernel's BTF into `CONFIG`, and the program copies the
 //! fields with `bpf_probe_read_kernel` (allowed for privileged loaders).
 
+use core::ffi::c_void;
+
 use agent_guard_common::{
     Config, UNIX_OFFSETS_UNKNOWN,
     event::{Event, UnixEvent, kind, reason},
@@ -20,14 +22,14 @@ use agent_guard_common::{
     unix::{AF_UNIX, CONTROL_PATH_ID, PROTO_UNIX, SUN_PATH_LEN, UnixPath, path_addr},
 };
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, generated::bpf_probe_read_kernel},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 
 use crate::{
     decide::{current_subject, judge, settle},
-    emit,
+    emit, flows,
     judgement::{ALLOW, Judgement},
     maps::{CONFIG, UNIX_PATHS},
 };
@@ -77,36 +79,78 @@ fn read_path(ctx: &SockAddrContext, cfg: &Config, key: &mut UnixPath) -> bool {
         i += 1;
     }
     let uaddr = u64::from_ne_bytes(p);
-    let addr_len = u32::from_ne_bytes(l) as usize;
+    let addr_len = u32::from_ne_bytes(l);
     if uaddr == 0 {
         return false;
     }
+    // Only the bytes the caller passed: `key` is zeroed, so everything past
+    // them stays zero, as the key the daemon wrote has it.
+    let mut n = addr_len.saturating_sub(2);
+    if n > SUN_PATH_LEN as u32 {
+        n = SUN_PATH_LEN as u32;
+    }
+    // n <= 108 already; the mask tells the verifier so.
+    let n = n & 0x7f;
     // sun_family is 2 bytes; sun_path follows.
-    let src = (uaddr + 2) as *const u8;
-    // SAFETY: as above; `uaddr` is the kernel's sockaddr_storage copy.
-    if unsafe { bpf_probe_read_kernel_buf(src, &mut key.path) }.is_err() {
+    let src = (uaddr + 2) as *const c_void;
+    // SAFETY: copies at most SUN_PATH_LEN bytes into `key.path` from the
+    // kernel's sockaddr_storage copy; the helper fails cleanly.
+    if unsafe { bpf_probe_read_kernel(key.path.as_mut_ptr().cast(), n, src) } < 0 {
         return false;
     }
-    let mut n = addr_len.saturating_sub(2);
-    if n > SUN_PATH_LEN {
-        n = SUN_PATH_LEN;
+    // An abstract name (leading NUL) is all of its bytes.
+    if key.path[0] == 0 {
+        key.len = n;
+        return true;
     }
-    // A pathname ends at its first NUL; an abstract name (leading NUL) is
-    // all of its bytes.
-    let abstract_name = key.path[0] == 0;
-    let mut end = n;
-    let mut j = 0;
-    while j < SUN_PATH_LEN {
-        if j >= end || (!abstract_name && key.path[j] == 0) {
-            if j < end {
-                end = j;
-            }
-            key.path[j] = 0;
-        }
-        j += 1;
-    }
-    key.len = end as u32;
+    key.len = pathname_end(&mut key.path, n);
     true
+}
+
+/// A pathname ends at its first NUL (the kernel compares no further):
+/// zeroes everything after it within the first `n` bytes and returns its
+/// length. Four bytes at a time, and only as far as the caller's bytes.
+#[inline(always)]
+fn pathname_end(path: &mut [u8; SUN_PATH_LEN], n: u32) -> u32 {
+    let words = path.as_mut_ptr().cast::<u32>();
+    let mut len = n;
+    let mut ended = false;
+    let mut k: u32 = 0;
+    while k < (SUN_PATH_LEN / 4) as u32 {
+        if k * 4 >= n {
+            break;
+        }
+        // SAFETY: k < 27 words of the 108-byte path, which sits 4-aligned
+        // in `UnixPath`.
+        unsafe {
+            let at = words.add(k as usize);
+            let w = at.read();
+            if ended {
+                at.write(0);
+            } else {
+                // The lowest 0x80 bit marks the first zero byte exactly.
+                let z = w.wrapping_sub(0x0101_0101) & !w & 0x8080_8080;
+                if z != 0 {
+                    let (i, keep) = if z & 0x80 != 0 {
+                        (0, 0)
+                    } else if z & 0x8000 != 0 {
+                        (1, 0xff)
+                    } else if z & 0x80_0000 != 0 {
+                        (2, 0xffff)
+                    } else {
+                        (3, 0xff_ffff)
+                    };
+                    at.write(w & keep);
+                    ended = true;
+                    if k * 4 + i < len {
+                        len = k * 4 + i;
+                    }
+                }
+            }
+        }
+        k += 1;
+    }
+    len
 }
 
 #[inline(always)]
@@ -139,6 +183,27 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
         }
     };
 
+    // A path of the policy: the daemon knows it by its id (ids are never
+    // reused), so the record is a plain decision, or no record at all when
+    // flow mode counts the allowed call.
+    if id != 0 && id != CONTROL_PATH_ID {
+        let addr = path_addr(id);
+        if flows::counted(subject_id, &j, addr, 0, AF_UNIX, kind, PROTO_UNIX, now) {
+            return j.ret;
+        }
+        let len = key.len;
+        emit::decision(kind, subject_id, now, &j, cfg.wakeup_bytes, |ev| {
+            // SAFETY: a zeroed decision record; fields before `comm` only.
+            unsafe {
+                (*ev).proto = PROTO_UNIX;
+                (*ev).family = AF_UNIX;
+                (*ev).aux = len;
+                (*ev).addr = addr;
+            }
+        });
+        return j.ret;
+    }
+    // Any other address: the record carries the bytes the caller named.
     if let Some(mut entry) = emit::reserve::<UnixEvent>(kind) {
         let rec = entry.as_mut_ptr();
         // SAFETY: the reservation is sizeof(UnixEvent) bytes; the event is
@@ -146,12 +211,11 @@ fn decide_unix(ctx: &SockAddrContext, kind: u8) -> i32 {
         unsafe {
             let ev = core::ptr::addr_of_mut!((*rec).event);
             ev.write(Event::zeroed());
-            emit::fill_decision(&mut *ev, kind, subject_id, now, &j);
-            let ev = &mut *ev;
-            ev.proto = PROTO_UNIX;
-            ev.family = AF_UNIX;
-            ev.aux = key.len;
-            ev.addr = path_addr(id);
+            emit::fill_decision(ev, kind, subject_id, now, &j);
+            (*ev).proto = PROTO_UNIX;
+            (*ev).family = AF_UNIX;
+            (*ev).aux = key.len;
+            (*ev).addr = path_addr(id);
             (*rec).path = key.path;
             (*rec)._pad = 0;
         }

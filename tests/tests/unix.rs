@@ -396,3 +396,52 @@ fn status_and_doctor_say_when_unix_sockets_are_not_fenced() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// With `--flow-records`, allowed calls to a listed socket are counted in
+/// the kernel under the path's id: the audit trail names the path and the
+/// call count; a refused call still gets its own record with its path.
+#[test]
+fn flow_records_count_unix_calls_under_their_path() {
+    if !kernel_test("flow_records_count_unix_calls_under_their_path") {
+        return;
+    }
+    let s = Servers::new();
+    let d = Daemon::start_with(
+        &s.policy(&["local-proxy"]).build(),
+        &["--flow-records", "--flow-interval", "1s"],
+    );
+    let allowed = s.path("allowed.sock");
+    let other = s.path("other.sock");
+    assert_eq!(
+        d.probe("acme", "researcher", &["bench-unix", &allowed, "40"]),
+        probe::OK
+    );
+    assert_eq!(
+        d.probe("acme", "researcher", &["unix", &other]),
+        probe::EPERM
+    );
+    let counted = |recs: &[Value]| -> u64 {
+        unix_records(recs)
+            .iter()
+            .filter(|r| r["dst"] == allowed.as_str() && r["verdict"] == "allow")
+            .map(|r| r["calls"].as_u64().unwrap_or(1))
+            .sum()
+    };
+    let recs = d.wait_audit("acme", "40 counted calls and the refused one", |r| {
+        counted(r) >= 40 && record_for(&unix_records(r), &other, "deny").is_some()
+    });
+    assert_eq!(counted(&recs), 40, "each call counted once");
+    let u = unix_records(&recs);
+    let flows: Vec<&Value> = u
+        .iter()
+        .filter(|r| r["dst"] == allowed.as_str() && r["verdict"] == "allow")
+        .collect();
+    assert!(
+        flows.iter().all(|r| r["calls"].as_u64().is_some()),
+        "allowed calls come as flow records: {flows:#?}"
+    );
+    assert!(flows.len() < 40, "counted, not one record each: {flows:#?}");
+    assert_eq!(flows[0]["tool"], "local-proxy", "{:#}", flows[0]);
+    let no = record_for(&u, &other, "deny").expect("deny record");
+    assert!(no["calls"].is_null(), "refused calls stay per call: {no}");
+}

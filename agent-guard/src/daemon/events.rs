@@ -211,6 +211,8 @@ struct Cache {
     tools: HashMap<u32, Option<String>>,
     decisions: HashMap<(u32, u32, u8, u8), prometheus::IntCounter>,
     events: HashMap<u8, prometheus::IntCounter>,
+    /// Unix path id -> path as audit records show it (ids are never reused).
+    unix_paths: HashMap<u32, String>,
 }
 
 impl Pipeline {
@@ -427,12 +429,11 @@ impl Pipeline {
 
     /// One ring record, or (`flow`) the record of a flow of allowed calls.
     fn handle_calls(&mut self, bytes: &[u8], flow: Option<&crate::kernel::flows::Flow>) {
-        if bytes.len() < size_of::<Event>() {
+        // A full event, or a decision record without the comm.
+        let Some(ev) = Event::from_record(bytes) else {
             tracing::warn!(len = bytes.len(), "short record from the kernel");
             return;
-        }
-        // SAFETY: length checked; Event is plain data, read unaligned.
-        let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        };
         let kind_name = kind::name(ev.kind);
         let metrics = &self.state.metrics;
         self.cache
@@ -527,14 +528,28 @@ impl Pipeline {
         rec.cgroup = Some(ev.cgroup_id);
         match ev.kind {
             kind::CONNECT | kind::SENDMSG if ev.family == AF_UNIX => {
-                // The path the caller named, as the kernel compared it.
-                let path = (bytes.len() >= size_of::<UnixEvent>()).then(|| {
+                // The path the caller named, as the kernel compared it: in
+                // the record, or (a path of the policy) known by its id.
+                let path = if bytes.len() >= size_of::<UnixEvent>() {
                     // SAFETY: length checked; UnixEvent is plain data.
                     let u: UnixEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
                     let n = (ev.aux as usize).min(u.path.len());
                     crate::policy::unix_display(&u.path[..n])
-                });
-                rec.dst = Some(path.unwrap_or_else(|| "?".to_string()));
+                } else {
+                    let id = agent_guard_common::unix::path_id(&ev.addr);
+                    let state = &self.state;
+                    self.cache
+                        .unix_paths
+                        .entry(id)
+                        .or_insert_with(|| {
+                            state.unix_path(id).map_or_else(
+                                || format!("unix path #{id} (unknown to this daemon)"),
+                                |p| crate::policy::unix_display(&p),
+                            )
+                        })
+                        .clone()
+                };
+                rec.dst = Some(path);
                 rec.proto = Some("unix".to_string());
                 self.decision(&mut rec, &ev, &ident);
             }
@@ -733,6 +748,26 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::ProcCache;
+    use agent_guard_common::event::{DECISION_LEN, Event};
+
+    #[test]
+    fn decision_records_read_as_events_without_a_comm() {
+        let mut full = Event::zeroed();
+        full.pid = 42;
+        full.port = 443;
+        full.addr[15] = 7;
+        full.comm = *b"agent\0\0\0\0\0\0\0\0\0\0\0";
+        // SAFETY: Event is #[repr(C)] plain data without implicit padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const full).cast::<u8>(), size_of::<Event>())
+        };
+        let whole = Event::from_record(bytes).expect("a full event");
+        assert_eq!((whole.pid, whole.port, whole.comm), (42, 443, full.comm));
+        let slim = Event::from_record(&bytes[..DECISION_LEN]).expect("a decision record");
+        assert_eq!((slim.pid, slim.port, slim.addr), (42, 443, full.addr));
+        assert_eq!(slim.comm, [0; 16], "the missing comm reads as zeros");
+        assert!(Event::from_record(&bytes[..DECISION_LEN - 1]).is_none());
+    }
 
     #[test]
     fn exited_process_is_forgotten_with_its_dead_threads() {

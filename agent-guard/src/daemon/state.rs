@@ -26,6 +26,9 @@ use crate::{
 /// it the daemon drains on its timer.
 pub const WAKEUP_DIVISOR: u32 = 16;
 
+/// Paths of Unix path ids no longer in the policy kept for late records.
+pub const RETIRED_UNIX_PATHS: usize = 4096;
+
 /// The policy in force.
 pub struct Loaded {
     pub policy: Policy,
@@ -62,6 +65,11 @@ pub struct Registry {
     /// Ids are never reused, so a stale key can never name another path.
     pub unix_ids: BTreeMap<Vec<u8>, u32>,
     pub next_unix_id: u32,
+    /// Path of every id given out, also after its path left the policy
+    /// (records of calls made before a reload arrive after it); the oldest
+    /// retired ones are forgotten past [`RETIRED_UNIX_PATHS`].
+    pub unix_names: HashMap<u32, Vec<u8>>,
+    pub retired_unix_ids: std::collections::VecDeque<u32>,
     /// Per-agent DNS (`--dns-mode per-agent`): `host` endpoints open only
     /// the addresses in `learned` of the subject.
     pub dns_per_agent: bool,
@@ -92,6 +100,19 @@ pub enum PipelineMsg {
     /// Drain the ring buffer now, then answer (whois needs the records of
     /// connects that already happened).
     Sync(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Registry {
+    /// Path id `id` left the policy: its path is kept for records still on
+    /// their way, until [`RETIRED_UNIX_PATHS`] newer ids have retired.
+    pub fn retire_unix_id(&mut self, id: u32) {
+        self.retired_unix_ids.push_back(id);
+        while self.retired_unix_ids.len() > RETIRED_UNIX_PATHS {
+            if let Some(old) = self.retired_unix_ids.pop_front() {
+                self.unix_names.remove(&old);
+            }
+        }
+    }
 }
 
 pub struct State {
@@ -287,6 +308,11 @@ impl State {
 
     pub fn identity(&self, subject_id: u32) -> Option<Arc<Identity>> {
         self.registry().identities.get(&subject_id).cloned()
+    }
+
+    /// The Unix socket path of path id `id`.
+    pub fn unix_path(&self, id: u32) -> Option<Vec<u8>> {
+        self.registry().unix_names.get(&id).cloned()
     }
 
     pub fn tool_name(&self, tool_id: u32) -> Option<String> {

@@ -572,12 +572,13 @@ impl State {
         // Unix socket addresses get path ids before the flip; ids of paths
         // the new policy drops are removed after it.
         let unix_paths: BTreeSet<Vec<u8>> = compiled.tool_unix.iter().flatten().cloned().collect();
-        // What a failure before the flip must put back.
+        // What a failure before the flip must put back. Not `next_unix_id`:
+        // an id is never given out twice, also after a failed apply (a call
+        // may have been recorded under it meanwhile).
         let undo = (
             reg.identities.clone(),
             reg.dns.clone(),
             reg.unix_ids.clone(),
-            reg.next_unix_id,
         );
         reg.dns.set_names(names, std::time::Instant::now());
         let mut new_unix = Vec::new();
@@ -586,6 +587,7 @@ impl State {
                 reg.next_unix_id += 1;
                 let id = reg.next_unix_id;
                 reg.unix_ids.insert(p.clone(), id);
+                reg.unix_names.insert(id, p.clone());
                 new_unix.push((p.clone(), id));
             }
         }
@@ -766,7 +768,10 @@ impl State {
                 }
                 drop(kernel);
                 reg.loaded = old;
-                (reg.identities, reg.dns, reg.unix_ids, reg.next_unix_id) = undo;
+                for (_, id) in &new_unix {
+                    reg.retire_unix_id(*id);
+                }
+                (reg.identities, reg.dns, reg.unix_ids) = undo;
                 return Err(e);
             }
         };
@@ -794,7 +799,9 @@ impl State {
             if let Some(k) = UnixPath::new(&p) {
                 kernel.remove_unix_path(&k);
             }
-            reg.unix_ids.remove(&p);
+            if let Some(id) = reg.unix_ids.remove(&p) {
+                reg.retire_unix_id(id);
+            }
         }
         drop(kernel);
         reg.caps = new_caps;

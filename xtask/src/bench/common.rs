@@ -130,8 +130,9 @@ pub struct BenchArgs {
     /// Skip part 7, the side-by-side cost per call.
     #[arg(long)]
     pub(crate) skip_cost: bool,
-    /// Part 7: rounds [default: 12, or 3 with --quick].
-    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Part 7: rounds [default: 12, or 3 with --quick]; 0 runs only the
+    /// pass with the kernel's per-program statistics (no timed rounds).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub(crate) cost_rounds: Option<u32>,
     /// Run only these parts (comma-separated); the --skip-* flags still
     /// apply. results.json then holds only them.
