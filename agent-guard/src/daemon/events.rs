@@ -303,6 +303,9 @@ impl Pipeline {
         while let Ok(msg) = self.rx.try_recv() {
             self.message(msg);
         }
+        for (log, rec) in self.state.take_batched() {
+            self.write(&log, rec);
+        }
         let failures = self.writer.close();
         for f in &failures {
             tracing::error!(
@@ -393,6 +396,15 @@ impl Pipeline {
             }
             if !full {
                 break;
+            }
+            self.flush();
+        }
+        // The proxy's records after the kernel's: a query's redirected
+        // send is in the ring before the proxy answered it.
+        let batched = self.state.take_batched();
+        if !batched.is_empty() {
+            for (log, rec) in batched {
+                self.write(&log, rec);
             }
             self.flush();
         }

@@ -121,6 +121,10 @@ pub struct State {
     pub cgroup_mount: PathBuf,
     pub cgroup_root: PathBuf,
     pub audit_tx: mpsc::UnboundedSender<PipelineMsg>,
+    /// Records the pipeline takes at its next drain (every
+    /// `DRAIN_INTERVAL`, like the kernel's) instead of being woken for
+    /// each: one per proxied DNS query.
+    pub audit_batched: Mutex<Vec<(String, AuditRecord)>>,
     pub metrics: Metrics,
     pub attached: Vec<String>,
     /// (name, kernel program id) of our programs, for run statistics.
@@ -263,6 +267,7 @@ impl State {
             cgroup_mount,
             cgroup_root,
             audit_tx,
+            audit_batched: Mutex::new(Vec::new()),
             metrics,
             attached,
             program_ids: Vec::new(),
@@ -304,6 +309,22 @@ impl State {
         let _ = self
             .audit_tx
             .send(PipelineMsg::Audit(log.to_string(), Box::new(record)));
+    }
+
+    /// [`State::audit`] without waking the pipeline: the record is written
+    /// with the next drain of the ring buffer (at most `DRAIN_INTERVAL`
+    /// later, and at shutdown), so a stream of them costs one write per
+    /// drain instead of a wake-up and a write each.
+    pub fn audit_batched(&self, log: &str, record: AuditRecord) {
+        self.audit_batched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((log.to_string(), record));
+    }
+
+    /// What [`State::audit_batched`] queued since the last call, in order.
+    pub fn take_batched(&self) -> Vec<(String, AuditRecord)> {
+        std::mem::take(&mut *self.audit_batched.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn identity(&self, subject_id: u32) -> Option<Arc<Identity>> {

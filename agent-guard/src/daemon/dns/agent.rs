@@ -319,7 +319,8 @@ impl State {
                 if refused { "refused" } else { "answered" },
             ])
             .inc();
-        self.audit(&ident.tenant, rec);
+        // One per query: batched, so a query does not wake the pipeline.
+        self.audit_batched(&ident.tenant, rec);
     }
 
     /// Takes back the addresses an answer added to `learned` whose
