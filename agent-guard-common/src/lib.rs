@@ -51,6 +51,7 @@ pub mod maps {
     pub const CGROUPS: &str = "CGROUPS";
     pub const SUBJECTS: &str = "SUBJECTS";
     pub const CAPS: &str = "CAPS";
+    pub const CAPS_EXACT: &str = "CAPS_EXACT";
     pub const GRANTS: &str = "GRANTS";
     pub const GRANT_STATE: &str = "GRANT_STATE";
     pub const TOOLS: &str = "TOOLS";

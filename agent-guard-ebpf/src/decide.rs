@@ -27,8 +27,8 @@ use crate::judgement::{ALLOW, DENY, Judgement};
 use crate::{
     emit, flows,
     maps::{
-        CAPS, CGROUPS, CONFIG, DECISIONS, DNS_ORIG, GRANT_STATE, GRANTS, PROCS, RATE, SUBJECTS,
-        TOOLS, bump,
+        CAPS, CAPS_EXACT, CGROUPS, CONFIG, DECISIONS, DNS_ORIG, GRANT_STATE, GRANTS, PROCS, RATE,
+        SUBJECTS, TOOLS, bump,
     },
 };
 
@@ -112,7 +112,12 @@ fn find_capability(
         grant_id: 0,
         reason: reason::NO_CAPABILITY,
     };
-    if let Some(cap) = CAPS.get(&key) {
+    // SAFETY: plain data copied out.
+    let base = match unsafe { CAPS_EXACT.get(&key.data) } {
+        Some(cap) => Some(*cap),
+        None => CAPS.get(&key).copied(),
+    };
+    if let Some(cap) = base {
         if cap.grant_id != APPROVAL_REQUIRED {
             return Match {
                 tool_id: cap.tool_id,

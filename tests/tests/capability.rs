@@ -633,6 +633,46 @@ fn reload_under_concurrent_connects_never_allows_a_disallowed_call() {
     );
 }
 
+/// One-address tools are judged through `CAPS_EXACT` before the trie:
+/// a reload that drops one closes it, while a wider prefix that still
+/// covers the address answers through the trie. (A stale exact entry under
+/// an unchanged generation is what dns.rs catches: an expired answer must
+/// close.)
+#[test]
+fn a_dropped_one_address_tool_closes_and_a_covering_prefix_still_answers() {
+    if !kernel_test("a_dropped_one_address_tool_closes_and_a_covering_prefix_still_answers") {
+        return;
+    }
+    let p = Ports::new();
+    let both = policy(&p)
+        .edit_agent("acme", "researcher", |a| a.tools(&["search", "payments"]))
+        .build();
+    let wide = policy(&p)
+        .tool("loopback", [Endpoint::tcp("127.0.0.0/8", p.payments.port)])
+        .edit_agent("acme", "researcher", |a| a.tools(&["search", "loopback"]))
+        .build();
+    let narrow = policy(&p).build();
+    let d = Daemon::start(&both);
+    let apply = |name: &str, text: &str| {
+        let f = d.dir.path().join(name);
+        std::fs::write(&f, text).expect("write");
+        let out = d.cli(&["policy", "apply", f.to_str().expect("utf-8")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let reach = |port: &str| d.probe("acme", "researcher", &["tcp", "127.0.0.1", port]);
+    assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+    apply("wide.toml", &wide);
+    assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+    apply("narrow.toml", &narrow);
+    assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::EPERM));
+    apply("both.toml", &both);
+    assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+}
+
 #[test]
 fn grant_errors_are_clear_and_change_nothing() {
     if !kernel_test("grant_errors_are_clear_and_change_nothing") {

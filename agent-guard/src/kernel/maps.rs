@@ -111,6 +111,12 @@ impl CapRule {
         a & mask == b & mask
     }
 
+    /// One address (a /128, IPv4 /32 v4-mapped, or a Unix path id): the
+    /// entry also goes into the exact-match fast path.
+    pub fn is_exact(&self) -> bool {
+        self.prefix_len == 128
+    }
+
     fn key(&self) -> Key<GrantKey> {
         Key::new(
             FIXED_PREFIX_BITS + u32::from(self.prefix_len),
@@ -131,6 +137,8 @@ pub struct KernelMaps {
     cgroups: HashMap<MapData, u64, u32>,
     subjects: HashMap<MapData, u32, Subject>,
     caps: LpmTrie<MapData, GrantKey, GrantValue>,
+    /// The full-length entries of `caps`, for a hash lookup first.
+    caps_exact: HashMap<MapData, GrantKey, GrantValue>,
     grants: LpmTrie<MapData, GrantKey, GrantSlots>,
     grant_state: HashMap<MapData, u32, GrantState>,
     tools: HashMap<MapData, u32, ToolLimit>,
@@ -153,6 +161,7 @@ impl KernelMaps {
             cgroups: take(ebpf, names::CGROUPS)?,
             subjects: take(ebpf, names::SUBJECTS)?,
             caps: take(ebpf, names::CAPS)?,
+            caps_exact: take(ebpf, names::CAPS_EXACT)?,
             grants: take(ebpf, names::GRANTS)?,
             grant_state: take(ebpf, names::GRANT_STATE)?,
             tools: take(ebpf, names::TOOLS)?,
@@ -219,14 +228,30 @@ impl KernelMaps {
         self.subjects.get(&id, 0).ok()
     }
 
+    /// Writes a base capability: into `CAPS`, then (one address, one
+    /// port) into `CAPS_EXACT`, the programs' fast path. Only `CAPS`
+    /// can refuse it: a full `CAPS_EXACT` leaves the entry to the trie.
     pub fn insert_cap(&mut self, rule: &CapRule, value: GrantValue) -> Result<(), KernelError> {
+        let key = rule.key();
         self.caps
-            .insert(&rule.key(), value, 0)
-            .map_err(map_err(names::CAPS))
+            .insert(&key, value, 0)
+            .map_err(map_err(names::CAPS))?;
+        if rule.is_exact()
+            && let Err(e) = self.caps_exact.insert(key.data(), value, 0)
+        {
+            // An older value under this key must not outlive the new one.
+            let _ = self.caps_exact.remove(&key.data());
+            tracing::debug!("CAPS_EXACT: {e}; the entry is looked up in CAPS");
+        }
+        Ok(())
     }
 
+    /// Removes a base capability: from `CAPS_EXACT` first, so the fast
+    /// path never holds what `CAPS` no longer does.
     pub fn remove_cap(&mut self, rule: &CapRule) {
-        let _ = self.caps.remove(&rule.key());
+        let key = rule.key();
+        let _ = self.caps_exact.remove(&key.data());
+        let _ = self.caps.remove(&key);
     }
 
     pub fn insert_grant(&mut self, rule: &CapRule, slots: GrantSlots) -> Result<(), KernelError> {

@@ -149,6 +149,10 @@ impl Kernel {
         loader.map_max_entries(agent_guard_common::maps::PROCS, procs_capacity());
         for (name, n) in capacities {
             loader.map_max_entries(name, *n);
+            // CAPS_EXACT holds a subset of CAPS: same size.
+            if *name == agent_guard_common::maps::CAPS {
+                loader.map_max_entries(agent_guard_common::maps::CAPS_EXACT, *n);
+            }
         }
         maps::set_capacities(capacities.to_vec());
         let mut ebpf = loader.load(EBPF_OBJECT)?;
