@@ -87,6 +87,22 @@ fn run_probe(d: &Daemon, tenant: &str, agent: &str, args: &[&str]) -> i32 {
     code
 }
 
+/// `CMD IP PORT EXTRA..` as `acme/AGENT`, for each of `ips`: EPERM to the
+/// denied listener, success to the allowed one.
+fn assert_fenced(s: &Setup, agent: &str, cmd: &str, ips: &[&str], extra: &[&str]) {
+    for ip in ips {
+        for (port, want) in [(&s.o, probe::EPERM), (&s.a, probe::OK)] {
+            let mut args = vec![cmd, ip, port.as_str()];
+            args.extend_from_slice(extra);
+            assert_eq!(
+                run_probe(&s.d, "acme", agent, &args),
+                want,
+                "{agent} {args:?}"
+            );
+        }
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -261,23 +277,11 @@ fn io_uring_connect_is_fenced() {
         return;
     }
     let s = setup();
-    let d = &s.d;
     // inline: in the submitting task; async: on an io-wq worker thread;
     // sqpoll: on the ring's kernel polling thread.
     for agent in ["researcher", "lab"] {
         for mode in ["inline", "async", "sqpoll"] {
-            for ip in ["127.0.0.1", "::1"] {
-                assert_eq!(
-                    run_probe(d, "acme", agent, &["uring-connect", ip, &s.o, mode]),
-                    probe::EPERM,
-                    "{agent} {mode} {ip} denied"
-                );
-                assert_eq!(
-                    run_probe(d, "acme", agent, &["uring-connect", ip, &s.a, mode]),
-                    probe::OK,
-                    "{agent} {mode} {ip} allowed"
-                );
-            }
+            assert_fenced(&s, agent, "uring-connect", &["127.0.0.1", "::1"], &[mode]);
         }
     }
 }
@@ -288,19 +292,8 @@ fn tcp_fast_open_sendto_is_fenced() {
         return;
     }
     let s = setup();
-    let d = &s.d;
-    for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["tfo", ip, &s.o]),
-            probe::EPERM,
-            "{ip}"
-        );
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["tfo", ip, &s.a]),
-            probe::OK,
-            "{ip}"
-        );
-    }
+    let ips = ["127.0.0.1", "::1", "::ffff:127.0.0.1"];
+    assert_fenced(&s, "researcher", "tfo", &ips, &[]);
 }
 
 #[test]
@@ -309,7 +302,6 @@ fn mptcp_connect_is_fenced() {
         return;
     }
     let s = setup();
-    let d = &s.d;
     // Untagged: is MPTCP available at all?
     let out = Command::new(probe_bin())
         .args(["mptcp", "127.0.0.1", &s.a])
@@ -319,18 +311,7 @@ fn mptcp_connect_is_fenced() {
         eprintln!("mptcp not available here: {}", text(&out.stdout));
         return;
     }
-    for ip in ["127.0.0.1", "::1"] {
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["mptcp", ip, &s.o]),
-            probe::EPERM,
-            "{ip}"
-        );
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["mptcp", ip, &s.a]),
-            probe::OK,
-            "{ip}"
-        );
-    }
+    assert_fenced(&s, "researcher", "mptcp", &["127.0.0.1", "::1"], &[]);
 }
 
 #[test]

@@ -792,52 +792,31 @@ mod watch {
 
 /// Sends `fd` over the Unix socket `over` (SCM_RIGHTS).
 fn pass_fd(over: i32, fd: i32) -> bool {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; 64];
-    // SAFETY: standard SCM_RIGHTS message construction in local buffers.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
-        libc::sendmsg(over, &msg, 0) >= 0
-    }
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let byte = [0u8; 1];
+    let iov = [std::io::IoSlice::new(&byte)];
+    let fds = [fd];
+    sendmsg::<()>(
+        over,
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .is_ok()
 }
 
 /// Receives one fd sent by [`pass_fd`].
 fn recv_fd(over: i32) -> Option<i32> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u8; 64];
-    // SAFETY: standard SCM_RIGHTS message parsing in local buffers.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = cbuf.len();
-        if libc::recvmsg(over, &mut msg, 0) < 0 {
-            return None;
-        }
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() {
-            return None;
-        }
-        Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()))
-    }
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut cmsg = nix::cmsg_space!([i32; 1]);
+    let msg = recvmsg::<()>(over, &mut iov, Some(&mut cmsg), MsgFlags::empty()).ok()?;
+    msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+        _ => None,
+    })
 }
 
 /// Minimal sockaddr encoding for `connect-fd` (std has no public one).

@@ -7,7 +7,7 @@
 //! from the crate root only, never from each other or from `mod.rs`, which
 //! runs them.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -779,6 +779,34 @@ pub(crate) struct WatchProbe {
     pub(crate) what: String,
     /// Where its stderr goes.
     pub(crate) err_path: PathBuf,
+}
+
+impl WatchProbe {
+    /// Reads the probe's verdict lines to its end, waits for it and parses
+    /// them; a probe that failed is an error with its output and stderr.
+    pub(crate) fn finish(mut self) -> Result<ProbeLog> {
+        let mut rest = String::new();
+        self.reader
+            .read_to_string(&mut rest)
+            .context("reading the probe's output")?;
+        let exit = self
+            .probe
+            .0
+            .take()
+            .map(|mut c| c.wait())
+            .transpose()
+            .context("waiting for the probe")?;
+        if exit.is_some_and(|s| !s.success()) {
+            bail!(
+                "`{}` failed ({}): {}\n{}",
+                self.what,
+                exit.map(|s| s.to_string()).unwrap_or_default(),
+                rest.trim(),
+                std::fs::read_to_string(&self.err_path).unwrap_or_default()
+            );
+        }
+        parse_probe(&rest)
+    }
 }
 
 /// Starts a tagged `agent-guard-probe watch-connect` against `port` for

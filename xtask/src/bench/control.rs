@@ -53,7 +53,7 @@
 //!    bound).
 
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
@@ -66,9 +66,9 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::common::{
-    AGENT, Change, ChildGuard, Guard, PROBE_EPERM, ProbeLog, TENANT, WatchProbe, control_request,
-    control_request_on, events_lost, fs_type, median, mono_ns, parse_probe, percentile,
-    start_watch_probe, tagged_probe, wait_for_foreign_daemons,
+    AGENT, Change, ChildGuard, Guard, PROBE_EPERM, ProbeLog, TENANT, control_request,
+    control_request_on, events_lost, fs_type, median, mono_ns, percentile, start_watch_probe,
+    tagged_probe, wait_for_foreign_daemons,
 };
 use crate::{Built, describe};
 
@@ -1042,13 +1042,7 @@ pub(crate) fn measure(
         "bench: part 6: {approve_rounds} approval rounds (CLI and socket alternating) with a \
          tagged watch-connect probe for {duration_ms} ms"
     );
-    let WatchProbe {
-        mut probe,
-        mut reader,
-        started,
-        what,
-        err_path,
-    } = start_watch_probe(
+    let watch = start_watch_probe(
         built,
         &socket,
         &guard.dir,
@@ -1056,7 +1050,7 @@ pub(crate) fn measure(
         duration_ms,
         spacing_ns,
     )?;
-    let probe_end = started + duration_ms * 1_000_000;
+    let probe_end = watch.started + duration_ms * 1_000_000;
     std::thread::sleep(PROBE_SETTLE);
 
     let mut rounds: Vec<Round> = Vec::new();
@@ -1153,28 +1147,10 @@ pub(crate) fn measure(
     }
     let status = control_request(&socket, &json!({ "op": "status" }))?;
     let daemon_cpu = guard.daemon_cpu();
-    let mut rest = String::new();
-    reader
-        .read_to_string(&mut rest)
-        .context("reading the probe's output")?;
-    let exit = probe
-        .0
-        .take()
-        .map(|mut c| c.wait())
-        .transpose()
-        .context("waiting for the probe")?;
+    let log = watch.finish();
     guard.stop_daemon()?;
     lap("approvals");
-    if exit.is_some_and(|s| !s.success()) {
-        bail!(
-            "`{}` failed ({}): {}\n{}",
-            what,
-            exit.map(|s| s.to_string()).unwrap_or_default(),
-            rest.trim(),
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-    }
-    let log = parse_probe(&rest)?;
+    let log = log?;
     match log.changes.first() {
         Some(c) if !c.allow => {}
         other => bail!(

@@ -11,16 +11,14 @@
 //! verdict after it was sent.
 
 use std::fmt::Write as _;
-use std::io::Read as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::common::{
-    AGENT, Change, Guard, PAY_TOOL, ProbeLog, TENANT, WatchProbe, control_request, daemon_status,
-    events_lost, median, mono_ns, parse_probe, percentile, start_watch_probe,
-    wait_for_foreign_daemons,
+    AGENT, Change, Guard, PAY_TOOL, ProbeLog, TENANT, control_request, daemon_status, events_lost,
+    median, mono_ns, percentile, start_watch_probe, wait_for_foreign_daemons,
 };
 use crate::Built;
 
@@ -251,13 +249,7 @@ pub(crate) fn measure(
     // One round is a grant, a gap, a revoke and a gap; give the probe room.
     let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
     let duration_ms = PROBE_SLACK_MS + u64::from(rounds) * (2 * gap_ms + 10);
-    let WatchProbe {
-        mut probe,
-        mut reader,
-        started,
-        what,
-        err_path,
-    } = start_watch_probe(
+    let watch = start_watch_probe(
         built,
         &guard.socket,
         &guard.dir,
@@ -265,7 +257,7 @@ pub(crate) fn measure(
         duration_ms,
         spacing_ns,
     )?;
-    let probe_end = started + duration_ms * 1_000_000;
+    let probe_end = watch.started + duration_ms * 1_000_000;
     std::thread::sleep(PROBE_SETTLE);
 
     let mut requests = Vec::new();
@@ -313,32 +305,14 @@ pub(crate) fn measure(
     let status = daemon_status(&built.daemon, &guard.socket)?;
     let daemon_cpu = guard.daemon_cpu();
 
-    let mut rest = String::new();
-    reader
-        .read_to_string(&mut rest)
-        .context("reading the probe's output")?;
-    let exit = probe
-        .0
-        .take()
-        .map(|mut c| c.wait())
-        .transpose()
-        .context("waiting for the probe")?;
+    let log = watch.finish();
     guard.stop_daemon()?;
     // The watch loop filled the audit log; the connect rounds start afresh.
     if guard.audit_dir.exists() {
         std::fs::remove_dir_all(&guard.audit_dir)
             .with_context(|| format!("removing {}", guard.audit_dir.display()))?;
     }
-    if exit.is_some_and(|s| !s.success()) {
-        bail!(
-            "`{}` failed ({}): {}\n{}",
-            what,
-            exit.map(|s| s.to_string()).unwrap_or_default(),
-            rest.trim(),
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-    }
-    let log = parse_probe(&rest)?;
+    let log = log?;
     // Before the first grant the probe must have been refused, or the
     // grants did not change anything.
     match log.changes.first() {
