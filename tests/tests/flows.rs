@@ -31,6 +31,21 @@ fn start(policy: &Policy, extra: &[&str]) -> (Daemon, tempfile::TempDir) {
     (Daemon::start_with(&policy.build(), &args), state)
 }
 
+/// `n` TCP connects to 127.0.0.1:`port` from one tagged process, expecting
+/// the probe's exit code `want`.
+fn burst(d: &Daemon, n: u64, port: u16, want: i32) {
+    let (n, port) = (n.to_string(), port.to_string());
+    assert_eq!(
+        d.probe(
+            "acme",
+            "researcher",
+            &["repeat", &n, "tcp", "127.0.0.1", &port]
+        ),
+        want,
+        "{n} connects to port {port}"
+    );
+}
+
 /// Allowed connect records to `port`: (flow records, per-call records).
 fn allowed(recs: &[Value], port: u16) -> (Vec<&Value>, Vec<&Value>) {
     recs.iter()
@@ -91,25 +106,8 @@ fn allowed_calls_become_flow_records_that_add_up_and_denied_calls_stay_per_call(
         &policy("127.0.0.1/32", l.port),
         &["--flow-interval", "300ms"],
     );
-    let port = l.port.to_string();
-    let n = N.to_string();
-    let m = M.to_string();
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", &n, "tcp", "127.0.0.1", &port]
-        ),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", &m, "tcp", "127.0.0.1", "1"]
-        ),
-        probe::EPERM
-    );
+    burst(&d, N, l.port, probe::OK);
+    burst(&d, M as u64, 1, probe::EPERM);
     let recs = d.wait_audit("acme", "N allowed calls in flow records", |r| {
         calls(&allowed(r, l.port).0) + calls(&allowed(r, l.port).1) >= N && denied(r).len() >= M
     });
@@ -291,16 +289,7 @@ fn a_stop_right_after_a_burst_writes_every_counted_call() {
     let l = Listener::tcp("127.0.0.1");
     // An interval far longer than the test: only the shutdown collects.
     let (mut d, _state) = start(&policy("127.0.0.1/32", l.port), &["--flow-interval", "1h"]);
-    let port = l.port.to_string();
-    let n = N.to_string();
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", &n, "tcp", "127.0.0.1", &port]
-        ),
-        probe::OK
-    );
+    burst(&d, N, l.port, probe::OK);
     assert_eq!(d.status()["flow_records"]["records_flushed"], 0);
     d.stop();
     let recs = d.audit("acme");
@@ -322,16 +311,7 @@ fn a_killed_daemons_uncollected_flows_are_counted_by_its_successor() {
     const N: u64 = 40;
     let l = Listener::tcp("127.0.0.1");
     let (mut d, _state) = start(&policy("127.0.0.1/32", l.port), &["--flow-interval", "1h"]);
-    let port = l.port.to_string();
-    let n = N.to_string();
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", &n, "tcp", "127.0.0.1", &port]
-        ),
-        probe::OK
-    );
+    burst(&d, N, l.port, probe::OK);
     d.kill();
     d.restart();
     // The successor cannot name the old subjects: the calls are in its
