@@ -33,13 +33,14 @@ fn alerts_yml() -> PathBuf {
     deploy().join("prometheus/alerts.yml")
 }
 
-const ALERTS: [&str; 9] = [
+const ALERTS: [&str; 10] = [
     "AgentGuardDown",
     "AgentGuardEventsLost",
     "AgentGuardDenySpike",
     "AgentGuardDivergence",
     "AgentGuardDnsRefused",
     "AgentGuardMapNearCapacity",
+    "AgentGuardMapAlmostFull",
     "AgentGuardAuditWriteFailures",
     "AgentGuardPolicyReloadFailed",
     "AgentGuardAuditLag",
@@ -575,20 +576,28 @@ fn generate_rule_tests(rules: &[Rule], s: &Scrapes, sabotage: bool) -> String {
         .filter(|(_, q)| *q > 5.0)
         .map(|(l, _)| l)
         .collect();
-    let near_full: Vec<_> = s
-        .after
-        .iter()
-        .filter(|((n, _), _)| n == "agent_guard_map_entries")
-        .filter(|((_, l), entries)| {
-            let cap = s
-                .after
-                .get(&("agent_guard_map_capacity".to_string(), l.clone()))
-                .copied()
-                .unwrap_or(0.0);
-            cap > 0.0 && **entries / cap > 0.8
-        })
-        .map(|((_, l), _)| l.clone())
-        .collect();
+    // The maps over a share of their capacity in the real scrape.
+    let over = |share: f64| -> Vec<_> {
+        s.after
+            .iter()
+            .filter(|((n, _), _)| n == "agent_guard_map_entries")
+            .filter(|((_, l), entries)| {
+                let cap = s
+                    .after
+                    .get(&("agent_guard_map_capacity".to_string(), l.clone()))
+                    .copied()
+                    .unwrap_or(0.0);
+                cap > 0.0 && **entries / cap > share
+            })
+            .map(|((_, l), _)| l.clone())
+            .collect()
+    };
+    // The map alerts and the maps each must name.
+    let map_alerts = [
+        ("AgentGuardMapNearCapacity", over(0.8)),
+        ("AgentGuardMapAlmostFull", over(0.9)),
+    ];
+    let map_alert = |name: &str| map_alerts.iter().find(|(n, _)| *n == name);
     let mut lost = s.grew("agent_guard_events_lost_total", None);
     if sabotage {
         lost.clear();
@@ -628,15 +637,12 @@ fn generate_rule_tests(rules: &[Rule], s: &Scrapes, sabotage: bool) -> String {
         alert_test(r, eval, firing, &mut f);
     }
     // Gauges hold from t=61: a `for` of up to 29m is over by t=90.
-    alert_test(
-        rule("AgentGuardMapNearCapacity"),
-        FLAT_END,
-        &near_full,
-        &mut f,
-    );
+    for (name, firing) in &map_alerts {
+        alert_test(rule(name), FLAT_END, firing, &mut f);
+    }
     // By t=90 the counters have been flat for 29 minutes: nothing fires.
     for name in ALERTS {
-        if name != "AgentGuardMapNearCapacity" {
+        if map_alert(name).is_none() {
             alert_test(rule(name), FLAT_END, &[], &mut f);
         }
     }
@@ -659,11 +665,7 @@ fn generate_rule_tests(rules: &[Rule], s: &Scrapes, sabotage: bool) -> String {
     }
     f.push_str("    alert_rule_test:\n");
     for name in ALERTS {
-        let firing = if name == "AgentGuardMapNearCapacity" {
-            near_full.clone()
-        } else {
-            vec![]
-        };
+        let firing = map_alert(name).map(|(_, f)| f.clone()).unwrap_or_default();
         alert_test(rule(name), 70, &firing, &mut f);
     }
     f
