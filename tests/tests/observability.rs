@@ -271,7 +271,10 @@ fn alert_rules_pass_promtool_check_and_the_static_rule_tests() {
     let rules = alerts_yml();
     let (ok, out) = run_promtool(&["check", "rules", rules.to_str().expect("utf-8")]);
     assert!(ok, "promtool check rules:\n{out}");
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(
+        out.contains(&format!("SUCCESS: {} rules found", ALERTS.len())),
+        "{out}"
+    );
     let text = std::fs::read_to_string(&rules).expect("alerts.yml");
     for alert in ALERTS {
         assert!(
