@@ -664,13 +664,32 @@ fn a_dropped_one_address_tool_closes_and_a_covering_prefix_still_answers() {
         );
     };
     let reach = |port: &str| d.probe("acme", "researcher", &["tcp", "127.0.0.1", port]);
+    // (CAPS, CAPS_EXACT) entries: only one-address entries are mirrored, and
+    // a reload leaves none of the old generation behind in either.
+    let maps = || {
+        let m = &d.status()["maps"];
+        (m["CAPS"].as_u64(), m["CAPS_EXACT"].as_u64())
+    };
+    let all_exact = |(caps, exact): (Option<u64>, Option<u64>)| {
+        assert!(caps.is_some_and(|c| c > 0), "{caps:?}");
+        assert_eq!(caps, exact, "every entry is one address");
+    };
     assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+    all_exact(maps());
+    let before = maps();
     apply("wide.toml", &wide);
     assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+    let (caps, exact) = maps();
+    assert!(
+        exact < caps,
+        "the /8 entries stay out of CAPS_EXACT: {caps:?} {exact:?}"
+    );
     apply("narrow.toml", &narrow);
     assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::EPERM));
+    all_exact(maps());
     apply("both.toml", &both);
     assert_eq!((reach(&p.s()), reach(&p.p())), (probe::OK, probe::OK));
+    assert_eq!(maps(), before, "back to the first policy's entries");
 }
 
 #[test]

@@ -399,6 +399,7 @@ impl State {
             map_names::CGROUPS,
             map_names::SUBJECTS,
             map_names::CAPS,
+            map_names::CAPS_EXACT,
             map_names::GRANTS,
             map_names::GRANT_STATE,
             map_names::UNIX_PATHS,

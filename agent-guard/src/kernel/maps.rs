@@ -54,6 +54,12 @@ pub fn capacity_of(name: &str) -> u32 {
     if name == names::PROCS {
         return super::procs_capacity();
     }
+    // Loaded with `CAPS`'s size (it holds a subset of it).
+    let name = if name == names::CAPS_EXACT {
+        names::CAPS
+    } else {
+        name
+    };
     CAPACITIES
         .get()
         .and_then(|c| c.iter().find(|(n, _)| *n == name).map(|(_, v)| *v))
@@ -363,12 +369,13 @@ impl KernelMaps {
     }
 
     /// Entry counts for `agent_guard_map_entries{map}`.
-    pub fn entry_counts(&self) -> [(&'static str, usize); 7] {
+    pub fn entry_counts(&self) -> [(&'static str, usize); 8] {
         [
             (names::PROCS, self.procs.keys().count()),
             (names::CGROUPS, self.cgroups.keys().count()),
             (names::SUBJECTS, self.subjects.keys().count()),
             (names::CAPS, self.caps.keys().count()),
+            (names::CAPS_EXACT, self.caps_exact.keys().count()),
             (names::GRANTS, self.grants.keys().count()),
             (names::GRANT_STATE, self.grant_state.keys().count()),
             (names::UNIX_PATHS, self.unix_paths.keys().count()),
