@@ -378,29 +378,13 @@ fn layout(b: &[u8]) -> Option<Layout> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use hickory_resolver::proto::{
-        op::{Edns, Query},
-        rr::{
-            Name, Record,
-            rdata::{A, CNAME, SOA},
-        },
+        op::Edns,
+        rr::{Record, rdata::CNAME},
     };
 
     use super::*;
-
-    fn name(s: &str) -> Name {
-        Name::from_ascii(s).expect("name")
-    }
-
-    fn request(qname: &str, qtype: RecordType) -> Message {
-        let mut m = Message::new();
-        m.set_id(7)
-            .set_recursion_desired(true)
-            .add_query(Query::query(name(qname), qtype));
-        m
-    }
+    use crate::daemon::dns::test_records::{a, name, query, soa};
 
     fn response(req: &Message) -> Message {
         let mut m = req.clone();
@@ -410,29 +394,9 @@ mod tests {
         m
     }
 
-    fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Record {
-        Record::from_rdata(name(owner), ttl, RData::A(A(Ipv4Addr::from(ip))))
-    }
-
-    fn soa(ttl: u32, minimum: u32) -> Record {
-        Record::from_rdata(
-            name("test."),
-            ttl,
-            RData::SOA(SOA::new(
-                name("ns.test."),
-                name("admin.test."),
-                1,
-                3600,
-                600,
-                86400,
-                minimum,
-            )),
-        )
-    }
-
     #[test]
     fn lifetimes_follow_ttls_and_rfc_2308() {
-        let q = request("a.test.", RecordType::A);
+        let q = query(7, "a.test.", RecordType::A);
         let mut pos = response(&q);
         pos.add_answer(Record::from_rdata(
             name("a.test."),
@@ -487,7 +451,7 @@ mod tests {
 
     #[test]
     fn layout_finds_ttls_and_the_opt_record() {
-        let mut q = request("a.test.", RecordType::A);
+        let mut q = query(7, "a.test.", RecordType::A);
         q.set_edns(Edns::new());
         let mut r = response(&q);
         r.add_answer(a("a.test.", 300, [192, 0, 2, 1]));
@@ -513,7 +477,7 @@ mod tests {
     #[test]
     fn a_hit_is_the_answer_for_the_new_client() {
         let cache = AnswerCache::new(10);
-        let mut first = request("A.test.", RecordType::A);
+        let mut first = query(7, "A.test.", RecordType::A);
         first.set_id(1);
         let mut edns = Edns::new();
         edns.set_max_payload(4096);
@@ -526,7 +490,7 @@ mod tests {
         let learned = [(IpAddr::from([192, 0, 2, 1]), 300)];
         assert!(cache.insert(key1, &bytes, &answer, RecordType::A, &learned));
 
-        let mut second = request("a.TEST.", RecordType::A);
+        let mut second = query(7, "a.TEST.", RecordType::A);
         second.set_id(0xbeef).set_recursion_desired(false);
         let mut edns = Edns::new();
         edns.set_max_payload(1232);
@@ -550,7 +514,7 @@ mod tests {
         assert_eq!(hit.learned, learned);
 
         // Without EDNS, or with DO: other keys, nothing cached.
-        let plain = request("a.test.", RecordType::A);
+        let plain = query(7, "a.test.", RecordType::A);
         let plain_bytes = plain.to_vec().expect("encode");
         assert!(
             cache

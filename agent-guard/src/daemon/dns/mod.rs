@@ -17,3 +17,5 @@ pub mod cache;
 pub mod proxy;
 pub mod resolve;
 pub mod table;
+#[cfg(test)]
+mod test_records;

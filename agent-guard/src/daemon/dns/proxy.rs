@@ -1097,10 +1097,11 @@ mod tests {
 
     use hickory_resolver::proto::rr::{
         Record, RecordType,
-        rdata::{A, AAAA, CNAME, SOA},
+        rdata::{AAAA, CNAME},
     };
 
     use super::*;
+    use crate::daemon::dns::test_records::{a, name, query, soa};
 
     // ----- a fake gate that records what it was asked, in order -----
 
@@ -1258,28 +1259,6 @@ mod tests {
         }
     }
 
-    fn name(s: &str) -> Name {
-        Name::from_ascii(s).expect("name")
-    }
-
-    fn a(owner: &str, ttl: u32, ip: [u8; 4]) -> Record {
-        Record::from_rdata(name(owner), ttl, RData::A(A(Ipv4Addr::from(ip))))
-    }
-
-    /// The fake zone's SOA record (TTL `ttl`, MINIMUM `minimum`).
-    fn soa(ttl: u32, minimum: u32) -> Record {
-        let rdata = SOA::new(
-            name("ns.test."),
-            name("admin.test."),
-            1,
-            3600,
-            600,
-            86400,
-            minimum,
-        );
-        Record::from_rdata(name("test."), ttl, RData::SOA(rdata))
-    }
-
     /// The fake zone: a.test (A, AAAA), b.test, alias.test (a CNAME chain
     /// plus an unrelated record), big.test (more than 512 bytes),
     /// short.test (TTL 1 s), gone.test (NXDOMAIN, SOA MINIMUM 1 s),
@@ -1366,14 +1345,6 @@ mod tests {
     }
 
     // ----- clients -----
-
-    fn query(id: u16, qname: &str, qtype: RecordType) -> Message {
-        let mut m = Message::new();
-        m.set_id(id)
-            .set_recursion_desired(true)
-            .add_query(Query::query(name(qname), qtype));
-        m
-    }
 
     /// Sends raw bytes over UDP; the answer, if one comes within `wait`.
     async fn udp_raw(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
