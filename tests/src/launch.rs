@@ -14,7 +14,8 @@ use crate::{Daemon, agent_guard_bin, probe_bin};
 #[derive(Clone)]
 pub struct Launch<'d> {
     daemon: &'d Daemon,
-    flags: Vec<String>,
+    /// `--tenant T --agent A` and the scope flags after them.
+    pub(crate) flags: Vec<String>,
 }
 
 impl Daemon {

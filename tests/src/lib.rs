@@ -15,9 +15,11 @@ use std::{
 
 use serde_json::Value;
 
+mod expect;
 mod launch;
 mod policy;
 
+pub use expect::ProbeRow;
 pub use launch::Launch;
 pub use policy::{Agent, Endpoint, Policy, Tool};
 
@@ -55,6 +57,18 @@ pub mod probe {
     pub const OTHER: i32 = 11;
     /// `resolve`: the DNS server answered REFUSED.
     pub const REFUSED: i32 = 12;
+
+    /// An exit status with its constant's name, for messages: `10 (EPERM)`.
+    pub fn name(code: i32) -> String {
+        let name = match code {
+            OK => "OK",
+            EPERM => "EPERM",
+            OTHER => "OTHER",
+            REFUSED => "REFUSED",
+            _ => return code.to_string(),
+        };
+        format!("{code} ({name})")
+    }
 }
 
 /// Whether a kernel test can run here. Without root it is skipped loudly,
