@@ -40,18 +40,15 @@ fn allowed_endpoint_connects_and_uncovered_endpoint_gets_eperm() {
     let d = Daemon::start(&policy("enforce", allowed.port, 1));
     let a = allowed.port.to_string();
     let o = other.port.to_string();
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &a]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &o]),
-        probe::EPERM
-    );
-    // The same port on another loopback address is not covered by /32.
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.2", &a]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "127.0.0.1", &a], probe::OK),
+            (&["tcp", "127.0.0.1", &o], probe::EPERM),
+            // The same port on another loopback address is not covered by /32.
+            (&["tcp", "127.0.0.2", &a], probe::EPERM),
+        ],
     );
 }
 
@@ -65,22 +62,16 @@ fn ipv6_and_ipv4_mapped_destinations_are_judged_like_their_address() {
     let d = Daemon::start(&policy("enforce", allowed.port, 1));
     let a = allowed.port.to_string();
     let o = other.port.to_string();
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "::1", &a]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "::1", &o]),
-        probe::EPERM
-    );
-    // An AF_INET6 socket to ::ffff:127.0.0.1 is judged as 127.0.0.1.
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "::ffff:127.0.0.1", &a]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "::ffff:127.0.0.1", &o]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "::1", &a], probe::OK),
+            (&["tcp", "::1", &o], probe::EPERM),
+            // An AF_INET6 socket to ::ffff:127.0.0.1 is judged as 127.0.0.1.
+            (&["tcp", "::ffff:127.0.0.1", &a], probe::OK),
+            (&["tcp", "::ffff:127.0.0.1", &o], probe::EPERM),
+        ],
     );
     let recs = d.wait_audit("acme", "4 connect records", |r| {
         decisions(r, "connect").len() >= 4
@@ -107,28 +98,20 @@ fn connected_and_unconnected_udp_are_fenced() {
     let d = Daemon::start(&policy("enforce", 1, udp_port));
     let u = udp_port.to_string();
     let o = other_port.to_string();
-    assert_eq!(
-        d.probe("acme", "researcher", &["udp-send", "127.0.0.1", &u]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["udp-send", "127.0.0.1", &o]),
-        probe::EPERM
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["udp-connect", "127.0.0.1", &u]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["udp-connect", "127.0.0.1", &o]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["udp-send", "127.0.0.1", &u], probe::OK),
+            (&["udp-send", "127.0.0.1", &o], probe::EPERM),
+            (&["udp-connect", "127.0.0.1", &u], probe::OK),
+            (&["udp-connect", "127.0.0.1", &o], probe::EPERM),
+        ],
     );
     // The udp tool does not cover tcp on the same port.
     let _tcp = std::net::TcpListener::bind(("127.0.0.1", udp_port));
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &u]),
-        probe::EPERM
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &u], probe::EPERM);
     let recs = d.wait_audit("acme", "udp records", |r| {
         decisions(r, "sendmsg").len() >= 2
     });
@@ -157,25 +140,19 @@ fn forked_child_thread_and_exec_are_judged_under_the_parent_identity() {
     let a = allowed.port.to_string();
     let o = other.port.to_string();
     for wrapper in ["fork", "thread", "exec"] {
-        assert_eq!(
-            d.probe("acme", "researcher", &[wrapper, "tcp", "127.0.0.1", &o]),
-            probe::EPERM,
-            "{wrapper}"
-        );
-        assert_eq!(
-            d.probe("acme", "researcher", &[wrapper, "tcp", "127.0.0.1", &a]),
-            probe::OK,
-            "{wrapper}"
+        d.expect_probes(
+            "acme",
+            "researcher",
+            &[
+                (&[wrapper, "tcp", "127.0.0.1", &o], probe::EPERM),
+                (&[wrapper, "tcp", "127.0.0.1", &a], probe::OK),
+            ],
         );
     }
     // Grandchildren too, and a shell in between.
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["fork", "fork", "thread", "tcp", "127.0.0.1", &o]
-        ),
-        probe::EPERM
+    d.launch("acme", "researcher").expect_probe(
+        &["fork", "fork", "thread", "tcp", "127.0.0.1", &o],
+        probe::EPERM,
     );
     let probe_path = agent_guard_tests::probe_bin();
     let script = format!("{} tcp 127.0.0.1 {o}", probe_path.display());
@@ -242,11 +219,9 @@ fn monitor_mode_allows_and_records_would_deny() {
     let other = Listener::tcp_dual();
     let d = Daemon::start(&policy("monitor", allowed.port, 1));
     let o = other.port.to_string();
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &o]),
-        probe::OK
-    );
-    assert_eq!(d.probe("acme", "lab", &["raw"]), probe::OK);
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &o], probe::OK);
+    d.launch("acme", "lab").expect_probe(&["raw"], probe::OK);
     let recs = d.wait_audit("acme", "would_deny records", |r| {
         r.iter().filter(|x| x["verdict"] == "would_deny").count() >= 2
     });
@@ -267,21 +242,13 @@ fn each_call_produces_exactly_one_audit_record_with_identity() {
     let d = Daemon::start(&policy("enforce", allowed.port, 1));
     let a = allowed.port.to_string();
     let o = other.port.to_string();
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", "7", "tcp", "127.0.0.1", &a]
-        ),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", "5", "tcp", "127.0.0.1", &o]
-        ),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["repeat", "7", "tcp", "127.0.0.1", &a], probe::OK),
+            (&["repeat", "5", "tcp", "127.0.0.1", &o], probe::EPERM),
+        ],
     );
     d.wait_audit("acme", "12 connect records", |r| {
         decisions(r, "connect").len() >= 12
@@ -357,8 +324,9 @@ fn raw_sockets_are_refused_for_tagged_processes() {
     let d = Daemon::start(&policy("enforce", 1, 1));
     // With hardening the capability is gone before the kernel hook runs;
     // without it, cgroup/sock_create refuses.
-    assert_eq!(d.probe("acme", "researcher", &["raw"]), probe::EPERM);
-    assert_eq!(d.probe("acme", "lab", &["raw"]), probe::EPERM);
+    d.launch("acme", "researcher")
+        .expect_probe(&["raw"], probe::EPERM);
+    d.launch("acme", "lab").expect_probe(&["raw"], probe::EPERM);
     // Untagged root may still open one: only tagged processes are fenced.
     let out = std::process::Command::new(agent_guard_tests::probe_bin())
         .arg("raw")
@@ -426,21 +394,16 @@ fn a_thread_exiting_does_not_untag_its_process() {
     let other = Listener::tcp_dual();
     let d = Daemon::start(&policy("enforce", allowed.port, 1));
     let o = other.port.to_string();
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["threads-exit-then", "tcp", "127.0.0.1", &o]
-        ),
-        probe::EPERM
-    );
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["threads-exit-then", "fork", "tcp", "127.0.0.1", &o]
-        ),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["threads-exit-then", "tcp", "127.0.0.1", &o], probe::EPERM),
+            (
+                &["threads-exit-then", "fork", "tcp", "127.0.0.1", &o],
+                probe::EPERM,
+            ),
+        ],
     );
     // Thread entries are cleaned up with their threads; the process
     // entry with its process.
