@@ -90,15 +90,12 @@ fn run_probe(d: &Daemon, tenant: &str, agent: &str, args: &[&str]) -> i32 {
 /// `CMD IP PORT EXTRA..` as `acme/AGENT`, for each of `ips`: EPERM to the
 /// denied listener, success to the allowed one.
 fn assert_fenced(s: &Setup, agent: &str, cmd: &str, ips: &[&str], extra: &[&str]) {
+    let l = s.d.launch("acme", agent);
     for ip in ips {
         for (port, want) in [(&s.o, probe::EPERM), (&s.a, probe::OK)] {
             let mut args = vec![cmd, ip, port.as_str()];
             args.extend_from_slice(extra);
-            assert_eq!(
-                run_probe(&s.d, "acme", agent, &args),
-                want,
-                "{agent} {args:?}"
-            );
+            l.expect_probe(&args, want);
         }
     }
 }
@@ -133,11 +130,8 @@ fn tagged_root_cannot_call_bpf() {
     for wrap in [&[][..], &["fork"], &["thread"], &["exec"]] {
         let mut args = wrap.to_vec();
         args.push("bpf");
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &args),
-            probe::EPERM,
-            "{args:?}"
-        );
+        d.launch("acme", "researcher")
+            .expect_probe(&args, probe::EPERM);
     }
     // The untagged test process itself may (sanity: the call works here).
     let out = Command::new(probe_bin())
@@ -150,20 +144,17 @@ fn tagged_root_cannot_call_bpf() {
     // stop a root agent from using bpf() at all (with CAP_BPF/CAP_SYS_ADMIN
     // it could detach the fence), but every connect, UDP send and raw
     // socket is still judged.
-    assert_eq!(run_probe(d, "acme", "lab", &["bpf"]), probe::OK);
-    assert_eq!(
-        run_probe(d, "acme", "lab", &["tcp", "127.0.0.1", &s.o]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "lab",
+        &[
+            (&["bpf"], probe::OK),
+            (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
+            (&["tcp", "127.0.0.1", &s.a], probe::OK),
+            (&["udp-send", "127.0.0.1", &s.o_udp], probe::EPERM),
+            (&["raw"], probe::EPERM),
+        ],
     );
-    assert_eq!(
-        run_probe(d, "acme", "lab", &["tcp", "127.0.0.1", &s.a]),
-        probe::OK
-    );
-    assert_eq!(
-        run_probe(d, "acme", "lab", &["udp-send", "127.0.0.1", &s.o_udp]),
-        probe::EPERM
-    );
-    assert_eq!(run_probe(d, "acme", "lab", &["raw"]), probe::EPERM);
 }
 
 #[test]
@@ -175,69 +166,39 @@ fn moving_itself_out_of_its_cgroup_does_not_free_a_tagged_process() {
     let d = &s.d;
     let root = path_str(&d.cgroup_mount).to_string();
     for agent in ["lab", "researcher"] {
-        // The probe reports OTHER when the move itself fails, so EPERM
-        // means: moved to the root cgroup, and still refused.
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.o]
-            ),
-            probe::EPERM,
-            "{agent}"
-        );
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &root, "udp-send", "127.0.0.1", &s.o_udp]
-            ),
-            probe::EPERM,
-            "{agent}"
-        );
-        // Its rights are unchanged too.
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.a]
-            ),
-            probe::OK,
-            "{agent}"
-        );
-        // Children forked after the move, and before it.
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &root, "fork", "tcp", "127.0.0.1", &s.o]
-            ),
-            probe::EPERM,
-            "{agent}"
-        );
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["fork", "escape-cgroup", &root, "tcp", "127.0.0.1", &s.o]
-            ),
-            probe::EPERM,
-            "{agent}"
-        );
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &root, "orphan", "tcp", "127.0.0.1", &s.o]
-            ),
-            probe::EPERM,
-            "{agent}"
+        d.expect_probes(
+            "acme",
+            agent,
+            &[
+                // The probe reports OTHER when the move itself fails, so
+                // EPERM means: moved to the root cgroup, and still refused.
+                (
+                    &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
+                    probe::EPERM,
+                ),
+                (
+                    &["escape-cgroup", &root, "udp-send", "127.0.0.1", &s.o_udp],
+                    probe::EPERM,
+                ),
+                // Its rights are unchanged too.
+                (
+                    &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.a],
+                    probe::OK,
+                ),
+                // Children forked after the move, and before it.
+                (
+                    &["escape-cgroup", &root, "fork", "tcp", "127.0.0.1", &s.o],
+                    probe::EPERM,
+                ),
+                (
+                    &["fork", "escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
+                    probe::EPERM,
+                ),
+                (
+                    &["escape-cgroup", &root, "orphan", "tcp", "127.0.0.1", &s.o],
+                    probe::EPERM,
+                ),
+            ],
         );
     }
 }
@@ -250,23 +211,16 @@ fn moving_into_another_agents_cgroup_does_not_grant_its_rights() {
     let s = setup();
     let d = &s.d;
     // Sanity: the other tenant's agent reaches its endpoint.
-    assert_eq!(
-        run_probe(d, "other", "intruder", &["tcp", "127.0.0.1", &s.x]),
-        probe::OK
-    );
+    d.launch("other", "intruder")
+        .expect_probe(&["tcp", "127.0.0.1", &s.x], probe::OK);
     let theirs = d.cgroup_root.join("other").join("intruder");
     assert!(theirs.is_dir(), "agent cgroup {} exists", theirs.display());
     let theirs = path_str(&theirs).to_string();
     for agent in ["researcher", "lab"] {
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                agent,
-                &["escape-cgroup", &theirs, "tcp", "127.0.0.1", &s.x]
-            ),
+        // The process anchor wins over the cgroup.
+        d.launch("acme", agent).expect_probe(
+            &["escape-cgroup", &theirs, "tcp", "127.0.0.1", &s.x],
             probe::EPERM,
-            "{agent}: the process anchor wins over the cgroup"
         );
     }
 }
@@ -321,16 +275,18 @@ fn sendmmsg_is_fenced() {
     }
     let s = setup();
     let d = &s.d;
-    let p = |args: &[&str]| run_probe(d, "acme", "researcher", args);
-    assert_eq!(
-        p(&["udp-sendmmsg", "127.0.0.1", &s.o_udp, &s.o_udp]),
-        probe::EPERM
-    );
-    assert_eq!(p(&["udp-sendmmsg", "127.0.0.1", &s.u, &s.u]), probe::OK);
-    // Allowed first, then denied: the batch stops at the denied message.
-    assert_eq!(
-        p(&["udp-sendmmsg", "127.0.0.1", &s.u, &s.o_udp]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (
+                &["udp-sendmmsg", "127.0.0.1", &s.o_udp, &s.o_udp],
+                probe::EPERM,
+            ),
+            (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.u], probe::OK),
+            // Allowed first, then denied: the batch stops at the denied message.
+            (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.o_udp], probe::EPERM),
+        ],
     );
 }
 
@@ -341,24 +297,26 @@ fn other_udp_send_paths_are_fenced() {
     }
     let s = setup();
     let d = &s.d;
-    let p = |args: &[&str]| run_probe(d, "acme", "researcher", args);
-    // IP_PKTINFO changes the source, never the judged destination.
-    assert_eq!(p(&["udp-pktinfo", "127.0.0.1", &s.o_udp]), probe::EPERM);
-    assert_eq!(p(&["udp-pktinfo", "127.0.0.1", &s.u]), probe::OK);
-    // An AF_INET6 socket sending to a v4-mapped address.
-    assert_eq!(
-        p(&["udp6-send", "::ffff:127.0.0.1", &s.o_udp]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            // IP_PKTINFO changes the source, never the judged destination.
+            (&["udp-pktinfo", "127.0.0.1", &s.o_udp], probe::EPERM),
+            (&["udp-pktinfo", "127.0.0.1", &s.u], probe::OK),
+            // An AF_INET6 socket sending to a v4-mapped address.
+            (&["udp6-send", "::ffff:127.0.0.1", &s.o_udp], probe::EPERM),
+            (&["udp6-send", "::ffff:127.0.0.1", &s.u], probe::OK),
+            // A socket connected to an allowed endpoint, then sendto() elsewhere.
+            (
+                &["udp-connected-sendto", "127.0.0.1", &s.u, &s.o_udp],
+                probe::EPERM,
+            ),
+            // Another loopback address than the sink's, with the sink's port, is
+            // covered by 127.0.0.0/8; a port outside the tool is not.
+            (&["udp-send", "127.0.0.2", &s.o_udp], probe::EPERM),
+        ],
     );
-    assert_eq!(p(&["udp6-send", "::ffff:127.0.0.1", &s.u]), probe::OK);
-    // A socket connected to an allowed endpoint, then sendto() elsewhere.
-    assert_eq!(
-        p(&["udp-connected-sendto", "127.0.0.1", &s.u, &s.o_udp]),
-        probe::EPERM
-    );
-    // Another loopback address than the sink's, with the sink's port, is
-    // covered by 127.0.0.0/8; a port outside the tool is not.
-    assert_eq!(p(&["udp-send", "127.0.0.2", &s.o_udp]), probe::EPERM);
 }
 
 #[test]
@@ -369,31 +327,25 @@ fn reconnecting_or_binding_first_does_not_skip_the_check() {
     let s = setup();
     let d = &s.d;
     for ip in ["127.0.0.1", "::1"] {
-        // connect(allowed), connect(AF_UNSPEC), connect(denied).
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["tcp-reconnect", ip, &s.a, &s.o]),
-            probe::EPERM,
-            "{ip}"
-        );
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["tcp-reconnect", ip, &s.a, &s.a]),
-            probe::OK,
-            "{ip}"
-        );
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["tcp-bind", ip, &s.o]),
-            probe::EPERM,
-            "{ip}"
+        d.expect_probes(
+            "acme",
+            "researcher",
+            &[
+                // connect(allowed), connect(AF_UNSPEC), connect(denied).
+                (&["tcp-reconnect", ip, &s.a, &s.o], probe::EPERM),
+                (&["tcp-reconnect", ip, &s.a, &s.a], probe::OK),
+                (&["tcp-bind", ip, &s.o], probe::EPERM),
+            ],
         );
     }
     // 0.0.0.0 and :: mean "this host" to connect(); judged as written.
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["tcp", "0.0.0.0", &s.o]),
-        probe::EPERM
-    );
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["tcp", "::", &s.o]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "0.0.0.0", &s.o], probe::EPERM),
+            (&["tcp", "::", &s.o], probe::EPERM),
+        ],
     );
 }
 
@@ -443,13 +395,13 @@ fn tagged_process_cannot_use_other_control_verbs() {
         text(&out.stderr)
     );
     // The policy in force is unchanged.
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["tcp", "127.0.0.1", &s.o]),
-        probe::EPERM
-    );
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["tcp", "127.0.0.1", &s.a]),
-        probe::OK
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
+            (&["tcp", "127.0.0.1", &s.a], probe::OK),
+        ],
     );
 
     // Also from a child that left the agent cgroup first.
@@ -537,20 +489,9 @@ fn fork_variants_stay_fenced() {
             &["thread", "orphan"],
             &["orphan", "spawn", "thread"],
         ] {
-            let mut deny = wrap.to_vec();
-            deny.extend(["tcp", "127.0.0.1", &s.o]);
-            assert_eq!(
-                run_probe(d, "acme", agent, &deny),
-                probe::EPERM,
-                "{agent} {deny:?}"
-            );
-            let mut allow = wrap.to_vec();
-            allow.extend(["tcp", "127.0.0.1", &s.a]);
-            assert_eq!(
-                run_probe(d, "acme", agent, &allow),
-                probe::OK,
-                "{agent} {allow:?}"
-            );
+            let deny = [wrap, &["tcp", "127.0.0.1", &s.o]].concat();
+            let allow = [wrap, &["tcp", "127.0.0.1", &s.a]].concat();
+            d.expect_probes("acme", agent, &[(&deny, probe::EPERM), (&allow, probe::OK)]);
         }
     }
     // A shell's background job that outlives the shell (reparented to
@@ -591,14 +532,20 @@ fn ptrace_of_untagged_process_is_refused() {
     let v = victim.0.id().to_string();
     let me = std::process::id().to_string();
     let daemon = d.pid().to_string();
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["ptrace-attach", &v], probe::EPERM),
+            (&["ptrace-attach", &me], probe::EPERM),
+            (&["ptrace-attach", &daemon], probe::EPERM),
+            (&["process-vm-read", &v], probe::EPERM),
+            (&["process-vm-read", &daemon], probe::EPERM),
+            // Stealing a descriptor (a BPF link, the control socket) of the daemon.
+            (&["pidfd-getfd", &daemon, "3"], probe::EPERM),
+        ],
+    );
     let p = |args: &[&str]| run_probe(d, "acme", "researcher", args);
-    assert_eq!(p(&["ptrace-attach", &v]), probe::EPERM);
-    assert_eq!(p(&["ptrace-attach", &me]), probe::EPERM);
-    assert_eq!(p(&["ptrace-attach", &daemon]), probe::EPERM);
-    assert_eq!(p(&["process-vm-read", &v]), probe::EPERM);
-    assert_eq!(p(&["process-vm-read", &daemon]), probe::EPERM);
-    // Stealing a descriptor (a BPF link, the control socket) of the daemon.
-    assert_eq!(p(&["pidfd-getfd", &daemon, "3"]), probe::EPERM);
     assert_ne!(p(&["proc-mem", &v]), probe::OK);
     assert_ne!(p(&["proc-mem", &daemon]), probe::OK);
     // Sanity: untagged root may do all of it.
@@ -650,16 +597,9 @@ fn icmp_ping_sockets_are_fenced() {
     // without CAP_NET_ADMIN), then sends an ICMP echo carrying data to a
     // destination no tool covers.
     for ip in ["127.0.0.1", "::1"] {
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                "researcher",
-                &["write-file", p, "0 0", "ping", ip]
-            ),
-            probe::EPERM,
-            "icmp echo to {ip}"
-        );
+        // An ICMP echo to `ip`.
+        d.launch("acme", "researcher")
+            .expect_probe(&["write-file", p, "0 0", "ping", ip], probe::EPERM);
     }
 }
 
@@ -709,10 +649,8 @@ fn vsock_connect_is_fenced() {
         eprintln!("no vsock loopback transport here: {}", text(&out.stdout));
         return;
     }
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["vsock-connect", "1", &port]),
-        probe::EPERM
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["vsock-connect", "1", &port], probe::EPERM);
 }
 
 #[test]
@@ -726,15 +664,14 @@ fn a_strict_agent_cannot_signal_the_daemon() {
     let group = format!("-{daemon}");
     // The daemon's pid, its process group, and "everyone" (-1) are refused
     // by the launcher's seccomp filter, for SIGKILL, SIGTERM and SIGSTOP.
+    let researcher = d.launch("acme", "researcher");
     for target in [daemon.as_str(), group.as_str(), "-1"] {
         for sig in ["9", "15", "19"] {
-            let code = run_probe(
-                d,
-                "acme",
-                "researcher",
+            // kill(target, sig), then a denied connect.
+            researcher.expect_probe(
                 &["kill", target, sig, "tcp", "127.0.0.1", &s.o],
+                probe::EPERM,
             );
-            assert_eq!(code, probe::EPERM, "kill({target}, {sig})");
         }
     }
     // Any of its threads (a signal to one kills the process), and through
@@ -746,27 +683,16 @@ fn a_strict_agent_cannot_signal_the_daemon() {
         .collect();
     assert!(tids.len() >= 2, "the daemon has worker threads: {tids:?}");
     for tid in &tids {
-        let code = run_probe(
-            d,
-            "acme",
-            "researcher",
-            &["tkill", tid, "9", "tcp", "127.0.0.1", &s.o],
-        );
-        assert_eq!(code, probe::EPERM, "tkill({tid}, 9)");
+        researcher.expect_probe(&["tkill", tid, "9", "tcp", "127.0.0.1", &s.o], probe::EPERM);
     }
-    let code = run_probe(
-        d,
-        "acme",
-        "researcher",
+    // pidfd_send_signal.
+    researcher.expect_probe(
         &["pidfd-kill", &daemon, "9", "tcp", "127.0.0.1", &s.o],
+        probe::EPERM,
     );
-    assert_eq!(code, probe::EPERM, "pidfd_send_signal");
     // The daemon is still there and still fencing.
     assert!(d.cli(&["status"]).status.success(), "daemon survived");
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["tcp", "127.0.0.1", &s.o]),
-        probe::EPERM
-    );
+    researcher.expect_probe(&["tcp", "127.0.0.1", &s.o], probe::EPERM);
 }
 
 #[test]
@@ -779,13 +705,10 @@ fn killing_the_daemon_does_not_free_a_tagged_process() {
     let s = setup();
     let d = &s.d;
     let daemon = d.pid().to_string();
-    let code = run_probe(
-        d,
-        "acme",
-        "lab",
+    d.launch("acme", "lab").expect_probe(
         &["kill", &daemon, "9", "tcp", "127.0.0.1", &s.o],
+        probe::EPERM,
     );
-    assert_eq!(code, probe::EPERM);
 }
 
 #[test]
@@ -829,37 +752,23 @@ fn a_strict_agent_cannot_open_non_ip_sockets() {
     }
     let s = setup();
     let d = &s.d;
-    // AF_VSOCK, AF_PACKET, AF_XDP, AF_KEY and AF_BRIDGE would reach out
-    // without the inet hooks; strict seccomp refuses the families.
-    for (family, ty) in [
-        ("40", "stream"),
-        ("17", "dgram"),
-        ("44", "dgram"),
-        ("15", "dgram"),
-        ("7", "dgram"),
-    ] {
-        assert_eq!(
-            run_probe(d, "acme", "researcher", &["socket-family", family, ty]),
-            probe::EPERM,
-            "family {family}"
-        );
-    }
-    // Unix, inet, inet6 and netlink stay usable.
-    for family in ["1", "2", "10"] {
-        assert_eq!(
-            run_probe(
-                d,
-                "acme",
-                "researcher",
-                &["socket-family", family, "stream"]
-            ),
-            probe::OK,
-            "family {family}"
-        );
-    }
-    assert_eq!(
-        run_probe(d, "acme", "researcher", &["socket-family", "16", "dgram"]),
-        probe::OK
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            // AF_VSOCK, AF_PACKET, AF_XDP, AF_KEY and AF_BRIDGE would reach
+            // out without the inet hooks; strict seccomp refuses the families.
+            (&["socket-family", "40", "stream"], probe::EPERM),
+            (&["socket-family", "17", "dgram"], probe::EPERM),
+            (&["socket-family", "44", "dgram"], probe::EPERM),
+            (&["socket-family", "15", "dgram"], probe::EPERM),
+            (&["socket-family", "7", "dgram"], probe::EPERM),
+            // Unix, inet, inet6 and netlink stay usable.
+            (&["socket-family", "1", "stream"], probe::OK),
+            (&["socket-family", "2", "stream"], probe::OK),
+            (&["socket-family", "10", "stream"], probe::OK),
+            (&["socket-family", "16", "dgram"], probe::OK),
+        ],
     );
     // Without hardening the family check is not there (documented gap).
     assert_ne!(
@@ -901,18 +810,17 @@ fn a_connection_left_by_an_exited_child_cannot_carry_control_verbs() {
     for mode in ["parent-writes", "child-writes"] {
         for req in [r#"{"op":"status"}"#, r#"{"op":"suspend","tenant":"acme"}"#] {
             for agent in ["researcher", "lab"] {
-                let code = run_probe(
-                    d,
+                d.expect_probes(
                     "acme",
                     agent,
-                    &["control-dead-peer", &abstract_name, req, mode],
-                );
-                assert_eq!(code, probe::EPERM, "{agent} {mode} {req}");
-                let code = run_probe(d, "acme", agent, &["control-dead-peer", sock, req, mode]);
-                assert_eq!(
-                    code,
-                    probe::OTHER,
-                    "path connect refused: {agent} {mode} {req}"
+                    &[
+                        (
+                            &["control-dead-peer", &abstract_name, req, mode],
+                            probe::EPERM,
+                        ),
+                        // The path connect is refused.
+                        (&["control-dead-peer", sock, req, mode], probe::OTHER),
+                    ],
                 );
             }
         }
@@ -943,16 +851,14 @@ fn protocols_that_bypass_the_send_hooks_are_refused() {
         assert_ne!(code, probe::OK, "{ty} {proto} must not be creatable");
     }
     // TCP, MPTCP, UDP and UDP-Lite stay usable.
-    for (ty, proto) in [
-        ("stream", "6"),
-        ("stream", "262"),
-        ("dgram", "17"),
-        ("dgram", "136"),
-    ] {
-        assert_eq!(
-            run_probe(d, "acme", "lab", &["socket-family", "2", ty, proto]),
-            probe::OK,
-            "{ty} {proto}"
-        );
-    }
+    d.expect_probes(
+        "acme",
+        "lab",
+        &[
+            (&["socket-family", "2", "stream", "6"], probe::OK),
+            (&["socket-family", "2", "stream", "262"], probe::OK),
+            (&["socket-family", "2", "dgram", "17"], probe::OK),
+            (&["socket-family", "2", "dgram", "136"], probe::OK),
+        ],
+    );
 }
