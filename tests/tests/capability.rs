@@ -81,15 +81,11 @@ fn a_grant_opens_a_tool_until_it_expires_even_while_the_daemon_is_frozen() {
     }
     let p = Ports::new();
     let d = Daemon::start(&policy(&p).build());
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.p()], probe::EPERM);
     let id = grant(&d, &["--tool", "payments", "--ttl", "2s"]);
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::OK
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.p()], probe::OK);
     // A process started now calls after the TTL, while the daemon is
     // stopped: only the kernel can refuse it.
     let late = spawn_probe(
@@ -145,17 +141,14 @@ fn a_grant_with_one_use_allows_exactly_once() {
         1,
         "uses left, as the kernel counts them"
     );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "127.0.0.1", &p.p()], probe::OK),
+            (&["tcp", "127.0.0.1", &p.p()], probe::EPERM),
+            (&["tcp", "127.0.0.1", &p.p()], probe::EPERM),
+        ],
     );
     let recs = d.wait_audit("acme", "uses_exhausted", |r| {
         connects(r)
@@ -174,10 +167,8 @@ fn a_grant_with_one_use_allows_exactly_once() {
     );
     assert_eq!(c[0]["grant"], id.as_str());
     // A refused call never spends a use, and the base tool is unaffected.
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::OK
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::OK);
     assert!(
         d.status()["grants"]
             .as_array()
@@ -200,10 +191,8 @@ fn revoke_takes_effect_before_the_command_returns() {
         "researcher",
         &["after", "1500", "tcp", "127.0.0.1", &p.p()],
     );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::OK
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.p()], probe::OK);
     let status = d.status();
     assert_eq!(status["grants"][0]["id"].to_string(), id, "{status:#}");
     assert!(
@@ -211,16 +200,9 @@ fn revoke_takes_effect_before_the_command_returns() {
             .as_f64()
             .is_some_and(|s| s > 500.0)
     );
-    let out = d.cli(&["revoke", "--grant", &id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
-    );
+    d.cli_ok(&["revoke", "--grant", &id]);
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.p()], probe::EPERM);
     assert_eq!(
         wait_code(running),
         probe::EPERM,
@@ -252,33 +234,17 @@ fn a_suspended_tenant_is_denied_everything_and_resumed_allowed_again() {
         "researcher",
         &["after", "1000", "tcp", "127.0.0.1", &p.s()],
     );
-    let out = d.cli(&["suspend", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::EPERM
-    );
+    d.cli_ok(&["suspend", "--tenant", "acme"]);
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::EPERM);
     assert_eq!(wait_code(running), probe::EPERM);
     // Another tenant is untouched.
-    assert_eq!(
-        d.probe("globex", "bot", &["tcp", "127.0.0.1", &p.s()]),
-        probe::OK
-    );
+    d.launch("globex", "bot")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::OK);
     assert_eq!(d.status()["suspended"][0], "acme");
-    let out = d.cli(&["resume", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::OK
-    );
+    d.cli_ok(&["resume", "--tenant", "acme"]);
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::OK);
     let recs = d.wait_audit("acme", "suspend and resume", |r| {
         r.iter().any(|x| x["kind"] == "resume")
     });
@@ -289,15 +255,9 @@ fn a_suspended_tenant_is_denied_everything_and_resumed_allowed_again() {
     );
     assert!(recs.iter().any(|x| x["kind"] == "suspend"));
     // Agent-level suspension too, and a clear error for unknown names.
-    assert!(
-        d.cli(&["suspend", "--tenant", "acme", "--agent", "researcher"])
-            .status
-            .success()
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::EPERM
-    );
+    d.cli_ok(&["suspend", "--tenant", "acme", "--agent", "researcher"]);
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::EPERM);
     let out = d.cli(&["suspend", "--tenant", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown tenant"));
@@ -397,7 +357,7 @@ fn revoking_the_parents_grant_takes_it_from_the_sub_agent_too() {
     let later = d.sub_agent_cmd(&payer, &["after", "1500", "tcp", "127.0.0.1", &p.p()]);
     let child = d.launch("acme", "researcher").spawn(&later);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    d.cli_ok(&["revoke", "--grant", &id]);
     assert_eq!(
         wait_code(child),
         probe::EPERM,
@@ -522,10 +482,8 @@ fn divergence_is_counted_and_on_divergence_revokes() {
             .contains(r#"agent_guard_divergence_total{agent="researcher",tenant="acme"} 2"#)
     );
     // The agent itself (outside the task) is not affected.
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::OK
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.s()], probe::OK);
 }
 
 #[test]
@@ -539,17 +497,13 @@ fn a_rate_limit_allows_the_burst_and_denies_the_rest() {
         .build();
     assert!(pol.contains("rate_limit"));
     let d = Daemon::start(&pol);
-    assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["repeat", "5", "tcp", "127.0.0.1", &p.s()]
-        ),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::EPERM
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["repeat", "5", "tcp", "127.0.0.1", &p.s()], probe::OK),
+            (&["tcp", "127.0.0.1", &p.s()], probe::EPERM),
+        ],
     );
     let recs = d.wait_audit("acme", "rate limited", |r| connects(r).len() >= 6);
     let c = connects(&recs);
@@ -602,12 +556,7 @@ fn reload_under_concurrent_connects_never_allows_a_disallowed_call() {
         && Instant::now() < deadline
     {
         let f = if reloads % 2 == 0 { &fb } else { &fa };
-        let out = d.cli(&["policy", "apply", f.to_str().expect("utf-8")]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.cli_ok(&["policy", "apply", f.to_str().expect("utf-8")]);
         reloads += 1;
     }
     let _ = both.take().map(wait_code);
@@ -656,12 +605,7 @@ fn a_dropped_one_address_tool_closes_and_a_covering_prefix_still_answers() {
     let apply = |name: &str, text: &str| {
         let f = d.dir.path().join(name);
         std::fs::write(&f, text).expect("write");
-        let out = d.cli(&["policy", "apply", f.to_str().expect("utf-8")]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        d.cli_ok(&["policy", "apply", f.to_str().expect("utf-8")]);
     };
     let reach = |port: &str| d.probe("acme", "researcher", &["tcp", "127.0.0.1", port]);
     // (CAPS, CAPS_EXACT) entries: only one-address entries are mirrored, and
@@ -718,31 +662,21 @@ fn grant_errors_are_clear_and_change_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = d.cli(&[
-        "grant", "--tenant", "acme", "--agent", "ghost", "--tool", "payments", "--ttl", "1m",
-    ]);
+    let out = d.try_grant("acme", "ghost", &["--tool", "payments", "--ttl", "1m"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown agent"));
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
+    let out = d.try_grant(
         "acme",
-        "--agent",
         "researcher",
-        "--tool",
-        "payments",
-        "--ttl",
-        "soon",
-    ]);
+        &["--tool", "payments", "--ttl", "soon"],
+    );
     assert_eq!(out.status.code(), Some(2), "clap rejects a bad duration");
     assert!(
         d.status()["grants"]
             .as_array()
             .is_some_and(|g| g.is_empty())
     );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
-    );
+    d.launch("acme", "researcher")
+        .expect_probe(&["tcp", "127.0.0.1", &p.p()], probe::EPERM);
 }
 
 #[test]
@@ -788,19 +722,11 @@ fn a_process_tree_grant_reaches_that_tree_only() {
         probe::EPERM,
         "another process of the agent did not"
     );
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
+    let out = d.try_grant(
         "acme",
-        "--agent",
         "researcher",
-        "--tool",
-        "payments",
-        "--ttl",
-        "1m",
-        "--pid",
-        "1",
-    ]);
+        &["--tool", "payments", "--ttl", "1m", "--pid", "1"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not tagged"));
 }
@@ -817,13 +743,13 @@ fn a_tool_needing_two_person_approval_fails_closed() {
         .build();
     assert!(pol.contains("two-person") && pol.contains("\"search\", \"payments\""));
     let d = Daemon::start(&pol);
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.p()]),
-        probe::EPERM
-    );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &p.s()]),
-        probe::OK
+    d.expect_probes(
+        "acme",
+        "researcher",
+        &[
+            (&["tcp", "127.0.0.1", &p.p()], probe::EPERM),
+            (&["tcp", "127.0.0.1", &p.s()], probe::OK),
+        ],
     );
     let recs = d.wait_audit("acme", "approval_required", |r| connects(r).len() >= 2);
     let c = connects(&recs);
@@ -831,17 +757,7 @@ fn a_tool_needing_two_person_approval_fails_closed() {
         (c[0]["reason"].as_str(), c[0]["tool"].as_str()),
         (Some("approval_required"), Some("payments"))
     );
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--tool",
-        "payments",
-        "--ttl",
-        "1m",
-    ]);
+    let out = d.try_grant("acme", "researcher", &["--tool", "payments", "--ttl", "1m"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("two-person approval"));
 }
