@@ -78,13 +78,19 @@ impl Drop for DnsServer {
 
 /// The question's name of a query, lowercased.
 fn question_name(q: &[u8]) -> Option<String> {
+    question(q).map(|(name, _)| name)
+}
+
+/// The question's name of a query, lowercased, and the offset just past
+/// it (where qtype and qclass follow). Labels start at offset 12.
+fn question(q: &[u8]) -> Option<(String, usize)> {
     let mut i = 12;
     let mut labels = Vec::new();
     loop {
         let len = *q.get(i)? as usize;
         i += 1;
         if len == 0 {
-            return Some(labels.join("."));
+            return Some((labels.join("."), i));
         }
         labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
         i += len;
@@ -96,21 +102,10 @@ fn respond(q: &[u8], name: &str, ips: &[Ipv4Addr], ttl: u32) -> Option<Vec<u8>> 
     if q.len() < 12 {
         return None;
     }
-    // Question: labels from offset 12, then qtype and qclass.
-    let mut i = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = *q.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
-        }
-        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
-    }
+    let (asked, i) = question(q)?;
     let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
     let question = &q[12..i + 4];
-    let matches = labels.join(".") == name;
+    let matches = asked == name;
     let answers: Vec<Ipv4Addr> = if matches && qtype == 1 {
         ips.to_vec()
     } else {
@@ -141,11 +136,34 @@ fn policy(port: u16) -> Policy {
         .agent("acme", "researcher", &["search"])
 }
 
+/// A tagged TCP connect of acme/`agent` to `ip`:`port`; the probe's exit
+/// code.
+fn connect(d: &Daemon, agent: &str, ip: &str, port: &str) -> i32 {
+    d.probe("acme", agent, &["tcp", ip, port])
+}
+
+/// acme/`agent` asks `server`:53 for `name` over `mode` (`udp`,
+/// `udp-connected` or `tcp`); the probe's exit code.
+fn resolve(d: &Daemon, agent: &str, mode: &str, name: &str, server: &str) -> i32 {
+    d.probe("acme", agent, &["resolve", mode, name, server])
+}
+
+/// acme/researcher's sub-agent `reader`, given `tools`, runs the probe with
+/// `args`; its exit code and stderr.
+fn reader(d: &Daemon, tools: &str, args: &[&str]) -> (i32, String) {
+    d.sub_agent(
+        "acme",
+        "researcher",
+        &["--agent", "reader", "--tools", tools],
+        args,
+    )
+}
+
 /// Polls a tagged connect until it gives `want` (up to 15 s).
 fn eventually(d: &Daemon, ip: &str, port: &str, want: i32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        if d.probe("acme", "researcher", &["tcp", ip, port]) == want {
+        if connect(d, "researcher", ip, port) == want {
             return true;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -174,10 +192,7 @@ fn a_tool_named_by_dns_follows_its_answer() {
         eventually(&d, "127.0.0.1", &port, probe::OK),
         "resolved address becomes reachable"
     );
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.2", &port]),
-        probe::EPERM
-    );
+    assert_eq!(connect(&d, "researcher", "127.0.0.2", &port), probe::EPERM);
     assert_eq!(
         d.status()["dns"]["search.agent-guard.test"]["addresses"][0],
         "127.0.0.1"
@@ -216,23 +231,21 @@ fn per_agent_policy(port: u16) -> String {
         .build()
 }
 
-/// A daemon in per-agent DNS mode whose upstream is `dns`; also returns
-/// its proxy port.
-fn per_agent_daemon(tool_port: u16, dns: &DnsServer, grace: &str) -> (Daemon, String) {
+/// A daemon with `policy` in per-agent DNS mode whose upstream is `dns`,
+/// given `extra` arguments too; also returns its proxy port.
+fn per_agent_daemon(policy: &str, dns: &DnsServer, extra: &[&str]) -> (Daemon, String) {
     let proxy_port = free_port().to_string();
-    let d = Daemon::start_with(
-        &per_agent_policy(tool_port),
-        &[
-            "--dns-mode",
-            "per-agent",
-            "--dns-proxy-port",
-            &proxy_port,
-            "--dns-server",
-            &format!("127.0.0.1:{}", dns.port),
-            "--dns-grace",
-            grace,
-        ],
-    );
+    let upstream = format!("127.0.0.1:{}", dns.port);
+    let mut args = vec![
+        "--dns-mode",
+        "per-agent",
+        "--dns-proxy-port",
+        &proxy_port,
+        "--dns-server",
+        &upstream,
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::start_with(policy, &args);
     (d, proxy_port)
 }
 
@@ -248,26 +261,24 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     let port = tool.port.to_string();
     let name = "search.agent-guard.test";
     let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
-    let (d, proxy_port) = per_agent_daemon(tool.port, &dns, "1s");
+    let (d, proxy_port) =
+        per_agent_daemon(&per_agent_policy(tool.port), &dns, &["--dns-grace", "1s"]);
     assert_eq!(d.status()["dns_mode"], "per-agent");
 
     // Nothing is open before the agent asks: the daemon does not resolve
     // the name for everyone.
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
-        probe::EPERM
-    );
+    assert_eq!(connect(&d, "researcher", "127.0.0.1", &port), probe::EPERM);
     // The agent believes it asks 127.0.0.1:53; the kernel sends it to its
     // own proxy address, and the reply still comes "from" 127.0.0.1:53.
     for mode in ["udp", "udp-connected", "tcp"] {
         assert_eq!(
-            d.probe("acme", "researcher", &["resolve", mode, name, "127.0.0.1"]),
+            resolve(&d, "researcher", mode, name, "127.0.0.1"),
             probe::OK,
             "{mode}"
         );
     }
     assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
+        connect(&d, "researcher", "127.0.0.1", &port),
         probe::OK,
         "the answered address is open to the agent that asked"
     );
@@ -282,40 +293,30 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     // (the kernel refuses a v4-mapped rewrite there), so it is refused.
     for mode in ["udp-connected", "tcp"] {
         assert_eq!(
-            d.probe("acme", "researcher", &["resolve", mode, name, "::1"]),
+            resolve(&d, "researcher", mode, name, "::1"),
             probe::OK,
             "{mode} over IPv6"
         );
     }
     assert_eq!(
-        d.probe("acme", "researcher", &["resolve", "udp", name, "::1"]),
+        resolve(&d, "researcher", "udp", name, "::1"),
         probe::EPERM,
         "unconnected IPv6 sendto to port 53"
     );
     // Another agent of the same tenant without the tool: refused, and the
     // researcher's answer opens nothing for it.
     assert_eq!(
-        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        resolve(&d, "writer", "udp", name, "127.0.0.1"),
         probe::REFUSED
     );
-    assert_eq!(
-        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
-        probe::EPERM
-    );
+    assert_eq!(connect(&d, "writer", "127.0.0.1", &port), probe::EPERM);
     // Monitor mode: answered (the agent keeps working) but recorded as
     // would_deny, and nothing is opened for it.
-    assert_eq!(
-        d.probe("acme", "watcher", &["resolve", "udp", name, "127.0.0.1"]),
-        probe::OK
-    );
+    assert_eq!(resolve(&d, "watcher", "udp", name, "127.0.0.1"), probe::OK);
     // A name no tool names never leaves the node (no DNS tunnel).
     let secret = "c2VjcmV0.exfil.agent-guard.test";
     assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["resolve", "udp", secret, "127.0.0.1"]
-        ),
+        resolve(&d, "researcher", "udp", secret, "127.0.0.1"),
         probe::REFUSED
     );
     let secret_lc = secret.to_ascii_lowercase();
@@ -326,11 +327,7 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     );
     // Nor can the agent talk to the proxy address of another subject.
     assert_eq!(
-        d.probe(
-            "acme",
-            "researcher",
-            &["resolve", "udp", name, "127.64.0.250"]
-        ),
+        resolve(&d, "researcher", "udp", name, "127.64.0.250"),
         probe::OK,
         "a DNS call to any address goes to the caller's own proxy"
     );
@@ -359,7 +356,7 @@ fn per_agent_dns_opens_only_what_the_agent_itself_resolved() {
     // The answer's TTL is 1 s, grace 1 s: then the address closes again.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let r = d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]);
+        let r = connect(&d, "researcher", "127.0.0.1", &port);
         if r == probe::EPERM {
             break;
         }
@@ -417,9 +414,9 @@ fn per_agent_dns_follows_grants() {
     let port = tool.port.to_string();
     let name = "search.agent-guard.test";
     let dns = DnsServer::start(name, Ipv4Addr::new(127, 0, 0, 1));
-    let (d, _) = per_agent_daemon(tool.port, &dns, "30s");
+    let (d, _) = per_agent_daemon(&per_agent_policy(tool.port), &dns, &["--dns-grace", "30s"]);
     assert_eq!(
-        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        resolve(&d, "writer", "udp", name, "127.0.0.1"),
         probe::REFUSED
     );
     let out = d.cli(&[
@@ -431,28 +428,14 @@ fn per_agent_dns_follows_grants() {
         String::from_utf8_lossy(&out.stderr)
     );
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert_eq!(
-        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
-        probe::OK
-    );
-    assert_eq!(
-        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
-        probe::OK
-    );
+    assert_eq!(resolve(&d, "writer", "udp", name, "127.0.0.1"), probe::OK);
+    assert_eq!(connect(&d, "writer", "127.0.0.1", &port), probe::OK);
     // Sub-agents resolve as themselves: only what their narrower set
     // names, and their parent's answers open nothing for them.
-    let resolve = ["resolve", "udp", name, "127.0.0.1"];
-    assert_eq!(d.probe("acme", "researcher", &resolve), probe::OK);
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
-        probe::OK
-    );
-    let (code, err) = d.sub_agent(
-        "acme",
-        "researcher",
-        &["--agent", "reader", "--tools", ""],
-        &resolve,
-    );
+    let query = ["resolve", "udp", name, "127.0.0.1"];
+    assert_eq!(d.probe("acme", "researcher", &query), probe::OK);
+    assert_eq!(connect(&d, "researcher", "127.0.0.1", &port), probe::OK);
+    let (code, err) = reader(&d, "", &query);
     assert_eq!(code, probe::REFUSED, "sub-agent without the tool: {err}");
     // Asking outside its declared tools is divergence, like a refused call.
     d.wait_audit("acme", "divergent DNS query", |r| {
@@ -462,32 +445,19 @@ fn per_agent_dns_follows_grants() {
                 && x["divergence"] == true
         })
     });
-    let (code, err) = d.sub_agent(
-        "acme",
-        "researcher",
-        &["--agent", "reader", "--tools", "search"],
-        &["tcp", "127.0.0.1", &port],
-    );
+    let (code, err) = reader(&d, "search", &["tcp", "127.0.0.1", &port]);
     assert_eq!(
         code,
         probe::EPERM,
         "parent's answer is not the child's: {err}"
     );
-    let (code, err) = d.sub_agent(
-        "acme",
-        "researcher",
-        &["--agent", "reader", "--tools", "search"],
-        &resolve,
-    );
+    let (code, err) = reader(&d, "search", &query);
     assert_eq!(code, probe::OK, "sub-agent with the tool: {err}");
     // Revoking the grant closes the learned address at once.
     assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    assert_eq!(connect(&d, "writer", "127.0.0.1", &port), probe::EPERM);
     assert_eq!(
-        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
-        probe::EPERM
-    );
-    assert_eq!(
-        d.probe("acme", "writer", &["resolve", "udp", name, "127.0.0.1"]),
+        resolve(&d, "writer", "udp", name, "127.0.0.1"),
         probe::REFUSED
     );
 }
@@ -507,61 +477,43 @@ fn per_agent_dns_cache_shares_answers_not_decisions() {
     let name = "search.agent-guard.test";
     // TTL 60 s: the second agent's question comes well within it.
     let dns = DnsServer::start_with_ttl(name, Ipv4Addr::new(127, 0, 0, 1), 60);
-    let proxy_port = free_port().to_string();
-    let d = Daemon::start_with(
+    let (d, _) = per_agent_daemon(
         &policy(tool.port)
             .agent("acme", "analyst", &["search"])
             .agent("acme", "writer", &[])
             .build(),
-        &[
-            "--dns-mode",
-            "per-agent",
-            "--dns-proxy-port",
-            &proxy_port,
-            "--dns-server",
-            &format!("127.0.0.1:{}", dns.port),
-            "--dns-cache-entries",
-            "100",
-        ],
+        &dns,
+        &["--dns-cache-entries", "100"],
     );
     let asked_upstream = || dns.asked().iter().filter(|n| *n == name).count();
-    let resolve = ["resolve", "udp", name, "127.0.0.1"];
+    let query = ["resolve", "udp", name, "127.0.0.1"];
 
     // The researcher asks first: a miss, asked upstream, opened for it.
-    assert_eq!(d.probe("acme", "researcher", &resolve), probe::OK);
+    assert_eq!(d.probe("acme", "researcher", &query), probe::OK);
     assert_eq!(asked_upstream(), 1);
-    assert_eq!(
-        d.probe("acme", "researcher", &["tcp", "127.0.0.1", &port]),
-        probe::OK
-    );
+    assert_eq!(connect(&d, "researcher", "127.0.0.1", &port), probe::OK);
     // The upstream's answer changes; the cache still has the first one.
     dns.set(&[Ipv4Addr::new(127, 0, 0, 2)]);
 
     // The analyst may resolve the name too, but has not: nothing is open
     // for it although the answer sits in the cache.
-    assert_eq!(
-        d.probe("acme", "analyst", &["tcp", "127.0.0.1", &port]),
-        probe::EPERM
-    );
+    assert_eq!(connect(&d, "analyst", "127.0.0.1", &port), probe::EPERM);
     // Its question is answered from the cache (upstream not asked) and the
     // answered address is opened for it before the reply.
     for mode in ["udp", "udp-connected", "tcp"] {
         assert_eq!(
-            d.probe("acme", "analyst", &["resolve", mode, name, "127.0.0.1"]),
+            resolve(&d, "analyst", mode, name, "127.0.0.1"),
             probe::OK,
             "{mode}"
         );
     }
     assert_eq!(asked_upstream(), 1, "the analyst's questions hit the cache");
-    assert_eq!(
-        d.probe("acme", "analyst", &["tcp", "127.0.0.1", &port]),
-        probe::OK
-    );
+    assert_eq!(connect(&d, "analyst", "127.0.0.1", &port), probe::OK);
     // Only what each agent was answered: 127.0.0.2 (the upstream's new
     // answer, given to nobody) is open for neither.
     for agent in ["researcher", "analyst"] {
         assert_eq!(
-            d.probe("acme", agent, &["tcp", "127.0.0.2", &port]),
+            connect(&d, agent, "127.0.0.2", &port),
             probe::EPERM,
             "{agent}"
         );
@@ -570,15 +522,12 @@ fn per_agent_dns_cache_shares_answers_not_decisions() {
     // cached answer opened nothing for it.
     for mode in ["udp", "tcp"] {
         assert_eq!(
-            d.probe("acme", "writer", &["resolve", mode, name, "127.0.0.1"]),
+            resolve(&d, "writer", mode, name, "127.0.0.1"),
             probe::REFUSED,
             "{mode}"
         );
     }
-    assert_eq!(
-        d.probe("acme", "writer", &["tcp", "127.0.0.1", &port]),
-        probe::EPERM
-    );
+    assert_eq!(connect(&d, "writer", "127.0.0.1", &port), probe::EPERM);
     assert_eq!(asked_upstream(), 1);
 
     let st = d.status();
