@@ -28,18 +28,28 @@ struct Setup {
     keys: tempfile::TempDir,
 }
 
-fn keygen(dir: &Path, name: &str) -> String {
-    let out = Command::new(agent_guard_bin())
-        .args(["token", "keygen", "--out"])
-        .arg(dir.join(name))
-        .output()
-        .expect("keygen");
+/// Runs `cmd` (`what` names it if it cannot start); its stdout, asserting
+/// it exits 0.
+fn stdout_of(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().expect(what);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn keygen(dir: &Path, name: &str) -> String {
+    let mut cmd = Command::new(agent_guard_bin());
+    cmd.args(["token", "keygen", "--out"]).arg(dir.join(name));
+    stdout_of(&mut cmd, "keygen").trim().to_string()
+}
+
+/// The test's directory is 0700; the orchestrator must reach the socket.
+fn open_socket_dir(d: &Daemon) {
+    let dir = d.socket.parent().expect("socket dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
 }
 
 fn setup() -> Setup {
@@ -95,9 +105,7 @@ tools = ["search", "other"]
             "0s",
         ],
     );
-    // The test's directory is 0700; the orchestrator must reach the socket.
-    let dir = d.socket.parent().expect("socket dir");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    open_socket_dir(&d);
     Setup {
         d,
         tool,
@@ -113,18 +121,19 @@ impl Setup {
 
     /// `token issue` with `args`, written to a file the orchestrator can read.
     fn token(&self, key: &str, args: &[&str]) -> PathBuf {
-        let out = Command::new(agent_guard_bin())
-            .args(["token", "issue", "--key"])
+        let mut cmd = Command::new(agent_guard_bin());
+        cmd.args(["token", "issue", "--key"])
             .arg(self.key(key))
-            .args(args)
-            .output()
-            .expect("issue");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.write_token(&String::from_utf8_lossy(&out.stdout))
+            .args(args);
+        self.write_token(&stdout_of(&mut cmd, "issue"))
+    }
+
+    /// A token for acme/researcher with audience `aud`, signed with `key`,
+    /// with `extra` arguments to `token issue`.
+    fn researcher_token(&self, key: &str, aud: &str, extra: &[&str]) -> PathBuf {
+        let mut args = vec!["--tenant", "acme", "--agent", "researcher", "--aud", aud];
+        args.extend_from_slice(extra);
+        self.token(key, &args)
     }
 
     fn write_token(&self, text: &str) -> PathBuf {
@@ -138,9 +147,24 @@ impl Setup {
     }
 
     /// `run --token FILE -- probe ARGS` as (`uid`, primary `gid`).
-    fn launch(&self, uid: u32, gid: u32, token: &Path, probe_args: &[&str]) -> Output {
+    fn launch(&self, uid: u32, gid: u32, token: &Path, probe_args: &[String]) -> Output {
+        self.launch_with(uid, gid, &[], token, probe_args)
+    }
+
+    /// `run RUN_ARGS --socket S --token FILE -- probe ARGS` as (`uid`,
+    /// primary `gid`).
+    fn launch_with(
+        &self,
+        uid: u32,
+        gid: u32,
+        run_args: &[&str],
+        token: &Path,
+        probe_args: &[String],
+    ) -> Output {
         let mut cmd = Command::new(agent_guard_bin());
-        cmd.args(["run", "--socket"])
+        cmd.arg("run")
+            .args(run_args)
+            .arg("--socket")
             .arg(&self.d.socket)
             .arg("--token")
             .arg(token)
@@ -178,33 +202,18 @@ fn an_unprivileged_orchestrator_launches_a_fenced_agent_with_a_token() {
         return;
     }
     let s = setup();
-    let t = s.token(
+    let t = s.researcher_token(
         "acme.key",
-        &[
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--aud",
-            NODE,
-            "--on-behalf-of",
-            "alice@example.com",
-            "--jti",
-            "launch-1",
-        ],
+        NODE,
+        &["--on-behalf-of", "alice@example.com", "--jti", "launch-1"],
     );
     let args = s.connect(s.tool.port);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = s.launch(ORCH_UID, CONTROL_GID, &t, &args);
     assert_eq!(code(&out), probe::OK, "{}", stderr(&out));
     // A second key of the same tenant works too (rotation), and the fence
     // holds for a token launch as for any.
-    let t2 = s.token(
-        "acme2.key",
-        &["--tenant", "acme", "--agent", "researcher", "--aud", "*"],
-    );
+    let t2 = s.researcher_token("acme2.key", "*", &[]);
     let args = s.connect(s.other.port);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = s.launch(ORCH_UID, CONTROL_GID, &t2, &args);
     assert_eq!(
         code(&out),
@@ -253,35 +262,13 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_record() {
         return;
     }
     let mut s = setup();
-    let base = ["--tenant", "acme", "--agent", "researcher", "--aud", NODE];
-    let with = |extra: &[&str]| -> Vec<String> {
-        base.iter().chain(extra).map(|x| x.to_string()).collect()
-    };
-    let issue = |key: &str, args: Vec<String>| {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        s.token(key, &a)
-    };
-    let good = issue("acme.key", with(&["--jti", "once"]));
-    let forged_tenant = issue("globex.key", with(&["--jti", "x1"]));
-    let expired = issue("acme.key", with(&["--valid-for", "1s", "--jti", "x2"]));
-    let early = issue("acme.key", with(&["--not-before", "1h", "--jti", "x3"]));
-    let elsewhere = {
-        let a = [
-            "--tenant",
-            "acme",
-            "--agent",
-            "researcher",
-            "--aud",
-            "node-9",
-            "--jti",
-            "x4",
-        ];
-        s.token("acme.key", &a)
-    };
-    let too_many_tools = issue(
-        "acme.key",
-        with(&["--tools", "search,other", "--jti", "x5"]),
-    );
+    let issue = |key: &str, extra: &[&str]| s.researcher_token(key, NODE, extra);
+    let good = issue("acme.key", &["--jti", "once"]);
+    let forged_tenant = issue("globex.key", &["--jti", "x1"]);
+    let expired = issue("acme.key", &["--valid-for", "1s", "--jti", "x2"]);
+    let early = issue("acme.key", &["--not-before", "1h", "--jti", "x3"]);
+    let elsewhere = s.researcher_token("acme.key", "node-9", &["--jti", "x4"]);
+    let too_many_tools = issue("acme.key", &["--tools", "search,other", "--jti", "x5"]);
     let unknown_agent = {
         let a = [
             "--tenant", "acme", "--agent", "ghost", "--aud", NODE, "--jti", "x6",
@@ -309,7 +296,6 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_record() {
     std::thread::sleep(std::time::Duration::from_millis(2100));
 
     let args = s.connect(s.tool.port);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let cases: [(&Path, &str, &str); 9] = [
         (
             &forged_tenant,
@@ -341,11 +327,10 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_record() {
     let out = s.launch(ORCH_UID, CONTROL_GID, &good, &args);
     assert_eq!(code(&out), 125);
     assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
-    let fresh = issue("acme.key", with(&["--jti", "fresh"]));
+    let fresh = issue("acme.key", &["--jti", "fresh"]);
     s.d.stop();
     s.d.restart();
-    let dir = s.d.socket.parent().expect("socket dir");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    open_socket_dir(&s.d);
     let out = s.launch(ORCH_UID, CONTROL_GID, &good, &args);
     assert_eq!(code(&out), 125, "a restart must not reopen a used token");
     assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
@@ -438,10 +423,7 @@ fn a_launcher_in_its_own_cgroup_namespace_confirms_its_fencing() {
         return;
     }
     let s = setup();
-    let t = s.token(
-        "acme.key",
-        &["--tenant", "acme", "--agent", "researcher", "--aud", NODE],
-    );
+    let t = s.researcher_token("acme.key", NODE, &[]);
     // The namespace's root is a cgroup of the test's own, a sibling of the
     // agent cgroups: once moved, the launcher sees `/../...`.
     let ns_root =
@@ -480,31 +462,15 @@ fn tenant_and_agent_given_with_a_token_must_be_the_tokens() {
     }
     let s = setup();
     let launch = |tenant: &str, agent: &str, jti: &str| {
-        let t = s.token(
-            "acme.key",
-            &[
-                "--tenant",
-                "acme",
-                "--agent",
-                "researcher",
-                "--aud",
-                NODE,
-                "--jti",
-                jti,
-            ],
-        );
-        Command::new(agent_guard_bin())
-            .args(["run", "--tenant", tenant, "--agent", agent, "--socket"])
-            .arg(&s.d.socket)
-            .arg("--token")
-            .arg(&t)
-            .arg("--")
-            .arg(probe_bin())
-            .args(["tcp", "127.0.0.1", &s.tool.port.to_string()])
-            .as_user(ORCH_UID, CONTROL_GID)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run")
+        let t = s.researcher_token("acme.key", NODE, &["--jti", jti]);
+        let run_args = ["--tenant", tenant, "--agent", agent];
+        s.launch_with(
+            ORCH_UID,
+            CONTROL_GID,
+            &run_args,
+            &t,
+            &s.connect(s.tool.port),
+        )
     };
     let out = launch("acme", "researcher", "named-1");
     assert_eq!(code(&out), probe::OK, "{}", stderr(&out));
