@@ -275,17 +275,11 @@ fn a_process_tree_grant_and_an_agent_grant_are_revoked_apart() {
         ids.push(grant(&d, &["--tool", "payments", "--ttl", "60s"]));
     }
     let before = agree(&d, "eight more");
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
+    let out = d.try_grant(
         "acme",
-        "--agent",
         "researcher",
-        "--tool",
-        "payments",
-        "--ttl",
-        "60s",
-    ]);
+        &["--tool", "payments", "--ttl", "60s"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("at most 8 live grants"), "{err}");

@@ -206,12 +206,7 @@ fn a_suspension_survives_a_restart() {
     let search = Listener::tcp_dual();
     let s = search.port.to_string();
     let mut d = Daemon::start(&policy(search.port, None));
-    let out = d.cli(&["suspend", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.cli_ok(&["suspend", "--tenant", "acme"]);
     d.stop();
     d.restart();
     assert_eq!(d.status()["suspended"][0], "acme");
@@ -227,12 +222,7 @@ fn a_suspension_survives_a_restart() {
         probe::EPERM,
         "still suspended after a crash and takeover"
     );
-    let out = d.cli(&["resume", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.cli_ok(&["resume", "--tenant", "acme"]);
     assert_eq!(
         d.probe("acme", "researcher", &["tcp", "127.0.0.1", &s]),
         probe::OK

@@ -290,25 +290,9 @@ fn unix_tools_follow_grants_task_scopes_and_reloads() {
         d.probe("acme", "researcher", &["unix", &other]),
         probe::EPERM
     );
-    let out = d.cli(&[
-        "grant",
-        "--tenant",
-        "acme",
-        "--agent",
-        "researcher",
-        "--tool",
-        "runtime",
-        "--ttl",
-        "5m",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let id = d.grant("acme", "researcher", &["--tool", "runtime", "--ttl", "5m"]);
     assert_eq!(d.probe("acme", "researcher", &["unix", &other]), probe::OK);
-    assert!(d.cli(&["revoke", "--grant", &id]).status.success());
+    d.revoke(id);
     assert_eq!(
         d.probe("acme", "researcher", &["unix", &other]),
         probe::EPERM
