@@ -2,7 +2,7 @@
 //! sockets on loopback, real tagged processes started by `agent-guard run`.
 
 use agent_guard_tests::{
-    Agent, Daemon, Endpoint, Listener, Policy, dump, kernel_test, probe, udp_sink,
+    Agent, Daemon, Endpoint, Launch, Listener, Policy, dump, kernel_test, probe, udp_sink,
 };
 use serde_json::Value;
 
@@ -26,6 +26,37 @@ fn policy(mode: &str, allowed_port: u16, udp_port: u16) -> String {
         .build()
 }
 
+/// A daemon in `mode` (`policy(mode, allowed, 1)`), with a listener on the
+/// port `researcher` may reach and one on a port no tool covers.
+struct Setup {
+    d: Daemon,
+    allowed: Listener,
+    other: Listener,
+    /// `allowed.port` and `other.port` as probe arguments.
+    a: String,
+    o: String,
+}
+
+fn setup(mode: &str) -> Setup {
+    let allowed = Listener::tcp_dual();
+    let other = Listener::tcp_dual();
+    let d = Daemon::start(&policy(mode, allowed.port, 1));
+    Setup {
+        d,
+        a: allowed.port.to_string(),
+        o: other.port.to_string(),
+        allowed,
+        other,
+    }
+}
+
+impl Setup {
+    /// Launches as `acme/researcher`, the agent with the `search` tool.
+    fn researcher(&self) -> Launch<'_> {
+        self.d.launch("acme", "researcher")
+    }
+}
+
 fn decisions(recs: &[Value], kind: &str) -> Vec<Value> {
     recs.iter().filter(|r| r["kind"] == kind).cloned().collect()
 }
@@ -35,21 +66,13 @@ fn allowed_endpoint_connects_and_uncovered_endpoint_gets_eperm() {
     if !kernel_test("allowed_endpoint_connects_and_uncovered_endpoint_gets_eperm") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
-    let a = allowed.port.to_string();
-    let o = other.port.to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["tcp", "127.0.0.1", &a], probe::OK),
-            (&["tcp", "127.0.0.1", &o], probe::EPERM),
-            // The same port on another loopback address is not covered by /32.
-            (&["tcp", "127.0.0.2", &a], probe::EPERM),
-        ],
-    );
+    let s = setup("enforce");
+    s.researcher().expect_probes(&[
+        (&["tcp", "127.0.0.1", &s.a], probe::OK),
+        (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
+        // The same port on another loopback address is not covered by /32.
+        (&["tcp", "127.0.0.2", &s.a], probe::EPERM),
+    ]);
 }
 
 #[test]
@@ -57,22 +80,15 @@ fn ipv6_and_ipv4_mapped_destinations_are_judged_like_their_address() {
     if !kernel_test("ipv6_and_ipv4_mapped_destinations_are_judged_like_their_address") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
-    let a = allowed.port.to_string();
-    let o = other.port.to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["tcp", "::1", &a], probe::OK),
-            (&["tcp", "::1", &o], probe::EPERM),
-            // An AF_INET6 socket to ::ffff:127.0.0.1 is judged as 127.0.0.1.
-            (&["tcp", "::ffff:127.0.0.1", &a], probe::OK),
-            (&["tcp", "::ffff:127.0.0.1", &o], probe::EPERM),
-        ],
-    );
+    let s = setup("enforce");
+    let d = &s.d;
+    s.researcher().expect_probes(&[
+        (&["tcp", "::1", &s.a], probe::OK),
+        (&["tcp", "::1", &s.o], probe::EPERM),
+        // An AF_INET6 socket to ::ffff:127.0.0.1 is judged as 127.0.0.1.
+        (&["tcp", "::ffff:127.0.0.1", &s.a], probe::OK),
+        (&["tcp", "::ffff:127.0.0.1", &s.o], probe::EPERM),
+    ]);
     let recs = d.wait_audit("acme", "4 connect records", |r| {
         decisions(r, "connect").len() >= 4
     });
@@ -98,20 +114,16 @@ fn connected_and_unconnected_udp_are_fenced() {
     let d = Daemon::start(&policy("enforce", 1, udp_port));
     let u = udp_port.to_string();
     let o = other_port.to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["udp-send", "127.0.0.1", &u], probe::OK),
-            (&["udp-send", "127.0.0.1", &o], probe::EPERM),
-            (&["udp-connect", "127.0.0.1", &u], probe::OK),
-            (&["udp-connect", "127.0.0.1", &o], probe::EPERM),
-        ],
-    );
+    let researcher = d.launch("acme", "researcher");
+    researcher.expect_probes(&[
+        (&["udp-send", "127.0.0.1", &u], probe::OK),
+        (&["udp-send", "127.0.0.1", &o], probe::EPERM),
+        (&["udp-connect", "127.0.0.1", &u], probe::OK),
+        (&["udp-connect", "127.0.0.1", &o], probe::EPERM),
+    ]);
     // The udp tool does not cover tcp on the same port.
     let _tcp = std::net::TcpListener::bind(("127.0.0.1", udp_port));
-    d.launch("acme", "researcher")
-        .expect_probe(&["tcp", "127.0.0.1", &u], probe::EPERM);
+    researcher.expect_probe(&["tcp", "127.0.0.1", &u], probe::EPERM);
     let recs = d.wait_audit("acme", "udp records", |r| {
         decisions(r, "sendmsg").len() >= 2
     });
@@ -134,28 +146,21 @@ fn forked_child_thread_and_exec_are_judged_under_the_parent_identity() {
     if !kernel_test("forked_child_thread_and_exec_are_judged_under_the_parent_identity") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
-    let a = allowed.port.to_string();
-    let o = other.port.to_string();
+    let s = setup("enforce");
+    let d = &s.d;
     for wrapper in ["fork", "thread", "exec"] {
-        d.expect_probes(
-            "acme",
-            "researcher",
-            &[
-                (&[wrapper, "tcp", "127.0.0.1", &o], probe::EPERM),
-                (&[wrapper, "tcp", "127.0.0.1", &a], probe::OK),
-            ],
-        );
+        s.researcher().expect_probes(&[
+            (&[wrapper, "tcp", "127.0.0.1", &s.o], probe::EPERM),
+            (&[wrapper, "tcp", "127.0.0.1", &s.a], probe::OK),
+        ]);
     }
     // Grandchildren too, and a shell in between.
-    d.launch("acme", "researcher").expect_probe(
-        &["fork", "fork", "thread", "tcp", "127.0.0.1", &o],
+    s.researcher().expect_probe(
+        &["fork", "fork", "thread", "tcp", "127.0.0.1", &s.o],
         probe::EPERM,
     );
     let probe_path = agent_guard_tests::probe_bin();
-    let script = format!("{} tcp 127.0.0.1 {o}", probe_path.display());
+    let script = format!("{} tcp 127.0.0.1 {}", probe_path.display(), s.o);
     let out = d.run("acme", "researcher", &["/bin/sh", "-c", &script]);
     assert_eq!(
         out.status.code(),
@@ -188,17 +193,16 @@ fn untagged_processes_are_not_affected() {
     if !kernel_test("untagged_processes_are_not_affected") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
+    let s = setup("enforce");
+    let d = &s.d;
     let probe_path = agent_guard_tests::probe_bin();
     // The test process and its plain children are untagged.
     let out = std::process::Command::new(&probe_path)
-        .args(["tcp", "127.0.0.1", &other.port.to_string()])
+        .args(["tcp", "127.0.0.1", &s.other.port.to_string()])
         .output()
         .expect("probe");
     assert_eq!(out.status.code(), Some(probe::OK));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", other.port)).is_ok());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", s.other.port)).is_ok());
     let (_s, p) = udp_sink("127.0.0.1");
     assert!(
         std::net::UdpSocket::bind("127.0.0.1:0")
@@ -215,12 +219,10 @@ fn monitor_mode_allows_and_records_would_deny() {
     if !kernel_test("monitor_mode_allows_and_records_would_deny") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("monitor", allowed.port, 1));
-    let o = other.port.to_string();
-    d.launch("acme", "researcher")
-        .expect_probe(&["tcp", "127.0.0.1", &o], probe::OK);
+    let s = setup("monitor");
+    let d = &s.d;
+    s.researcher()
+        .expect_probe(&["tcp", "127.0.0.1", &s.o], probe::OK);
     d.launch("acme", "lab").expect_probe(&["raw"], probe::OK);
     let recs = d.wait_audit("acme", "would_deny records", |r| {
         r.iter().filter(|x| x["verdict"] == "would_deny").count() >= 2
@@ -237,19 +239,12 @@ fn each_call_produces_exactly_one_audit_record_with_identity() {
     if !kernel_test("each_call_produces_exactly_one_audit_record_with_identity") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
-    let a = allowed.port.to_string();
-    let o = other.port.to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["repeat", "7", "tcp", "127.0.0.1", &a], probe::OK),
-            (&["repeat", "5", "tcp", "127.0.0.1", &o], probe::EPERM),
-        ],
-    );
+    let s = setup("enforce");
+    let d = &s.d;
+    s.researcher().expect_probes(&[
+        (&["repeat", "7", "tcp", "127.0.0.1", &s.a], probe::OK),
+        (&["repeat", "5", "tcp", "127.0.0.1", &s.o], probe::EPERM),
+    ]);
     d.wait_audit("acme", "12 connect records", |r| {
         decisions(r, "connect").len() >= 12
     });
@@ -260,11 +255,11 @@ fn each_call_produces_exactly_one_audit_record_with_identity() {
     assert_eq!(connects.len(), 12, "{}", dump(&recs));
     let allowed_recs: Vec<_> = connects
         .iter()
-        .filter(|r| r["port"] == allowed.port)
+        .filter(|r| r["port"] == s.allowed.port)
         .collect();
     let denied_recs: Vec<_> = connects
         .iter()
-        .filter(|r| r["port"] == other.port)
+        .filter(|r| r["port"] == s.other.port)
         .collect();
     assert_eq!((allowed_recs.len(), denied_recs.len()), (7, 5));
     for r in &allowed_recs {
@@ -390,21 +385,18 @@ fn a_thread_exiting_does_not_untag_its_process() {
     if !kernel_test("a_thread_exiting_does_not_untag_its_process") {
         return;
     }
-    let allowed = Listener::tcp_dual();
-    let other = Listener::tcp_dual();
-    let d = Daemon::start(&policy("enforce", allowed.port, 1));
-    let o = other.port.to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["threads-exit-then", "tcp", "127.0.0.1", &o], probe::EPERM),
-            (
-                &["threads-exit-then", "fork", "tcp", "127.0.0.1", &o],
-                probe::EPERM,
-            ),
-        ],
-    );
+    let s = setup("enforce");
+    let d = &s.d;
+    s.researcher().expect_probes(&[
+        (
+            &["threads-exit-then", "tcp", "127.0.0.1", &s.o],
+            probe::EPERM,
+        ),
+        (
+            &["threads-exit-then", "fork", "tcp", "127.0.0.1", &s.o],
+            probe::EPERM,
+        ),
+    ]);
     // Thread entries are cleaned up with their threads; the process
     // entry with its process.
     d.wait_status("no stale PROCS entries once the processes exited", 5, |s| {
