@@ -1133,6 +1133,23 @@ mod tests {
                 ..Self::default()
             })
         }
+        /// Allows `allowed`, but `learned` takes 100 ms: a reply that does
+        /// not wait for it leaves first.
+        fn slow_to_learn(allowed: &[(u32, &'static str)]) -> Arc<Self> {
+            Arc::new(Self {
+                allowed: allowed.to_vec(),
+                learn_delay: Duration::from_millis(100),
+                ..Self::default()
+            })
+        }
+        /// Allows `allowed`, but every `learned` fails (a full kernel map).
+        fn failing_to_learn(allowed: &[(u32, &'static str)]) -> Arc<Self> {
+            Arc::new(Self {
+                allowed: allowed.to_vec(),
+                fail_learning: true,
+                ..Self::default()
+            })
+        }
         fn calls(&self) -> Vec<Call> {
             lock(&self.calls).clone()
         }
@@ -1361,10 +1378,20 @@ mod tests {
     }
 
     async fn udp_ask(server: SocketAddr, m: &Message) -> Message {
-        let bytes = udp_raw(server, &m.to_vec().expect("encode"), Duration::from_secs(5))
+        udp_ask_raw(server, &m.to_vec().expect("encode")).await
+    }
+
+    /// Sends raw bytes over UDP; the DNS answer, which must come.
+    async fn udp_ask_raw(server: SocketAddr, bytes: &[u8]) -> Message {
+        let bytes = udp_raw(server, bytes, Duration::from_secs(5))
             .await
             .expect("an answer over udp");
         Message::from_vec(&bytes).expect("a DNS answer")
+    }
+
+    /// Which query a reply answers, and how.
+    fn id_and_rcode(m: &Message) -> (u16, ResponseCode) {
+        (m.id(), m.response_code())
     }
 
     async fn tcp_ask(stream: &mut TcpStream, m: &Message) -> Message {
@@ -1397,57 +1424,162 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_millis(300);
 
-    /// A proxy serving `subjects` on a random high port (retried while
-    /// taken, so tests and concurrent runs do not collide).
-    async fn start_proxy(
-        upstreams: Vec<SocketAddr>,
+    /// A proxy under test, the gate it asks, and the port its subjects'
+    /// addresses listen on. Derefs to the [`DnsProxy`].
+    struct TestProxy {
+        proxy: DnsProxy,
         gate: Arc<FakeGate>,
-        subjects: &[u32],
-        limits: Limits,
-    ) -> (DnsProxy, u16) {
-        start_caching_proxy(upstreams, gate, subjects, limits, DEFAULT_CACHE_ENTRIES).await
+        port: u16,
     }
 
-    /// [`start_proxy`] with a cache of `cache_entries` (0: none).
-    async fn start_caching_proxy(
-        upstreams: Vec<SocketAddr>,
-        gate: Arc<FakeGate>,
-        subjects: &[u32],
-        limits: Limits,
-        cache_entries: u64,
-    ) -> (DnsProxy, u16) {
-        for _ in 0..50 {
-            let port = rand::random::<u16>() % 30000 + 30000;
-            let config = ProxyConfig {
-                port,
-                upstreams: upstreams.clone(),
-                timeout: TIMEOUT,
-                cache_entries,
-            };
-            let proxy = DnsProxy::with_limits(config, gate.clone(), limits);
-            let mut ok = true;
-            for &s in subjects {
-                if let Err(e) = proxy.add_subject(s).await {
-                    assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
-                    ok = false;
-                    break;
+    impl std::ops::Deref for TestProxy {
+        type Target = DnsProxy;
+        fn deref(&self) -> &DnsProxy {
+            &self.proxy
+        }
+    }
+
+    impl TestProxy {
+        /// Serves subject 7 from `upstreams`, with the default limits and
+        /// cache.
+        async fn start(upstreams: Vec<SocketAddr>, gate: Arc<FakeGate>) -> Self {
+            Self::serving(upstreams, gate, &[7], Limits::default()).await
+        }
+
+        /// Serves `subjects` with the default cache.
+        async fn serving(
+            upstreams: Vec<SocketAddr>,
+            gate: Arc<FakeGate>,
+            subjects: &[u32],
+            limits: Limits,
+        ) -> Self {
+            Self::caching(upstreams, gate, subjects, limits, DEFAULT_CACHE_ENTRIES).await
+        }
+
+        /// Serves `subjects` with a cache of `cache_entries` (0: none), on a
+        /// random high port (retried while taken, so tests and concurrent
+        /// runs do not collide).
+        async fn caching(
+            upstreams: Vec<SocketAddr>,
+            gate: Arc<FakeGate>,
+            subjects: &[u32],
+            limits: Limits,
+            cache_entries: u64,
+        ) -> Self {
+            for _ in 0..50 {
+                let port = rand::random::<u16>() % 30000 + 30000;
+                let config = ProxyConfig {
+                    port,
+                    upstreams: upstreams.clone(),
+                    timeout: TIMEOUT,
+                    cache_entries,
+                };
+                let proxy = DnsProxy::with_limits(config, gate.clone(), limits);
+                let mut ok = true;
+                for &s in subjects {
+                    if let Err(e) = proxy.add_subject(s).await {
+                        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    return Self { proxy, gate, port };
                 }
             }
-            if ok {
-                return (proxy, port);
-            }
+            panic!("no free port for the DNS proxy");
         }
-        panic!("no free port for the DNS proxy");
+
+        /// `subject`'s resolver address.
+        fn at(&self, subject: u32) -> SocketAddr {
+            at(subject, self.port)
+        }
+
+        /// Subject 7 asks over UDP; the answer.
+        async fn ask(&self, id: u16, qname: &str, qtype: RecordType) -> Message {
+            self.ask_as(7, id, qname, qtype).await
+        }
+
+        /// `subject` asks over UDP; the answer.
+        async fn ask_as(&self, subject: u32, id: u16, qname: &str, qtype: RecordType) -> Message {
+            udp_ask(self.at(subject), &query(id, qname, qtype)).await
+        }
+
+        /// A TCP connection to `subject`'s address.
+        async fn connect(&self, subject: u32) -> TcpStream {
+            TcpStream::connect(self.at(subject)).await.expect("connect")
+        }
+    }
+
+    /// The usual set-up: a [`FakeUpstream`], and a proxy relaying to it
+    /// for subject 7, which may resolve `names`. Keep the upstream bound
+    /// (`_upstream`, not `_`): dropping it stops it.
+    async fn proxy_for(names: &[&'static str]) -> (FakeUpstream, TestProxy) {
+        let allowed: Vec<(u32, &'static str)> = names.iter().map(|n| (7, *n)).collect();
+        proxy_with(FakeGate::allowing(&allowed)).await
+    }
+
+    /// [`proxy_for`] with the gate `gate`.
+    async fn proxy_with(gate: Arc<FakeGate>) -> (FakeUpstream, TestProxy) {
+        let upstream = FakeUpstream::start().await;
+        let p = TestProxy::start(vec![upstream.addr], gate).await;
+        (upstream, p)
     }
 
     fn at(subject: u32, port: u16) -> SocketAddr {
         SocketAddr::from((subject_addr(subject), port))
     }
 
+    /// A UDP "upstream" that answers the first query it gets with
+    /// `replies(query)`, one datagram each, in order; then ends.
+    async fn one_shot_upstream(
+        replies: impl FnOnce(&[u8]) -> Vec<Vec<u8>> + Send + 'static,
+    ) -> (SocketAddr, JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let (len, peer) = socket.recv_from(&mut buf).await.expect("query");
+            for reply in replies(&buf[..len]) {
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        });
+        (addr, task)
+    }
+
     /// An address where nothing listens (UDP or TCP).
     async fn closed_port() -> SocketAddr {
         let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         s.local_addr().expect("addr")
+    }
+
+    /// `q` with EDNS, announcing room for `max_payload` bytes.
+    fn with_edns(mut q: Message, max_payload: u16) -> Message {
+        let mut edns = Edns::new();
+        edns.set_max_payload(max_payload);
+        q.set_edns(edns);
+        q
+    }
+
+    /// What the gate is told when `subject` learns one IPv4 address.
+    fn learned(subject: u32, name: &str, v4: [u8; 4], ttl: u32) -> Call {
+        Call::Learned(subject, name.into(), vec![(ip(v4), ttl)])
+    }
+
+    /// SERVFAIL, and not one address of the answer in it.
+    fn assert_fails_closed(reply: &Message) {
+        assert_eq!(reply.response_code(), ResponseCode::ServFail);
+        assert!(reply.answers().is_empty(), "no address leaks out");
+    }
+
+    /// The reply seen at `replied_at` left only after `learned()` returned
+    /// (the gate's `learn_delay` makes a reply that did not wait visible).
+    fn assert_learned_before(gate: &FakeGate, replied_at: Instant) {
+        let learned_at = lock(&gate.learned_at).expect("learned was called");
+        assert!(
+            learned_at <= replied_at,
+            "the reply left before learned() returned"
+        );
     }
 
     // ----- tests -----
@@ -1503,17 +1635,10 @@ nameserver 127.0.0.53
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn allowed_name_is_relayed_with_the_client_id_after_it_was_learned() {
-        let upstream = FakeUpstream::start().await;
-        let gate = Arc::new(FakeGate {
-            allowed: vec![(7, "a.test")],
-            learn_delay: Duration::from_millis(100),
-            ..FakeGate::default()
-        });
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_with(FakeGate::slow_to_learn(&[(7, "a.test")])).await;
 
         // Mixed case and the trailing dot are not part of the judged name.
-        let reply = udp_ask(at(7, port), &query(0x1234, "A.Test.", RecordType::A)).await;
+        let reply = p.ask(0x1234, "A.Test.", RecordType::A).await;
         let replied_at = Instant::now();
 
         assert_eq!(reply.id(), 0x1234);
@@ -1521,29 +1646,25 @@ nameserver 127.0.0.53
         assert_eq!(reply.response_code(), ResponseCode::NoError);
         assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 1])]);
         assert_eq!(
-            gate.calls(),
+            p.gate.calls(),
             vec![
                 Call::MayResolve(7, "a.test".into()),
-                Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+                learned(7, "a.test", [192, 0, 2, 1], 300),
             ]
         );
-        let learned_at = lock(&gate.learned_at).expect("learned was called");
-        assert!(
-            learned_at <= replied_at,
-            "the reply left before learned() returned"
-        );
+        assert_learned_before(&p.gate, replied_at);
         assert_eq!(upstream.udp_queries.load(Ordering::SeqCst), 1);
 
-        let reply = udp_ask(at(7, port), &query(0xbeef, "a.test", RecordType::AAAA)).await;
+        let reply = p.ask(0xbeef, "a.test", RecordType::AAAA).await;
         assert_eq!(reply.id(), 0xbeef);
         let v6: IpAddr = "2001:db8::1".parse().expect("v6");
         assert_eq!(answer_ips(&reply), vec![v6]);
         assert_eq!(
-            gate.learned().last(),
+            p.gate.learned().last(),
             Some(&Call::Learned(7, "a.test".into(), vec![(v6, 300)]))
         );
 
-        let stats = proxy.stats();
+        let stats = p.stats();
         assert_eq!(
             (stats.queries, stats.forwarded, stats.refused, stats.failed),
             (2, 2, 0, 0)
@@ -1552,12 +1673,9 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn disallowed_name_is_refused_without_asking_upstream() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["a.test"]).await;
 
-        let reply = udp_ask(at(7, port), &query(0x4242, "Evil.test", RecordType::TXT)).await;
+        let reply = p.ask(0x4242, "Evil.test", RecordType::TXT).await;
 
         assert_eq!(reply.id(), 0x4242);
         assert_eq!(reply.response_code(), ResponseCode::Refused);
@@ -1569,63 +1687,48 @@ nameserver 127.0.0.53
             query(0, "Evil.test.", RecordType::TXT).queries()
         );
         assert_eq!(
-            gate.calls(),
+            p.gate.calls(),
             vec![
                 Call::MayResolve(7, "evil.test".into()),
                 Call::Refused(7, "evil.test".into(), "TXT".into()),
             ]
         );
         assert_eq!(upstream.received(), 0);
-        assert_eq!(proxy.stats().refused, 1);
-        assert_eq!(proxy.stats().forwarded, 0);
+        assert_eq!(p.stats().refused, 1);
+        assert_eq!(p.stats().forwarded, 0);
     }
 
     #[tokio::test]
     async fn refusal_keeps_edns_for_clients_that_sent_it() {
-        let gate = FakeGate::allowing(&[]);
-        let (_proxy, port) = start_proxy(vec![], gate, &[7], Limits::default()).await;
-        let mut q = query(9, "evil.test", RecordType::A);
-        let mut edns = Edns::new();
-        edns.set_max_payload(4096);
-        q.set_edns(edns);
-        let reply = udp_ask(at(7, port), &q).await;
+        let p = TestProxy::start(vec![], FakeGate::allowing(&[])).await;
+        let q = with_edns(query(9, "evil.test", RecordType::A), 4096);
+        let reply = udp_ask(p.at(7), &q).await;
         assert_eq!(reply.response_code(), ResponseCode::Refused);
         assert!(reply.extensions().is_some());
     }
 
     #[tokio::test]
     async fn learning_failure_fails_closed_with_servfail() {
-        let upstream = FakeUpstream::start().await;
-        let gate = Arc::new(FakeGate {
-            allowed: vec![(7, "a.test")],
-            fail_learning: true,
-            ..FakeGate::default()
-        });
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (_upstream, p) = proxy_with(FakeGate::failing_to_learn(&[(7, "a.test")])).await;
 
-        let reply = udp_ask(at(7, port), &query(77, "a.test", RecordType::A)).await;
+        let reply = p.ask(77, "a.test", RecordType::A).await;
 
         assert_eq!(reply.id(), 77);
-        assert_eq!(reply.response_code(), ResponseCode::ServFail);
-        assert!(reply.answers().is_empty(), "no address leaks out");
-        assert_eq!(gate.learned().len(), 1);
-        assert_eq!(proxy.stats().failed, 1);
+        assert_fails_closed(&reply);
+        assert_eq!(p.gate.learned().len(), 1);
+        assert_eq!(p.stats().failed, 1);
     }
 
     #[tokio::test]
     async fn closed_upstream_gives_servfail_quickly() {
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (proxy, port) = start_proxy(
+        let p = TestProxy::start(
             vec![closed_port().await],
-            gate.clone(),
-            &[7],
-            Limits::default(),
+            FakeGate::allowing(&[(7, "a.test")]),
         )
         .await;
 
         let started = Instant::now();
-        let reply = udp_ask(at(7, port), &query(5, "a.test", RecordType::A)).await;
+        let reply = p.ask(5, "a.test", RecordType::A).await;
 
         assert_eq!(reply.response_code(), ResponseCode::ServFail);
         assert_eq!(reply.id(), 5);
@@ -1634,25 +1737,22 @@ nameserver 127.0.0.53
             "took {:?}",
             started.elapsed()
         );
-        assert!(gate.learned().is_empty());
-        assert_eq!(proxy.stats().failed, 1);
+        assert!(p.gate.learned().is_empty());
+        assert_eq!(p.stats().failed, 1);
     }
 
     #[tokio::test]
     async fn silent_upstream_gives_servfail_after_the_timeout() {
         // Bound but never answering.
         let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (_proxy, port) = start_proxy(
+        let p = TestProxy::start(
             vec![silent.local_addr().expect("addr")],
-            gate.clone(),
-            &[7],
-            Limits::default(),
+            FakeGate::allowing(&[(7, "a.test")]),
         )
         .await;
 
         let started = Instant::now();
-        let reply = udp_ask(at(7, port), &query(6, "a.test", RecordType::A)).await;
+        let reply = p.ask(6, "a.test", RecordType::A).await;
         let took = started.elapsed();
 
         assert_eq!(reply.response_code(), ResponseCode::ServFail);
@@ -1664,16 +1764,13 @@ nameserver 127.0.0.53
     async fn next_upstream_is_tried_when_one_fails() {
         let upstream = FakeUpstream::start().await;
         let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let gate = FakeGate::allowing(&[(7, "b.test")]);
-        let (_proxy, port) = start_proxy(
+        let p = TestProxy::start(
             vec![silent.local_addr().expect("addr"), upstream.addr],
-            gate.clone(),
-            &[7],
-            Limits::default(),
+            FakeGate::allowing(&[(7, "b.test")]),
         )
         .await;
 
-        let reply = udp_ask(at(7, port), &query(8, "b.test", RecordType::A)).await;
+        let reply = p.ask(8, "b.test", RecordType::A).await;
 
         assert_eq!(reply.response_code(), ResponseCode::NoError);
         assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 2])]);
@@ -1683,34 +1780,24 @@ nameserver 127.0.0.53
     async fn upstream_answers_with_the_wrong_id_are_ignored() {
         // An "upstream" that first answers with a forged id and a bad
         // address, then correctly.
-        let liar = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let liar_addr = liar.local_addr().expect("addr");
-        let liar_task = tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_MESSAGE];
-            let (len, peer) = liar.recv_from(&mut buf).await.expect("query");
-            let q = Message::from_vec(&buf[..len]).expect("query");
+        let (liar_addr, liar_task) = one_shot_upstream(|q| {
+            let q = Message::from_vec(q).expect("query");
             let mut forged = fake_answer(&q);
             forged.set_id(q.id().wrapping_add(1));
             forged.take_answers();
             forged.add_answer(a("b.test.", 60, [203, 0, 113, 66]));
-            let _ = liar.send_to(&forged.to_vec().expect("encode"), peer).await;
             let real = fake_answer(&q).to_vec().expect("encode");
-            let _ = liar.send_to(&real, peer).await;
-        });
-        let gate = FakeGate::allowing(&[(7, "b.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![liar_addr], gate.clone(), &[7], Limits::default()).await;
+            vec![forged.to_vec().expect("encode"), real]
+        })
+        .await;
+        let p = TestProxy::start(vec![liar_addr], FakeGate::allowing(&[(7, "b.test")])).await;
 
-        let reply = udp_ask(at(7, port), &query(10, "b.test", RecordType::A)).await;
+        let reply = p.ask(10, "b.test", RecordType::A).await;
 
         assert_eq!(answer_ips(&reply), vec![ip([192, 0, 2, 2])]);
         assert_eq!(
-            gate.learned(),
-            vec![Call::Learned(
-                7,
-                "b.test".into(),
-                vec![(ip([192, 0, 2, 2]), 30)]
-            )]
+            p.gate.learned(),
+            vec![learned(7, "b.test", [192, 0, 2, 2], 30)]
         );
         liar_task.await.expect("liar ran");
     }
@@ -1722,12 +1809,7 @@ nameserver 127.0.0.53
         // TTL 0x0161003c reads as the name "a."; a cache hit rewrites the
         // TTL, and the patched bytes would read as "." (or not parse at
         // all: found by fuzzing). Served bytes must say what was judged.
-        let odd = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let odd_addr = odd.local_addr().expect("addr");
-        let odd_task = tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_MESSAGE];
-            let (len, peer) = odd.recv_from(&mut buf).await.expect("query");
-            let q = &buf[..len];
+        let (odd_addr, odd_task) = one_shot_upstream(|q| {
             let qname_end = cache::question_name_end(q).expect("plain question");
             let mut r = q[..qname_end + 4].to_vec();
             r[2] = 0x81; // QR, RD
@@ -1743,16 +1825,22 @@ nameserver 127.0.0.53
             r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 6]);
             let parsed = Message::from_vec(&r).expect("the upstream's bytes parse");
             assert_eq!(parsed.answers()[1].name(), &name("a."));
-            let _ = odd.send_to(&r, peer).await;
-        });
-        let gate = FakeGate::allowing(&[(7, "b.test")]);
-        let (proxy, port) =
-            start_caching_proxy(vec![odd_addr], gate.clone(), &[7], Limits::default(), 16).await;
+            vec![r]
+        })
+        .await;
+        let p = TestProxy::caching(
+            vec![odd_addr],
+            FakeGate::allowing(&[(7, "b.test")]),
+            &[7],
+            Limits::default(),
+            16,
+        )
+        .await;
 
-        let fresh = udp_ask(at(7, port), &query(1, "b.test", RecordType::A)).await;
-        let cached = udp_ask(at(7, port), &query(2, "b.test", RecordType::A)).await;
+        let fresh = p.ask(1, "b.test", RecordType::A).await;
+        let cached = p.ask(2, "b.test", RecordType::A).await;
 
-        assert_eq!(proxy.stats().cache_hits, 1, "the second answer is a hit");
+        assert_eq!(p.stats().cache_hits, 1, "the second answer is a hit");
         for reply in [&fresh, &cached] {
             let owners: Vec<&Name> = reply.answers().iter().map(|r| r.name()).collect();
             assert_eq!(owners, [&name("b.test."), &name("a.")]);
@@ -1766,12 +1854,9 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn tcp_queries_share_a_connection() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test"), (7, "b.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (_upstream, p) = proxy_for(&["a.test", "b.test"]).await;
 
-        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut stream = p.connect(7).await;
         let first = tcp_ask(&mut stream, &query(1, "a.test", RecordType::A)).await;
         let second = tcp_ask(&mut stream, &query(2, "b.test", RecordType::A)).await;
         let third = tcp_ask(&mut stream, &query(3, "evil.test", RecordType::A)).await;
@@ -1784,57 +1869,41 @@ nameserver 127.0.0.53
             (second.id(), answer_ips(&second)),
             (2, vec![ip([192, 0, 2, 2])])
         );
-        assert_eq!(
-            (third.id(), third.response_code()),
-            (3, ResponseCode::Refused)
-        );
-        assert_eq!(gate.learned().len(), 2);
+        assert_eq!(id_and_rcode(&third), (3, ResponseCode::Refused));
+        assert_eq!(p.gate.learned().len(), 2);
     }
 
     #[tokio::test]
     async fn cname_chain_addresses_are_learned_under_the_asked_name() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "alias.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (_upstream, p) = proxy_for(&["alias.test"]).await;
 
-        let reply = udp_ask(at(7, port), &query(11, "alias.test", RecordType::A)).await;
+        let reply = p.ask(11, "alias.test", RecordType::A).await;
 
         // The client gets the whole answer; only the chain's address is
         // learned, not the unrelated record the upstream added.
         assert_eq!(reply.answers().len(), 4);
         assert_eq!(
-            gate.learned(),
-            vec![Call::Learned(
-                7,
-                "alias.test".into(),
-                vec![(ip([192, 0, 2, 20]), 50)]
-            )]
+            p.gate.learned(),
+            vec![learned(7, "alias.test", [192, 0, 2, 20], 50)]
         );
     }
 
     #[tokio::test]
     async fn nxdomain_is_relayed_and_nothing_is_learned() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "missing.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (_upstream, p) = proxy_for(&["missing.test"]).await;
 
-        let reply = udp_ask(at(7, port), &query(12, "missing.test", RecordType::A)).await;
+        let reply = p.ask(12, "missing.test", RecordType::A).await;
 
         assert_eq!(reply.response_code(), ResponseCode::NXDomain);
-        assert!(gate.learned().is_empty());
+        assert!(p.gate.learned().is_empty());
     }
 
     #[tokio::test]
     async fn large_answer_is_truncated_over_udp_and_complete_over_tcp() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "big.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["big.test"]).await;
 
         let raw = udp_raw(
-            at(7, port),
+            p.at(7),
             &query(13, "big.test", RecordType::A)
                 .to_vec()
                 .expect("encode"),
@@ -1853,14 +1922,14 @@ nameserver 127.0.0.53
         );
         // The proxy itself had to go to TCP upstream for the full answer.
         assert!(upstream.tcp_queries.load(Ordering::SeqCst) >= 1);
-        assert_eq!(proxy.stats().truncated, 1);
+        assert_eq!(p.stats().truncated, 1);
 
-        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut stream = p.connect(7).await;
         let full = tcp_ask(&mut stream, &query(14, "big.test", RecordType::A)).await;
         assert_eq!(full.id(), 14);
         assert!(!full.truncated());
         assert_eq!(answer_ips(&full).len(), BIG_RECORDS);
-        let Some(Call::Learned(7, name, learned)) = gate.learned().pop() else {
+        let Some(Call::Learned(7, name, learned)) = p.gate.learned().pop() else {
             panic!("nothing learned");
         };
         assert_eq!(name, "big.test");
@@ -1870,16 +1939,10 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn udp_client_edns_size_is_honoured() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "big.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (_upstream, p) = proxy_for(&["big.test"]).await;
 
-        let mut q = query(15, "big.test", RecordType::A);
-        let mut edns = Edns::new();
-        edns.set_max_payload(4096);
-        q.set_edns(edns);
-        let reply = udp_ask(at(7, port), &q).await;
+        let q = with_edns(query(15, "big.test", RecordType::A), 4096);
+        let reply = udp_ask(p.at(7), &q).await;
 
         assert!(!reply.truncated());
         assert_eq!(answer_ips(&reply).len(), BIG_RECORDS);
@@ -1888,35 +1951,26 @@ nameserver 127.0.0.53
     #[tokio::test]
     async fn two_subjects_are_told_apart_by_address() {
         let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test"), (8, "b.test")]);
-        let (proxy, port) = start_proxy(
+        let p = TestProxy::serving(
             vec![upstream.addr],
-            gate.clone(),
+            FakeGate::allowing(&[(7, "a.test"), (8, "b.test")]),
             &[7, 8],
             Limits::default(),
         )
         .await;
-        assert_eq!(proxy.subjects(), vec![7, 8]);
+        assert_eq!(p.subjects(), vec![7, 8]);
 
-        let seven_a = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
-        let eight_a = udp_ask(at(8, port), &query(2, "a.test", RecordType::A)).await;
-        let eight_b = udp_ask(at(8, port), &query(3, "b.test", RecordType::A)).await;
+        let seven_a = p.ask(1, "a.test", RecordType::A).await;
+        let eight_a = p.ask_as(8, 2, "a.test", RecordType::A).await;
+        let eight_b = p.ask_as(8, 3, "b.test", RecordType::A).await;
 
         assert_eq!(seven_a.response_code(), ResponseCode::NoError);
         assert_eq!(eight_a.response_code(), ResponseCode::Refused);
         assert_eq!(eight_b.response_code(), ResponseCode::NoError);
-        let calls = gate.calls();
-        assert!(calls.contains(&Call::Learned(
-            7,
-            "a.test".into(),
-            vec![(ip([192, 0, 2, 1]), 300)]
-        )));
+        let calls = p.gate.calls();
+        assert!(calls.contains(&learned(7, "a.test", [192, 0, 2, 1], 300)));
         assert!(calls.contains(&Call::Refused(8, "a.test".into(), "A".into())));
-        assert!(calls.contains(&Call::Learned(
-            8,
-            "b.test".into(),
-            vec![(ip([192, 0, 2, 2]), 30)]
-        )));
+        assert!(calls.contains(&learned(8, "b.test", [192, 0, 2, 2], 30)));
         assert!(
             !calls
                 .iter()
@@ -1927,49 +1981,48 @@ nameserver 127.0.0.53
     #[tokio::test]
     async fn removed_subject_is_no_longer_answered_and_can_come_back() {
         let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(9, "a.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[9], Limits::default()).await;
+        let p = TestProxy::serving(
+            vec![upstream.addr],
+            FakeGate::allowing(&[(9, "a.test")]),
+            &[9],
+            Limits::default(),
+        )
+        .await;
         // Adding again is a no-op.
-        proxy.add_subject(9).await.expect("idempotent add");
-        assert_eq!(proxy.subjects(), vec![9]);
+        p.add_subject(9).await.expect("idempotent add");
+        assert_eq!(p.subjects(), vec![9]);
         let q = query(21, "a.test", RecordType::A);
         assert_eq!(
-            udp_ask(at(9, port), &q).await.response_code(),
+            udp_ask(p.at(9), &q).await.response_code(),
             ResponseCode::NoError
         );
 
-        proxy.remove_subject(9);
-        proxy.remove_subject(9);
-        assert!(proxy.subjects().is_empty());
+        p.remove_subject(9);
+        p.remove_subject(9);
+        assert!(p.subjects().is_empty());
         // Let the runtime drop the aborted tasks (and their sockets).
         tokio::time::sleep(Duration::from_millis(50)).await;
         let bytes = q.to_vec().expect("encode");
-        assert_eq!(udp_raw(at(9, port), &bytes, TIMEOUT).await, None);
-        assert!(TcpStream::connect(at(9, port)).await.is_err());
+        assert_eq!(udp_raw(p.at(9), &bytes, TIMEOUT).await, None);
+        assert!(TcpStream::connect(p.at(9)).await.is_err());
 
-        proxy
-            .add_subject(9)
+        p.add_subject(9)
             .await
             .expect("add back on the same address");
         assert_eq!(
-            udp_ask(at(9, port), &q).await.response_code(),
+            udp_ask(p.at(9), &q).await.response_code(),
             ResponseCode::NoError
         );
     }
 
     #[tokio::test]
     async fn remove_then_add_at_once_rebinds() {
-        let gate = FakeGate::allowing(&[]);
-        let (proxy, port) = start_proxy(vec![], gate, &[10], Limits::default()).await;
+        let p = TestProxy::serving(vec![], FakeGate::allowing(&[]), &[10], Limits::default()).await;
         for _ in 0..5 {
-            proxy.remove_subject(10);
-            proxy
-                .add_subject(10)
-                .await
-                .expect("rebind right after removal");
+            p.remove_subject(10);
+            p.add_subject(10).await.expect("rebind right after removal");
         }
-        let reply = udp_ask(at(10, port), &query(1, "x.test", RecordType::A)).await;
+        let reply = p.ask_as(10, 1, "x.test", RecordType::A).await;
         assert_eq!(reply.response_code(), ResponseCode::Refused);
     }
 
@@ -1986,21 +2039,13 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn malformed_queries_get_formerr_or_nothing() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test"), (7, "evil.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
-        let server = at(7, port);
-        let wait = Duration::from_secs(2);
+        let (upstream, p) = proxy_for(&["a.test", "evil.test"]).await;
+        let server = p.at(7);
 
         // A header announcing a question that is not there.
         let cut = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        let reply = udp_raw(server, &cut, wait).await.expect("formerr");
-        let reply = Message::from_vec(&reply).expect("answer");
-        assert_eq!(
-            (reply.id(), reply.response_code()),
-            (0xabcd, ResponseCode::FormErr)
-        );
+        let reply = udp_ask_raw(server, &cut).await;
+        assert_eq!(id_and_rcode(&reply), (0xabcd, ResponseCode::FormErr));
 
         // No id to answer to.
         assert_eq!(udp_raw(server, &[0xab], TIMEOUT).await, None);
@@ -2009,10 +2054,7 @@ nameserver 127.0.0.53
         let mut empty = Message::new();
         empty.set_id(31);
         let reply = udp_ask(server, &empty).await;
-        assert_eq!(
-            (reply.id(), reply.response_code()),
-            (31, ResponseCode::FormErr)
-        );
+        assert_eq!(id_and_rcode(&reply), (31, ResponseCode::FormErr));
 
         // A question name that ends in a compression pointer into the
         // header: the upstream, sent these bytes under a new id, would read
@@ -2022,30 +2064,20 @@ nameserver 127.0.0.53
             0x00, 0x2a, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 4, b't', b'e', b's', b't',
             0xc0, 0x00, 0, 1, 0, 1,
         ];
-        let reply = udp_raw(server, &pointer, wait).await.expect("formerr");
-        let reply = Message::from_vec(&reply).expect("answer");
-        assert_eq!(
-            (reply.id(), reply.response_code()),
-            (0x2a, ResponseCode::FormErr)
-        );
+        let reply = udp_ask_raw(server, &pointer).await;
+        assert_eq!(id_and_rcode(&reply), (0x2a, ResponseCode::FormErr));
 
         // Two questions: the second would not be judged.
         let mut two = query(32, "a.test", RecordType::A);
         two.add_query(Query::query(name("evil.test"), RecordType::A));
         let reply = udp_ask(server, &two).await;
-        assert_eq!(
-            (reply.id(), reply.response_code()),
-            (32, ResponseCode::FormErr)
-        );
+        assert_eq!(id_and_rcode(&reply), (32, ResponseCode::FormErr));
 
         // Not a query.
         let mut update = query(33, "a.test", RecordType::A);
         update.set_op_code(OpCode::Update);
         let reply = udp_ask(server, &update).await;
-        assert_eq!(
-            (reply.id(), reply.response_code()),
-            (33, ResponseCode::NotImp)
-        );
+        assert_eq!(id_and_rcode(&reply), (33, ResponseCode::NotImp));
 
         // A response sent to the proxy is not answered.
         let mut response = query(34, "a.test", RecordType::A);
@@ -2054,27 +2086,26 @@ nameserver 127.0.0.53
         assert_eq!(udp_raw(server, &bytes, TIMEOUT).await, None);
 
         assert_eq!(upstream.received(), 0);
-        assert!(gate.calls().is_empty());
-        assert_eq!(proxy.stats().malformed, 7);
+        assert!(p.gate.calls().is_empty());
+        assert_eq!(p.stats().malformed, 7);
     }
 
     #[tokio::test]
     async fn tcp_connections_beyond_the_bound_are_closed() {
-        let gate = FakeGate::allowing(&[]);
         let limits = Limits {
             tcp_connections: 2,
             ..Limits::default()
         };
-        let (proxy, port) = start_proxy(vec![], gate, &[7], limits).await;
+        let p = TestProxy::serving(vec![], FakeGate::allowing(&[]), &[7], limits).await;
         let mut held = Vec::new();
         for id in 0..2 {
-            let mut s = TcpStream::connect(at(7, port)).await.expect("connect");
+            let mut s = p.connect(7).await;
             // A round trip proves the connection is being served.
             let r = tcp_ask(&mut s, &query(id, "x.test", RecordType::A)).await;
             assert_eq!(r.response_code(), ResponseCode::Refused);
             held.push(s);
         }
-        let mut third = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut third = p.connect(7).await;
         let mut buf = [0u8; 1];
         let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
             .await
@@ -2083,25 +2114,24 @@ nameserver 127.0.0.53
             matches!(read, Ok(0) | Err(_)),
             "third connection served: {read:?}"
         );
-        assert_eq!(proxy.stats().dropped, 1);
+        assert_eq!(p.stats().dropped, 1);
 
         // A freed slot is usable again.
         drop(held.pop());
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut again = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut again = p.connect(7).await;
         let r = tcp_ask(&mut again, &query(9, "x.test", RecordType::A)).await;
         assert_eq!(r.response_code(), ResponseCode::Refused);
     }
 
     #[tokio::test]
     async fn idle_tcp_connections_are_closed() {
-        let gate = FakeGate::allowing(&[]);
         let limits = Limits {
             tcp_idle: Duration::from_millis(200),
             ..Limits::default()
         };
-        let (_proxy, port) = start_proxy(vec![], gate, &[7], limits).await;
-        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let p = TestProxy::serving(vec![], FakeGate::allowing(&[]), &[7], limits).await;
+        let mut stream = p.connect(7).await;
         // Half a length prefix, then nothing.
         stream.write_all(&[0]).await.expect("write");
         let started = Instant::now();
@@ -2121,13 +2151,10 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn cached_answer_is_served_within_its_ttl_and_still_learned() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["a.test"]).await;
 
-        let first = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
-        let second = udp_ask(at(7, port), &query(2, "A.Test", RecordType::A)).await;
+        let first = p.ask(1, "a.test", RecordType::A).await;
+        let second = p.ask(2, "A.Test", RecordType::A).await;
 
         assert_eq!(upstream.received(), 1, "the second query was not sent on");
         assert_eq!(second.id(), 2);
@@ -2141,90 +2168,74 @@ nameserver 127.0.0.53
         assert!(second.recursion_available());
         assert!(!second.authoritative());
         // Judged and learned for both queries, in that order.
-        let learned = Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]);
+        let learned = learned(7, "a.test", [192, 0, 2, 1], 300);
         let ask = Call::MayResolve(7, "a.test".into());
         assert_eq!(
-            gate.calls(),
+            p.gate.calls(),
             vec![ask.clone(), learned.clone(), ask, learned]
         );
-        let stats = proxy.stats();
+        let stats = p.stats();
         assert_eq!(
             (stats.cache_hits, stats.cache_misses, stats.forwarded),
             (1, 1, 1)
         );
-        assert_eq!(*lock(&gate.cache_lookups), (1, 1));
-        assert_eq!(proxy.cache_len(), 1);
+        assert_eq!(*lock(&p.gate.cache_lookups), (1, 1));
+        assert_eq!(p.cache_len(), 1);
 
         // Over TCP too, and another type is another entry.
-        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let mut stream = p.connect(7).await;
         let third = tcp_ask(&mut stream, &query(3, "a.test", RecordType::A)).await;
         assert_eq!(answer_ips(&third), vec![ip([192, 0, 2, 1])]);
         assert_eq!(upstream.received(), 1);
-        udp_ask(at(7, port), &query(4, "a.test", RecordType::AAAA)).await;
+        p.ask(4, "a.test", RecordType::AAAA).await;
         assert_eq!(upstream.received(), 2);
     }
 
     #[tokio::test]
     async fn cached_ttls_count_down() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["a.test"]).await;
 
-        let first = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        let first = p.ask(1, "a.test", RecordType::A).await;
         assert_eq!(answer_ttls(&first), vec![300]);
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        let later = udp_ask(at(7, port), &query(2, "a.test", RecordType::A)).await;
+        let later = p.ask(2, "a.test", RecordType::A).await;
 
         assert_eq!(upstream.received(), 1);
         let ttl = answer_ttls(&later)[0];
         assert!((297..=298).contains(&ttl), "TTL {ttl} after 2 s");
         // The address is opened for what is left of the answer's life.
         assert_eq!(
-            gate.learned().last(),
-            Some(&Call::Learned(
-                7,
-                "a.test".into(),
-                vec![(ip([192, 0, 2, 1]), ttl)]
-            ))
+            p.gate.learned().last(),
+            Some(&learned(7, "a.test", [192, 0, 2, 1], ttl))
         );
     }
 
     #[tokio::test]
     async fn cached_answer_expires_with_its_ttl() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "short.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["short.test"]).await;
 
         let q = query(1, "short.test", RecordType::A);
-        let first = udp_ask(at(7, port), &q).await;
-        let hit = udp_ask(at(7, port), &q).await;
+        let first = udp_ask(p.at(7), &q).await;
+        let hit = udp_ask(p.at(7), &q).await;
         assert_eq!(upstream.received(), 1);
         assert_eq!(answer_ttls(&first), vec![1]);
         assert_eq!(answer_ttls(&hit), vec![1], "never served with TTL 0");
 
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let fresh = udp_ask(at(7, port), &q).await;
+        let fresh = udp_ask(p.at(7), &q).await;
         assert_eq!(upstream.received(), 2, "expired: asked upstream again");
         assert_eq!(answer_ips(&fresh), vec![ip([192, 0, 2, 5])]);
-        assert_eq!(
-            (proxy.stats().cache_hits, proxy.stats().cache_misses),
-            (1, 2)
-        );
+        assert_eq!((p.stats().cache_hits, p.stats().cache_misses), (1, 2));
     }
 
     #[tokio::test]
     async fn negative_answers_are_cached_for_the_soa_minimum_only_with_an_soa() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "gone.test"), (7, "empty.test"), (7, "missing.test")]);
-        let (_proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["gone.test", "empty.test", "missing.test"]).await;
 
         // NXDOMAIN with an SOA (MINIMUM 1 s): cached for 1 s.
         let gone = query(1, "gone.test", RecordType::A);
-        let first = udp_ask(at(7, port), &gone).await;
-        let hit = udp_ask(at(7, port), &gone).await;
+        let first = udp_ask(p.at(7), &gone).await;
+        let hit = udp_ask(p.at(7), &gone).await;
         assert_eq!(upstream.received(), 1);
         assert_eq!(hit.response_code(), ResponseCode::NXDomain);
         assert_eq!(first.name_servers()[0].ttl(), 60);
@@ -2234,13 +2245,13 @@ nameserver 127.0.0.53
             "the SOA says how long the name is missing (RFC 2308 §5)"
         );
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        udp_ask(at(7, port), &gone).await;
+        udp_ask(p.at(7), &gone).await;
         assert_eq!(upstream.received(), 2);
 
         // NODATA with an SOA (TTL 60, MINIMUM 30): 30 s.
         let empty = query(2, "empty.test", RecordType::AAAA);
-        udp_ask(at(7, port), &empty).await;
-        let hit = udp_ask(at(7, port), &empty).await;
+        udp_ask(p.at(7), &empty).await;
+        let hit = udp_ask(p.at(7), &empty).await;
         assert_eq!(upstream.received(), 3);
         assert_eq!(hit.response_code(), ResponseCode::NoError);
         assert!(hit.answers().is_empty());
@@ -2248,27 +2259,24 @@ nameserver 127.0.0.53
 
         // NXDOMAIN without an SOA: not cached.
         let missing = query(3, "missing.test", RecordType::A);
-        udp_ask(at(7, port), &missing).await;
-        let again = udp_ask(at(7, port), &missing).await;
+        udp_ask(p.at(7), &missing).await;
+        let again = udp_ask(p.at(7), &missing).await;
         assert_eq!(again.response_code(), ResponseCode::NXDomain);
         assert_eq!(upstream.received(), 5);
-        assert!(gate.learned().is_empty());
+        assert!(p.gate.learned().is_empty());
     }
 
     #[tokio::test]
     async fn servfail_is_never_cached() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "fail.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_for(&["fail.test"]).await;
 
         for id in 0..3 {
-            let r = udp_ask(at(7, port), &query(id, "fail.test", RecordType::A)).await;
+            let r = p.ask(id, "fail.test", RecordType::A).await;
             assert_eq!(r.response_code(), ResponseCode::ServFail);
         }
         assert_eq!(upstream.received(), 3);
-        assert_eq!(proxy.cache_len(), 0);
-        let stats = proxy.stats();
+        assert_eq!(p.cache_len(), 0);
+        let stats = p.stats();
         assert_eq!(
             (stats.cache_hits, stats.cache_misses, stats.failed),
             (0, 3, 3)
@@ -2280,10 +2288,9 @@ nameserver 127.0.0.53
         let upstream = FakeUpstream::start().await;
         let names = ["a.test", "b.test", "alias.test", "evil.test", "short.test"];
         let allowed: Vec<(u32, &'static str)> = names.iter().map(|n| (7, *n)).collect();
-        let gate = FakeGate::allowing(&allowed);
-        let (proxy, port) = start_caching_proxy(
+        let p = TestProxy::caching(
             vec![upstream.addr],
-            gate.clone(),
+            FakeGate::allowing(&allowed),
             &[7],
             Limits::default(),
             2,
@@ -2291,20 +2298,19 @@ nameserver 127.0.0.53
         .await;
         for round in 0..3 {
             for (i, n) in names.iter().enumerate() {
-                let r = udp_ask(at(7, port), &query(round * 10 + i as u16, n, RecordType::A)).await;
+                let r = p.ask(round * 10 + i as u16, n, RecordType::A).await;
                 assert_eq!(r.response_code(), ResponseCode::NoError, "{n}");
             }
         }
         // moka applies the bound in its housekeeping (batched on writes
         // and reads), so between runs a few extra entries may still hit.
-        assert!(proxy.cache_len() <= 2, "{} entries", proxy.cache_len());
-        let stats = proxy.stats();
+        assert!(p.cache_len() <= 2, "{} entries", p.cache_len());
+        let stats = p.stats();
         assert_eq!(stats.cache_hits + stats.cache_misses, 15);
 
-        let gate = FakeGate::allowing(&[(7, "a.test")]);
-        let (proxy, port) = start_caching_proxy(
+        let p = TestProxy::caching(
             vec![upstream.addr],
-            gate.clone(),
+            FakeGate::allowing(&[(7, "a.test")]),
             &[7],
             Limits::default(),
             0,
@@ -2312,16 +2318,16 @@ nameserver 127.0.0.53
         .await;
         let before = upstream.received();
         for id in 0..3 {
-            udp_ask(at(7, port), &query(id, "a.test", RecordType::A)).await;
+            p.ask(id, "a.test", RecordType::A).await;
         }
         assert_eq!(upstream.received() - before, 3);
-        let stats = proxy.stats();
+        let stats = p.stats();
         assert_eq!(
             (stats.cache_hits, stats.cache_misses, stats.cached),
             (0, 0, 0)
         );
-        assert_eq!(*lock(&gate.cache_lookups), (0, 0));
-        assert_eq!(gate.learned().len(), 3);
+        assert_eq!(*lock(&p.gate.cache_lookups), (0, 0));
+        assert_eq!(p.gate.learned().len(), 3);
     }
 
     /// The cache holds content, never a decision: a name another subject's
@@ -2331,31 +2337,26 @@ nameserver 127.0.0.53
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cached_name_is_judged_and_learned_per_subject() {
         let upstream = FakeUpstream::start().await;
-        let gate = Arc::new(FakeGate {
-            allowed: vec![(7, "a.test"), (9, "a.test")],
-            learn_delay: Duration::from_millis(100),
-            ..FakeGate::default()
-        });
-        let (proxy, port) = start_proxy(
+        let p = TestProxy::serving(
             vec![upstream.addr],
-            gate.clone(),
+            FakeGate::slow_to_learn(&[(7, "a.test"), (9, "a.test")]),
             &[7, 8, 9],
             Limits::default(),
         )
         .await;
 
-        let seven = udp_ask(at(7, port), &query(1, "a.test", RecordType::A)).await;
+        let seven = p.ask(1, "a.test", RecordType::A).await;
         assert_eq!(seven.response_code(), ResponseCode::NoError);
         assert_eq!(upstream.received(), 1);
-        assert_eq!(proxy.cache_len(), 1);
+        assert_eq!(p.cache_len(), 1);
 
         // Subject 8: cached, but not its name.
         for transport in [Transport::Udp, Transport::Tcp] {
             let q = query(2, "a.test", RecordType::A);
             let eight = match transport {
-                Transport::Udp => udp_ask(at(8, port), &q).await,
+                Transport::Udp => udp_ask(p.at(8), &q).await,
                 Transport::Tcp => {
-                    let mut s = TcpStream::connect(at(8, port)).await.expect("connect");
+                    let mut s = p.connect(8).await;
                     tcp_ask(&mut s, &q).await
                 }
             };
@@ -2371,32 +2372,28 @@ nameserver 127.0.0.53
         }
 
         // Subject 9: allowed, answered from the cache, learned for 9.
-        let nine = udp_ask(at(9, port), &query(3, "a.test", RecordType::A)).await;
+        let nine = p.ask_as(9, 3, "a.test", RecordType::A).await;
         let replied_at = Instant::now();
         assert_eq!(nine.response_code(), ResponseCode::NoError);
         assert_eq!(answer_ips(&nine), vec![ip([192, 0, 2, 1])]);
         assert_eq!(upstream.received(), 1, "9 was answered from the cache");
-        let learned_at = lock(&gate.learned_at).expect("learned was called");
-        assert!(
-            learned_at <= replied_at,
-            "the cached reply left before learned()"
-        );
+        assert_learned_before(&p.gate, replied_at);
 
-        let calls = gate.calls();
+        let calls = p.gate.calls();
         assert_eq!(
             calls,
             vec![
                 Call::MayResolve(7, "a.test".into()),
-                Call::Learned(7, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+                learned(7, "a.test", [192, 0, 2, 1], 300),
                 Call::MayResolve(8, "a.test".into()),
                 Call::Refused(8, "a.test".into(), "A".into()),
                 Call::MayResolve(8, "a.test".into()),
                 Call::Refused(8, "a.test".into(), "A".into()),
                 Call::MayResolve(9, "a.test".into()),
-                Call::Learned(9, "a.test".into(), vec![(ip([192, 0, 2, 1]), 300)]),
+                learned(9, "a.test", [192, 0, 2, 1], 300),
             ]
         );
-        let stats = proxy.stats();
+        let stats = p.stats();
         // Refusals never look at the cache.
         assert_eq!(
             (stats.cache_hits, stats.cache_misses, stats.refused),
@@ -2406,39 +2403,28 @@ nameserver 127.0.0.53
 
     #[tokio::test]
     async fn a_cached_answer_still_fails_closed_when_learning_fails() {
-        let upstream = FakeUpstream::start().await;
-        let gate = Arc::new(FakeGate {
-            allowed: vec![(7, "a.test")],
-            fail_learning: true,
-            ..FakeGate::default()
-        });
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
+        let (upstream, p) = proxy_with(FakeGate::failing_to_learn(&[(7, "a.test")])).await;
         for id in 0..2 {
-            let r = udp_ask(at(7, port), &query(id, "a.test", RecordType::A)).await;
-            assert_eq!(r.response_code(), ResponseCode::ServFail);
-            assert!(r.answers().is_empty());
+            let r = p.ask(id, "a.test", RecordType::A).await;
+            assert_fails_closed(&r);
         }
         assert_eq!(upstream.received(), 1, "the answer itself was cached");
-        assert_eq!(proxy.stats().cache_hits, 1);
-        assert_eq!(gate.learned().len(), 2);
+        assert_eq!(p.stats().cache_hits, 1);
+        assert_eq!(p.gate.learned().len(), 2);
     }
 
     #[tokio::test]
     async fn a_large_cached_answer_is_truncated_over_udp() {
-        let upstream = FakeUpstream::start().await;
-        let gate = FakeGate::allowing(&[(7, "big.test")]);
-        let (proxy, port) =
-            start_proxy(vec![upstream.addr], gate.clone(), &[7], Limits::default()).await;
-        let mut stream = TcpStream::connect(at(7, port)).await.expect("connect");
+        let (upstream, p) = proxy_for(&["big.test"]).await;
+        let mut stream = p.connect(7).await;
         let full = tcp_ask(&mut stream, &query(1, "big.test", RecordType::A)).await;
         assert_eq!(answer_ips(&full).len(), BIG_RECORDS);
 
-        let cut = udp_ask(at(7, port), &query(2, "big.test", RecordType::A)).await;
+        let cut = p.ask(2, "big.test", RecordType::A).await;
         assert_eq!(cut.id(), 2);
         assert!(cut.truncated());
         assert!(cut.answers().is_empty());
-        assert_eq!(proxy.stats().cache_hits, 1);
+        assert_eq!(p.stats().cache_hits, 1);
         // UDP (truncated), then TCP for the first query only.
         assert_eq!(upstream.received(), 2);
     }
