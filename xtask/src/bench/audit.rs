@@ -244,11 +244,22 @@ fn total_bytes(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
-pub(crate) fn audit_speed(built: &Built, records: u64, runs: u32) -> Result<AuditSpeed> {
-    let tmp = TempDir::create("agent-guard-bench-audit")?;
-    let audit_dir = tmp.0.join("audit");
-    let bin = &built.daemon;
+/// A trail `audit generate` wrote into a temporary directory, with the
+/// what-if policy beside it.
+struct Trail {
+    audit_dir: PathBuf,
+    /// The generated tenant's files, oldest first.
+    files: Vec<PathBuf>,
+    policy: PathBuf,
+    /// How long `audit generate` took.
+    generate: Duration,
+}
 
+/// Generates a trail of `records` records under `tmp` (audit files in
+/// `audit/`, daemon state in `state/`) and writes the what-if policy; an
+/// error when no audit file was written.
+fn generate_trail(bin: &Path, tmp: &TempDir, records: u64) -> Result<Trail> {
+    let audit_dir = tmp.0.join("audit");
     let mut cmd = Command::new(bin);
     cmd.args(["audit", "generate", "--records", &records.to_string()])
         .arg("--audit-dir")
@@ -265,14 +276,31 @@ pub(crate) fn audit_speed(built: &Built, records: u64, runs: u32) -> Result<Audi
             audit_dir.join(GEN_TENANT).display()
         );
     }
+    let policy = tmp.0.join("what-if.toml");
+    std::fs::write(&policy, what_if_policy())
+        .with_context(|| format!("writing {}", policy.display()))?;
+    Ok(Trail {
+        audit_dir,
+        files,
+        policy,
+        generate,
+    })
+}
+
+pub(crate) fn audit_speed(built: &Built, records: u64, runs: u32) -> Result<AuditSpeed> {
+    let tmp = TempDir::create("agent-guard-bench-audit")?;
+    let bin = &built.daemon;
+    let Trail {
+        audit_dir,
+        files,
+        policy,
+        generate,
+    } = generate_trail(bin, &tmp, records)?;
     eprintln!(
         "bench:   generated {records} records in {:.2} s",
         generate.as_secs_f64()
     );
 
-    let policy = tmp.0.join("what-if.toml");
-    std::fs::write(&policy, what_if_policy())
-        .with_context(|| format!("writing {}", policy.display()))?;
     let mut check = Command::new(bin);
     check
         .arg("policy")
@@ -498,21 +526,14 @@ fn run_measured(cmd: &mut Command, stderr_to: &Path) -> Result<(Duration, u64)> 
 
 fn replay_memory(built: &Built, records: u64) -> Result<ReplayMemory> {
     let tmp = TempDir::create("agent-guard-bench-replay")?;
-    let audit_dir = tmp.0.join("audit");
     let bin = &built.daemon;
     eprintln!("bench: part 3: replay memory at {records} records: generating the trail");
-    let mut cmd = Command::new(bin);
-    cmd.args(["audit", "generate", "--records", &records.to_string()])
-        .arg("--audit-dir")
-        .arg(&audit_dir)
-        .arg("--state-dir")
-        .arg(tmp.0.join("state"))
-        .stdout(Stdio::null());
-    let (generate, _) = run_timed(&mut cmd)?;
-    let files = audit_files(&audit_dir.join(GEN_TENANT))?;
-    let policy = tmp.0.join("what-if.toml");
-    std::fs::write(&policy, what_if_policy())
-        .with_context(|| format!("writing {}", policy.display()))?;
+    let Trail {
+        audit_dir,
+        files,
+        policy,
+        generate,
+    } = generate_trail(bin, &tmp, records)?;
     let stderr_file = tmp.0.join("replay.stderr");
     let mut runs = Vec::new();
     for (what, extra) in REPLAY_FORMS {
