@@ -144,17 +144,13 @@ fn tagged_root_cannot_call_bpf() {
     // stop a root agent from using bpf() at all (with CAP_BPF/CAP_SYS_ADMIN
     // it could detach the fence), but every connect, UDP send and raw
     // socket is still judged.
-    d.expect_probes(
-        "acme",
-        "lab",
-        &[
-            (&["bpf"], probe::OK),
-            (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
-            (&["tcp", "127.0.0.1", &s.a], probe::OK),
-            (&["udp-send", "127.0.0.1", &s.o_udp], probe::EPERM),
-            (&["raw"], probe::EPERM),
-        ],
-    );
+    d.launch("acme", "lab").expect_probes(&[
+        (&["bpf"], probe::OK),
+        (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
+        (&["tcp", "127.0.0.1", &s.a], probe::OK),
+        (&["udp-send", "127.0.0.1", &s.o_udp], probe::EPERM),
+        (&["raw"], probe::EPERM),
+    ]);
 }
 
 #[test]
@@ -166,40 +162,36 @@ fn moving_itself_out_of_its_cgroup_does_not_free_a_tagged_process() {
     let d = &s.d;
     let root = path_str(&d.cgroup_mount).to_string();
     for agent in ["lab", "researcher"] {
-        d.expect_probes(
-            "acme",
-            agent,
-            &[
-                // The probe reports OTHER when the move itself fails, so
-                // EPERM means: moved to the root cgroup, and still refused.
-                (
-                    &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
-                    probe::EPERM,
-                ),
-                (
-                    &["escape-cgroup", &root, "udp-send", "127.0.0.1", &s.o_udp],
-                    probe::EPERM,
-                ),
-                // Its rights are unchanged too.
-                (
-                    &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.a],
-                    probe::OK,
-                ),
-                // Children forked after the move, and before it.
-                (
-                    &["escape-cgroup", &root, "fork", "tcp", "127.0.0.1", &s.o],
-                    probe::EPERM,
-                ),
-                (
-                    &["fork", "escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
-                    probe::EPERM,
-                ),
-                (
-                    &["escape-cgroup", &root, "orphan", "tcp", "127.0.0.1", &s.o],
-                    probe::EPERM,
-                ),
-            ],
-        );
+        d.launch("acme", agent).expect_probes(&[
+            // The probe reports OTHER when the move itself fails, so
+            // EPERM means: moved to the root cgroup, and still refused.
+            (
+                &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
+                probe::EPERM,
+            ),
+            (
+                &["escape-cgroup", &root, "udp-send", "127.0.0.1", &s.o_udp],
+                probe::EPERM,
+            ),
+            // Its rights are unchanged too.
+            (
+                &["escape-cgroup", &root, "tcp", "127.0.0.1", &s.a],
+                probe::OK,
+            ),
+            // Children forked after the move, and before it.
+            (
+                &["escape-cgroup", &root, "fork", "tcp", "127.0.0.1", &s.o],
+                probe::EPERM,
+            ),
+            (
+                &["fork", "escape-cgroup", &root, "tcp", "127.0.0.1", &s.o],
+                probe::EPERM,
+            ),
+            (
+                &["escape-cgroup", &root, "orphan", "tcp", "127.0.0.1", &s.o],
+                probe::EPERM,
+            ),
+        ]);
     }
 }
 
@@ -275,19 +267,15 @@ fn sendmmsg_is_fenced() {
     }
     let s = setup();
     let d = &s.d;
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (
-                &["udp-sendmmsg", "127.0.0.1", &s.o_udp, &s.o_udp],
-                probe::EPERM,
-            ),
-            (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.u], probe::OK),
-            // Allowed first, then denied: the batch stops at the denied message.
-            (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.o_udp], probe::EPERM),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        (
+            &["udp-sendmmsg", "127.0.0.1", &s.o_udp, &s.o_udp],
+            probe::EPERM,
+        ),
+        (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.u], probe::OK),
+        // Allowed first, then denied: the batch stops at the denied message.
+        (&["udp-sendmmsg", "127.0.0.1", &s.u, &s.o_udp], probe::EPERM),
+    ]);
 }
 
 #[test]
@@ -297,26 +285,22 @@ fn other_udp_send_paths_are_fenced() {
     }
     let s = setup();
     let d = &s.d;
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            // IP_PKTINFO changes the source, never the judged destination.
-            (&["udp-pktinfo", "127.0.0.1", &s.o_udp], probe::EPERM),
-            (&["udp-pktinfo", "127.0.0.1", &s.u], probe::OK),
-            // An AF_INET6 socket sending to a v4-mapped address.
-            (&["udp6-send", "::ffff:127.0.0.1", &s.o_udp], probe::EPERM),
-            (&["udp6-send", "::ffff:127.0.0.1", &s.u], probe::OK),
-            // A socket connected to an allowed endpoint, then sendto() elsewhere.
-            (
-                &["udp-connected-sendto", "127.0.0.1", &s.u, &s.o_udp],
-                probe::EPERM,
-            ),
-            // Another loopback address than the sink's, with the sink's port, is
-            // covered by 127.0.0.0/8; a port outside the tool is not.
-            (&["udp-send", "127.0.0.2", &s.o_udp], probe::EPERM),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        // IP_PKTINFO changes the source, never the judged destination.
+        (&["udp-pktinfo", "127.0.0.1", &s.o_udp], probe::EPERM),
+        (&["udp-pktinfo", "127.0.0.1", &s.u], probe::OK),
+        // An AF_INET6 socket sending to a v4-mapped address.
+        (&["udp6-send", "::ffff:127.0.0.1", &s.o_udp], probe::EPERM),
+        (&["udp6-send", "::ffff:127.0.0.1", &s.u], probe::OK),
+        // A socket connected to an allowed endpoint, then sendto() elsewhere.
+        (
+            &["udp-connected-sendto", "127.0.0.1", &s.u, &s.o_udp],
+            probe::EPERM,
+        ),
+        // Another loopback address than the sink's, with the sink's port, is
+        // covered by 127.0.0.0/8; a port outside the tool is not.
+        (&["udp-send", "127.0.0.2", &s.o_udp], probe::EPERM),
+    ]);
 }
 
 #[test]
@@ -327,26 +311,18 @@ fn reconnecting_or_binding_first_does_not_skip_the_check() {
     let s = setup();
     let d = &s.d;
     for ip in ["127.0.0.1", "::1"] {
-        d.expect_probes(
-            "acme",
-            "researcher",
-            &[
-                // connect(allowed), connect(AF_UNSPEC), connect(denied).
-                (&["tcp-reconnect", ip, &s.a, &s.o], probe::EPERM),
-                (&["tcp-reconnect", ip, &s.a, &s.a], probe::OK),
-                (&["tcp-bind", ip, &s.o], probe::EPERM),
-            ],
-        );
+        d.launch("acme", "researcher").expect_probes(&[
+            // connect(allowed), connect(AF_UNSPEC), connect(denied).
+            (&["tcp-reconnect", ip, &s.a, &s.o], probe::EPERM),
+            (&["tcp-reconnect", ip, &s.a, &s.a], probe::OK),
+            (&["tcp-bind", ip, &s.o], probe::EPERM),
+        ]);
     }
     // 0.0.0.0 and :: mean "this host" to connect(); judged as written.
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["tcp", "0.0.0.0", &s.o], probe::EPERM),
-            (&["tcp", "::", &s.o], probe::EPERM),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        (&["tcp", "0.0.0.0", &s.o], probe::EPERM),
+        (&["tcp", "::", &s.o], probe::EPERM),
+    ]);
 }
 
 #[test]
@@ -395,14 +371,10 @@ fn tagged_process_cannot_use_other_control_verbs() {
         text(&out.stderr)
     );
     // The policy in force is unchanged.
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
-            (&["tcp", "127.0.0.1", &s.a], probe::OK),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        (&["tcp", "127.0.0.1", &s.o], probe::EPERM),
+        (&["tcp", "127.0.0.1", &s.a], probe::OK),
+    ]);
 
     // Also from a child that left the agent cgroup first.
     let root = path_str(&d.cgroup_mount);
@@ -491,7 +463,8 @@ fn fork_variants_stay_fenced() {
         ] {
             let deny = [wrap, &["tcp", "127.0.0.1", &s.o]].concat();
             let allow = [wrap, &["tcp", "127.0.0.1", &s.a]].concat();
-            d.expect_probes("acme", agent, &[(&deny, probe::EPERM), (&allow, probe::OK)]);
+            d.launch("acme", agent)
+                .expect_probes(&[(&deny, probe::EPERM), (&allow, probe::OK)]);
         }
     }
     // A shell's background job that outlives the shell (reparented to
@@ -532,19 +505,15 @@ fn ptrace_of_untagged_process_is_refused() {
     let v = victim.0.id().to_string();
     let me = std::process::id().to_string();
     let daemon = d.pid().to_string();
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            (&["ptrace-attach", &v], probe::EPERM),
-            (&["ptrace-attach", &me], probe::EPERM),
-            (&["ptrace-attach", &daemon], probe::EPERM),
-            (&["process-vm-read", &v], probe::EPERM),
-            (&["process-vm-read", &daemon], probe::EPERM),
-            // Stealing a descriptor (a BPF link, the control socket) of the daemon.
-            (&["pidfd-getfd", &daemon, "3"], probe::EPERM),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        (&["ptrace-attach", &v], probe::EPERM),
+        (&["ptrace-attach", &me], probe::EPERM),
+        (&["ptrace-attach", &daemon], probe::EPERM),
+        (&["process-vm-read", &v], probe::EPERM),
+        (&["process-vm-read", &daemon], probe::EPERM),
+        // Stealing a descriptor (a BPF link, the control socket) of the daemon.
+        (&["pidfd-getfd", &daemon, "3"], probe::EPERM),
+    ]);
     let p = |args: &[&str]| run_probe(d, "acme", "researcher", args);
     assert_ne!(p(&["proc-mem", &v]), probe::OK);
     assert_ne!(p(&["proc-mem", &daemon]), probe::OK);
@@ -752,24 +721,20 @@ fn a_strict_agent_cannot_open_non_ip_sockets() {
     }
     let s = setup();
     let d = &s.d;
-    d.expect_probes(
-        "acme",
-        "researcher",
-        &[
-            // AF_VSOCK, AF_PACKET, AF_XDP, AF_KEY and AF_BRIDGE would reach
-            // out without the inet hooks; strict seccomp refuses the families.
-            (&["socket-family", "40", "stream"], probe::EPERM),
-            (&["socket-family", "17", "dgram"], probe::EPERM),
-            (&["socket-family", "44", "dgram"], probe::EPERM),
-            (&["socket-family", "15", "dgram"], probe::EPERM),
-            (&["socket-family", "7", "dgram"], probe::EPERM),
-            // Unix, inet, inet6 and netlink stay usable.
-            (&["socket-family", "1", "stream"], probe::OK),
-            (&["socket-family", "2", "stream"], probe::OK),
-            (&["socket-family", "10", "stream"], probe::OK),
-            (&["socket-family", "16", "dgram"], probe::OK),
-        ],
-    );
+    d.launch("acme", "researcher").expect_probes(&[
+        // AF_VSOCK, AF_PACKET, AF_XDP, AF_KEY and AF_BRIDGE would reach
+        // out without the inet hooks; strict seccomp refuses the families.
+        (&["socket-family", "40", "stream"], probe::EPERM),
+        (&["socket-family", "17", "dgram"], probe::EPERM),
+        (&["socket-family", "44", "dgram"], probe::EPERM),
+        (&["socket-family", "15", "dgram"], probe::EPERM),
+        (&["socket-family", "7", "dgram"], probe::EPERM),
+        // Unix, inet, inet6 and netlink stay usable.
+        (&["socket-family", "1", "stream"], probe::OK),
+        (&["socket-family", "2", "stream"], probe::OK),
+        (&["socket-family", "10", "stream"], probe::OK),
+        (&["socket-family", "16", "dgram"], probe::OK),
+    ]);
     // Without hardening the family check is not there (documented gap).
     assert_ne!(
         run_probe(d, "acme", "lab", &["socket-family", "40", "stream"]),
@@ -810,18 +775,14 @@ fn a_connection_left_by_an_exited_child_cannot_carry_control_verbs() {
     for mode in ["parent-writes", "child-writes"] {
         for req in [r#"{"op":"status"}"#, r#"{"op":"suspend","tenant":"acme"}"#] {
             for agent in ["researcher", "lab"] {
-                d.expect_probes(
-                    "acme",
-                    agent,
-                    &[
-                        (
-                            &["control-dead-peer", &abstract_name, req, mode],
-                            probe::EPERM,
-                        ),
-                        // The path connect is refused.
-                        (&["control-dead-peer", sock, req, mode], probe::OTHER),
-                    ],
-                );
+                d.launch("acme", agent).expect_probes(&[
+                    (
+                        &["control-dead-peer", &abstract_name, req, mode],
+                        probe::EPERM,
+                    ),
+                    // The path connect is refused.
+                    (&["control-dead-peer", sock, req, mode], probe::OTHER),
+                ]);
             }
         }
     }
@@ -851,14 +812,10 @@ fn protocols_that_bypass_the_send_hooks_are_refused() {
         assert_ne!(code, probe::OK, "{ty} {proto} must not be creatable");
     }
     // TCP, MPTCP, UDP and UDP-Lite stay usable.
-    d.expect_probes(
-        "acme",
-        "lab",
-        &[
-            (&["socket-family", "2", "stream", "6"], probe::OK),
-            (&["socket-family", "2", "stream", "262"], probe::OK),
-            (&["socket-family", "2", "dgram", "17"], probe::OK),
-            (&["socket-family", "2", "dgram", "136"], probe::OK),
-        ],
-    );
+    d.launch("acme", "lab").expect_probes(&[
+        (&["socket-family", "2", "stream", "6"], probe::OK),
+        (&["socket-family", "2", "stream", "262"], probe::OK),
+        (&["socket-family", "2", "dgram", "17"], probe::OK),
+        (&["socket-family", "2", "dgram", "136"], probe::OK),
+    ]);
 }
