@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use super::proxy::{DnsGate, DnsProxy, ProxyConfig};
 use crate::audit::AuditRecord;
 use crate::daemon::state::{Registry, State};
+use crate::daemon::subjects::Identity;
 
 /// Why an answer could not be opened to the subject that asked (the proxy
 /// then replies SERVFAIL).
@@ -277,14 +278,7 @@ impl State {
             return;
         };
         let refused = qtype.is_some();
-        let mut rec = AuditRecord::new("dns");
-        rec.tenant = Some(ident.tenant.clone());
-        rec.agent = Some(ident.agent.clone());
-        rec.subject = Some(ident.chain.clone());
-        rec.task = ident.task.as_ref().map(|t| t.text.clone());
-        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
-        rec.dst = Some(normalise(name));
-        rec.proto = Some("dns".into());
+        let mut rec = dns_record(&ident, name);
         if refused && ident.mode == crate::policy::Mode::Monitor {
             rec.verdict = Some("would_deny".into());
             rec.reason = Some("dns_refused".into());
@@ -350,14 +344,7 @@ impl State {
         let Some(ident) = self.identity(subject) else {
             return;
         };
-        let mut rec = AuditRecord::new("dns");
-        rec.tenant = Some(ident.tenant.clone());
-        rec.agent = Some(ident.agent.clone());
-        rec.subject = Some(ident.chain.clone());
-        rec.task = ident.task.as_ref().map(|t| t.text.clone());
-        rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
-        rec.dst = Some(normalise(name));
-        rec.proto = Some("dns".into());
+        let mut rec = dns_record(&ident, name);
         rec.verdict = Some("deny".into());
         rec.reason = Some(
             match error {
@@ -483,4 +470,18 @@ impl State {
             }
         }
     }
+}
+
+/// The audit record (`kind` `dns`) of a query for `name` by `ident`: who
+/// asked and for what; the verdict is the caller's to fill in.
+fn dns_record(ident: &Identity, name: &str) -> AuditRecord {
+    let mut rec = AuditRecord::new("dns");
+    rec.tenant = Some(ident.tenant.clone());
+    rec.agent = Some(ident.agent.clone());
+    rec.subject = Some(ident.chain.clone());
+    rec.task = ident.task.as_ref().map(|t| t.text.clone());
+    rec.task_id = ident.task.as_ref().map(|t| t.id.clone());
+    rec.dst = Some(normalise(name));
+    rec.proto = Some("dns".into());
+    rec
 }
