@@ -39,7 +39,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench::common::{Guard, cgroup2_mount, control_request, cpu_ticks, median};
+use crate::bench::common::{
+    Guard, cgroup2_mount, control_request, cpu_ticks, dns_reply, median, run_output,
+};
 use crate::{Built, Workspace, describe};
 
 /// The tenants of the soak policies.
@@ -310,23 +312,6 @@ fn run_child(cmd: &mut Command) -> Result<(i32, String)> {
     Ok((status.code().unwrap_or(-1), err))
 }
 
-/// Runs `cmd` and returns its stdout; an error unless it exits 0.
-pub(crate) fn run_output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 // ---------------------------------------------------------------------------
 // Policies and loopback servers
 // ---------------------------------------------------------------------------
@@ -469,18 +454,7 @@ fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
             break;
         }
     }
-    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
-    let question = q.get(12..i + 4)?;
-    let mut r = Vec::with_capacity(64);
-    r.extend_from_slice(q.get(0..2)?);
-    r.extend_from_slice(&[0x84, 0x80, 0, 1, 0, u8::from(qtype == 1), 0, 0, 0, 0]);
-    r.extend_from_slice(question);
-    if qtype == 1 {
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
-        r.extend_from_slice(&1u32.to_be_bytes());
-        r.extend_from_slice(&[0, 4, 127, 0, 0, 1]);
-    }
-    Some(r)
+    dns_reply(q, i, 1)
 }
 
 // ---------------------------------------------------------------------------

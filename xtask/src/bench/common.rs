@@ -10,7 +10,7 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -437,21 +437,44 @@ fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(dir)
 }
 
-pub(crate) fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("status").arg("--socket").arg(socket).arg("--json");
-    let out = cmd
-        .stdin(Stdio::null())
+/// Runs `cmd` with stdin from /dev/null and collects its output; an error
+/// only when it cannot be started.
+pub(crate) fn output_of(cmd: &mut Command) -> Result<Output> {
+    cmd.stdin(Stdio::null())
         .output()
-        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        .with_context(|| format!("could not start `{}`", describe(cmd)))
+}
+
+/// An error naming `cmd`, its exit status and its stderr unless `out` (what
+/// `cmd` left) is a success.
+pub(crate) fn ensure_success(cmd: &Command, out: &Output) -> Result<()> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}",
-            describe(&cmd),
+            describe(cmd),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+/// As [`output_of`], and an error unless `cmd` exits 0.
+pub(crate) fn output_ok(cmd: &mut Command) -> Result<Output> {
+    let out = output_of(cmd)?;
+    ensure_success(cmd, &out)?;
+    Ok(out)
+}
+
+/// Runs `cmd` and returns its stdout; an error unless it exits 0.
+pub(crate) fn run_output(cmd: &mut Command) -> Result<String> {
+    output_ok(cmd).map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn daemon_status(bin: &Path, socket: &Path) -> Result<Value> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("status").arg("--socket").arg(socket).arg("--json");
+    let out = output_ok(&mut cmd)?;
     serde_json::from_slice(&out.stdout)
         .with_context(|| format!("`{}` did not print JSON", describe(&cmd)))
 }
@@ -464,6 +487,54 @@ pub(crate) fn events_lost(status: &Value) -> u64 {
         .flatten()
         .filter_map(|(_, v)| v.as_u64())
         .sum()
+}
+
+/// `a - b` as a signed count of nanoseconds (saturating).
+pub(crate) fn signed_diff(a: u64, b: u64) -> i64 {
+    if a >= b {
+        i64::try_from(a - b).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from(b - a).unwrap_or(i64::MAX)
+    }
+}
+
+pub(crate) fn ns_to_us(ns: i64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// The `items` that `keep` picks, each beside its outcome (`outcomes[i]`
+/// belongs to `items[i]`), and the outcomes among those that were seen.
+pub(crate) fn picked<'a, T, O>(
+    items: &'a [T],
+    outcomes: &'a [Option<O>],
+    keep: impl Fn(&T) -> bool,
+) -> (Vec<(&'a T, &'a Option<O>)>, Vec<&'a O>) {
+    let pairs: Vec<(&T, &Option<O>)> = items
+        .iter()
+        .zip(outcomes)
+        .filter(|(item, _)| keep(item))
+        .collect();
+    let seen = pairs.iter().filter_map(|(_, o)| o.as_ref()).collect();
+    (pairs, seen)
+}
+
+/// The reply to the single-question DNS query `q` whose name ends before
+/// `q[name_end]`: for type A one answer, 127.0.0.1 with a TTL of `ttl`
+/// seconds; no answer for other types. None when `q` is cut short.
+pub(crate) fn dns_reply(q: &[u8], name_end: usize, ttl: u32) -> Option<Vec<u8>> {
+    let i = name_end;
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question = q.get(12..i + 4)?;
+    let mut r = Vec::with_capacity(64);
+    r.extend_from_slice(q.get(0..2)?);
+    r.extend_from_slice(&[0x84, 0x80, 0, 1, 0, u8::from(qtype == 1), 0, 0, 0, 0]);
+    r.extend_from_slice(question);
+    if qtype == 1 {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&[0, 4, 127, 0, 0, 1]);
+    }
+    Some(r)
 }
 
 /// utime + stime of `pid` in clock ticks (USER_HZ = 100 on Linux).

@@ -67,8 +67,8 @@ use serde_json::{Value, json};
 
 use super::common::{
     AGENT, Change, ChildGuard, Guard, PROBE_EPERM, ProbeLog, TENANT, control_request,
-    control_request_on, events_lost, fs_type, median, mono_ns, percentile, start_watch_probe,
-    tagged_probe, wait_for_foreign_daemons,
+    control_request_on, ensure_success, events_lost, fs_type, median, mono_ns, ns_to_us,
+    percentile, picked, signed_diff, start_watch_probe, tagged_probe, wait_for_foreign_daemons,
 };
 use crate::{Built, describe};
 
@@ -133,10 +133,6 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn ns_to_us(ns: i64) -> f64 {
-    ns as f64 / 1000.0
-}
-
 /// How an approval round sent its approves.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Via {
@@ -184,14 +180,6 @@ struct Seen {
     resolution_ns: i64,
 }
 
-fn signed_diff(a: u64, b: u64) -> i64 {
-    if a >= b {
-        i64::try_from(a - b).unwrap_or(i64::MAX)
-    } else {
-        -i64::try_from(b - a).unwrap_or(i64::MAX)
-    }
-}
-
 /// For each round, the first change to allow at or after B's approve was
 /// sent and before the revoke was sent.
 fn match_rounds(rounds: &[Round], changes: &[Change]) -> Vec<Option<Seen>> {
@@ -227,12 +215,7 @@ struct ApproveStats {
 
 impl ApproveStats {
     fn new(via: Via, rounds: &[Round], seen: &[Option<Seen>]) -> Self {
-        let pairs: Vec<(&Round, &Option<Seen>)> = rounds
-            .iter()
-            .zip(seen)
-            .filter(|(r, _)| r.via == via)
-            .collect();
-        let got: Vec<&Seen> = pairs.iter().filter_map(|(_, s)| s.as_ref()).collect();
+        let (pairs, got) = picked(rounds, seen, |r| r.via == via);
         Self {
             via,
             rounds: pairs.len(),
@@ -1022,14 +1005,7 @@ pub(crate) fn measure(
             .context("probe gone")?
             .wait_with_output()
             .context("waiting for the tcp-call probe")?;
-        if !out.status.success() {
-            bail!(
-                "`{}` failed ({}): {}",
-                describe(&cmd),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        ensure_success(&cmd, &out)?;
     }
 
     lap("whois");

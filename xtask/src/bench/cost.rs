@@ -45,10 +45,10 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use super::common::{
-    AGENT, Guard, PROBE_EPERM, TENANT, daemon_status, events_lost, median, percentile, tagged_probe,
+    AGENT, Guard, PROBE_EPERM, TENANT, daemon_status, events_lost, median, percentile, run_output,
+    tagged_probe,
 };
 use super::{Listener, Pinning, endpoint_tools, pin_command, pin_current_thread};
-use crate::soak::run_output;
 use crate::{Built, describe, find_in_path};
 
 /// Endpoint entries of the tagged agent (and elements of the nft set).
@@ -660,6 +660,18 @@ impl Runner<'_> {
     }
 }
 
+/// Starts the daemon with its state in the guard's directory, in flow mode
+/// (`--flow-records`) or per call.
+fn start_daemon(runner: &Runner, guard: &mut Guard, flow: bool) -> Result<()> {
+    guard.extra_args.clear();
+    guard.extra_args.push("--state-dir".into());
+    guard.extra_args.push(guard.dir.join("state").into());
+    if flow {
+        guard.extra_args.push("--flow-records".into());
+    }
+    guard.start_daemon(&runner.built.daemon)
+}
+
 /// Starts the daemon (per-call or flow mode), runs `configs`, stops it;
 /// returns the events it lost.
 fn with_daemon(
@@ -669,13 +681,7 @@ fn with_daemon(
     configs: &[Config],
     round: &mut Round,
 ) -> Result<u64> {
-    guard.extra_args.clear();
-    guard.extra_args.push("--state-dir".into());
-    guard.extra_args.push(guard.dir.join("state").into());
-    if flow {
-        guard.extra_args.push("--flow-records".into());
-    }
-    guard.start_daemon(&runner.built.daemon)?;
+    start_daemon(runner, guard, flow)?;
     runner.sanity(&guard.socket)?;
     for &c in configs {
         let tagged = matches!(c, Config::Tagged | Config::Flow).then_some(guard.socket.as_path());
@@ -736,13 +742,7 @@ fn program_stats(status: &Value) -> std::collections::BTreeMap<String, (u64, u64
 /// daemon (`flow` or per call) and workload, one sample, and what each of
 /// our programs ran meanwhile.
 fn kernel_pass(runner: &Runner, guard: &mut Guard, flow: bool) -> Result<Vec<KernelRow>> {
-    guard.extra_args.clear();
-    guard.extra_args.push("--state-dir".into());
-    guard.extra_args.push(guard.dir.join("state").into());
-    if flow {
-        guard.extra_args.push("--flow-records".into());
-    }
-    guard.start_daemon(&runner.built.daemon)?;
+    start_daemon(runner, guard, flow)?;
     let configs: &[Config] = if flow {
         &[Config::Flow]
     } else {

@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 
 use super::common::{
     AGENT, Change, Guard, PAY_TOOL, ProbeLog, TENANT, control_request, daemon_status, events_lost,
-    median, mono_ns, percentile, start_watch_probe, wait_for_foreign_daemons,
+    median, mono_ns, ns_to_us, percentile, picked, signed_diff, start_watch_probe,
+    wait_for_foreign_daemons,
 };
 use crate::Built;
 
@@ -80,14 +81,6 @@ fn match_requests(
         .collect()
 }
 
-fn signed_diff(a: u64, b: u64) -> i64 {
-    if a >= b {
-        i64::try_from(a - b).unwrap_or(i64::MAX)
-    } else {
-        -i64::try_from(b - a).unwrap_or(i64::MAX)
-    }
-}
-
 /// The measured figures for one operation (grant or revoke), in µs.
 struct OpStats {
     requests: usize,
@@ -133,31 +126,26 @@ impl Verdict {
 
 impl OpStats {
     fn new(op: Op, requests: &[Request], matched: &[Option<Matched>]) -> Self {
-        let pairs: Vec<(&Request, &Option<Matched>)> = requests
-            .iter()
-            .zip(matched)
-            .filter(|(r, _)| r.op == op)
-            .collect();
-        let us = |ns: i64| ns as f64 / 1000.0;
+        let (pairs, seen) = picked(requests, matched, |r| r.op == op);
         let rtt: Vec<f64> = pairs
             .iter()
-            .map(|(r, _)| us(signed_diff(r.returned_ns, r.sent_ns)))
+            .map(|(r, _)| ns_to_us(signed_diff(r.returned_ns, r.sent_ns)))
             .collect();
-        let seen: Vec<&Matched> = pairs.iter().filter_map(|(_, m)| m.as_ref()).collect();
-        let after: Vec<f64> = seen.iter().map(|m| us(m.after_return_ns)).collect();
+        let after: Vec<f64> = seen.iter().map(|m| ns_to_us(m.after_return_ns)).collect();
         let bracket: Vec<f64> = seen
             .iter()
-            .map(|m| us(m.after_return_ns - m.previous_after_return_ns))
+            .map(|m| ns_to_us(m.after_return_ns - m.previous_after_return_ns))
             .collect();
         let per_round = pairs
             .iter()
             .map(|(r, m)| {
                 json!({
                     "round": r.round + 1,
-                    "rtt_us": us(signed_diff(r.returned_ns, r.sent_ns)),
-                    "first_connect_after_return_us": m.as_ref().map(|m| us(m.after_return_ns)),
+                    "rtt_us": ns_to_us(signed_diff(r.returned_ns, r.sent_ns)),
+                    "first_connect_after_return_us":
+                        m.as_ref().map(|m| ns_to_us(m.after_return_ns)),
                     "last_old_connect_after_return_us":
-                        m.as_ref().map(|m| us(m.previous_after_return_ns)),
+                        m.as_ref().map(|m| ns_to_us(m.previous_after_return_ns)),
                 })
             })
             .collect();
@@ -178,7 +166,7 @@ impl OpStats {
                 .count(),
             proven_late_max_us: seen
                 .iter()
-                .map(|m| us(m.previous_after_return_ns))
+                .map(|m| ns_to_us(m.previous_after_return_ns))
                 .fold(0.0, f64::max),
             per_round,
         }

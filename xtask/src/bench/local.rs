@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,8 +33,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use super::common::{AGENT, Guard, TENANT, daemon_status, median};
-use crate::{Built, describe};
+use super::common::{AGENT, Guard, TENANT, daemon_status, dns_reply, median, output_of};
+use crate::Built;
 
 const NAME: &str = "api.bench.agent-guard.test";
 /// Answered with TTL 0: never cached, every query goes upstream.
@@ -198,18 +198,7 @@ fn answer(q: &[u8]) -> Option<Vec<u8>> {
     } else {
         300
     };
-    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
-    let question = q.get(12..i + 4)?;
-    let mut r = Vec::with_capacity(64);
-    r.extend_from_slice(q.get(0..2)?);
-    r.extend_from_slice(&[0x84, 0x80, 0, 1, 0, u8::from(qtype == 1), 0, 0, 0, 0]);
-    r.extend_from_slice(question);
-    if qtype == 1 {
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
-        r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&[0, 4, 127, 0, 0, 1]);
-    }
-    Some(r)
+    dns_reply(q, i, ttl)
 }
 
 fn policy(sock: &Path) -> String {
@@ -247,14 +236,28 @@ fn probe(built: &Built, guard: &Guard, tagged: bool, args: &[String]) -> Result<
     } else {
         Command::new(&built.probe)
     };
-    cmd.args(args).stdin(Stdio::null());
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+    cmd.args(args);
+    let out = output_of(&mut cmd)?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     ))
+}
+
+/// A tagged probe resolves `name` over a connected UDP socket, expecting
+/// 127.0.0.1; its exit code and stdout.
+fn resolve(built: &Built, guard: &Guard, name: &str) -> Result<(i32, String)> {
+    probe(
+        built,
+        guard,
+        true,
+        &[
+            "resolve".into(),
+            "udp-connected".into(),
+            name.into(),
+            "127.0.0.1".into(),
+        ],
+    )
 }
 
 fn per_call_ns(built: &Built, guard: &Guard, tagged: bool, args: &[String]) -> Result<f64> {
@@ -326,17 +329,7 @@ pub(crate) fn local_cost(
     if code != 10 {
         bail!("sanity check: an unlisted Unix socket was not refused (exit {code}): {out}");
     }
-    let (code, out) = probe(
-        built,
-        &guard,
-        true,
-        &[
-            "resolve".into(),
-            "udp-connected".into(),
-            "unlisted.bench.agent-guard.test".into(),
-            "127.0.0.1".into(),
-        ],
-    )?;
+    let (code, out) = resolve(built, &guard, "unlisted.bench.agent-guard.test")?;
     if code != 12 {
         bail!("sanity check: an unlisted name was not REFUSED (exit {code}): {out}");
     }
@@ -359,17 +352,7 @@ pub(crate) fn local_cost(
     let fenced = dns_args(SocketAddr::from((Ipv4Addr::LOCALHOST, 53)), NAME);
     let uncached = dns_args(SocketAddr::from((Ipv4Addr::LOCALHOST, 53)), FRESH);
     // Warm the cache (and the agent's learned address) once.
-    let (code, out) = probe(
-        built,
-        &guard,
-        true,
-        &[
-            "resolve".into(),
-            "udp-connected".into(),
-            NAME.into(),
-            "127.0.0.1".into(),
-        ],
-    )?;
+    let (code, out) = resolve(built, &guard, NAME)?;
     if code != 0 {
         bail!("warming the DNS cache failed (exit {code}): {out}");
     }

@@ -44,7 +44,7 @@ mod local;
 
 use self::common::{
     AGENT, Guard, PAY_TOOL, PROBE_EPERM, Part, TENANT, cgroup2_mount, control_request,
-    daemon_status, events_lost, median, tagged_probe, wait_for_foreign_daemons,
+    daemon_status, events_lost, median, output_of, tagged_probe, wait_for_foreign_daemons,
 };
 use self::grants::GrantLatency;
 use crate::{Built, Workspace, describe};
@@ -339,10 +339,7 @@ fn grants_and_connect(
         .with_context(|| format!("writing {}", guard.policy.display()))?;
     let mut check = Command::new(&built.daemon);
     check.arg("policy").arg("check").arg(&guard.policy);
-    let out = check
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{}`", describe(&check)))?;
+    let out = output_of(&mut check)?;
     if !out.status.success() {
         bail!(
             "the generated policy does not load: `{}` failed ({}):\n{}{}",
@@ -526,10 +523,7 @@ impl Runner<'_> {
         ];
         let mut cmd = self.probe_command(config, &args);
         let accepted_before = self.listener.accepted.load(Ordering::Relaxed);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        let out = output_of(&mut cmd)?;
         if !out.status.success() {
             bail!(
                 "`{}` failed ({}): {}{}",
@@ -635,10 +629,7 @@ impl Runner<'_> {
     fn expect_eperm(&self, config: Config, port: u16) -> Result<()> {
         let args = ["tcp".to_owned(), "127.0.0.1".to_owned(), port.to_string()];
         let mut cmd = self.probe_command(config, &args);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("could not start `{}`", describe(&cmd)))?;
+        let out = output_of(&mut cmd)?;
         if out.status.code() != Some(PROBE_EPERM) {
             bail!(
                 "sanity check failed: `{}` should be refused with EPERM (exit {PROBE_EPERM}) \
