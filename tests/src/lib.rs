@@ -297,12 +297,7 @@ impl Daemon {
 
     /// `agent-guard revoke --grant ID`, which must succeed.
     pub fn revoke(&self, id: u32) {
-        let out = self.cli(&["revoke", "--grant", &id.to_string()]);
-        assert!(
-            out.status.success(),
-            "revoke {id}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.cli_ok(&["revoke", "--grant", &id.to_string()]);
     }
 
     /// `agent-guard run --tenant T --agent A -- CMD...` (see
@@ -318,12 +313,7 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Value {
-        let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.cli_ok(&["status", "--json"]);
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
