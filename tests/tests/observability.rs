@@ -128,6 +128,16 @@ impl Scenario {
     fn incident(&self, d: &Daemon) {
         let o = self.other.port.to_string();
         let n = BURST.to_string();
+        // globex has written nothing yet, so its log directory does not
+        // exist: a plain file in its place makes every write fail. Blocked
+        // before the burst: the burst's `gap` record goes to every tenant's
+        // log, globex's included, and would otherwise create it first.
+        let globex = d.audit_dir.join("globex");
+        assert!(
+            !globex.exists(),
+            "globex's log is opened lazily (nothing written yet)"
+        );
+        std::fs::write(&globex, "not a directory").expect("block globex's log");
         assert_eq!(
             d.probe(
                 "acme",
@@ -178,14 +188,6 @@ impl Scenario {
             nix::sys::signal::Signal::SIGHUP,
         );
         wait_metrics(d, r#"agent_guard_policy_reloads_total{result="error"}"#);
-        // globex has written nothing yet, so its log directory does not
-        // exist: a plain file in its place makes every write fail.
-        let globex = d.audit_dir.join("globex");
-        assert!(
-            !globex.exists(),
-            "globex's log is opened lazily (nothing written yet)"
-        );
-        std::fs::write(&globex, "not a directory").expect("block globex's log");
         assert_eq!(
             d.probe("globex", "bot", &["tcp", "127.0.0.1", &o]),
             probe::EPERM
