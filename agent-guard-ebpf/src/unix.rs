@@ -22,7 +22,7 @@ use agent_guard_common::{
     unix::{AF_UNIX, CONTROL_PATH_ID, PROTO_UNIX, SUN_PATH_LEN, UnixPath, path_addr},
 };
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf, generated::bpf_probe_read_kernel},
+    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -34,8 +34,8 @@ use crate::{
     maps::{CONFIG, UNIX_PATHS},
 };
 
-/// Bytes copied from the start of `bpf_sock_addr_kern` (40 bytes on 6.7+;
-/// a power of two so indexes can be masked); both fields must lie inside.
+/// Both fields must lie in the first `HEAD` bytes of `bpf_sock_addr_kern`
+/// (40 bytes on 6.7+; a power of two so offsets can be masked).
 const HEAD: usize = 64;
 
 // Section `cgroup/connect4` only so aya 0.14 parses the object; loaded with
@@ -61,25 +61,30 @@ fn read_path(ctx: &SockAddrContext, cfg: &Config, key: &mut UnixPath) -> bool {
     if cfg.unix_uaddr_off == UNIX_OFFSETS_UNKNOWN || uaddr_off + 8 > HEAD || len_off + 4 > HEAD {
         return false;
     }
-    let mut head = [0u8; HEAD];
-    // SAFETY: the helper copies from a kernel address and fails cleanly.
-    if unsafe { bpf_probe_read_kernel_buf(ctx.sock_addr as *const u8, &mut head) }.is_err() {
-        return false;
+    // Two reads of exactly the two fields: copying the struct's first 64
+    // bytes once and picking the fields out byte by byte measured ~100 ns
+    // more per call (BENCHMARKS part 7).
+    let base = ctx.sock_addr as *const u8;
+    let mut uaddr: u64 = 0;
+    let mut addr_len: u32 = 0;
+    // SAFETY: both offsets lie inside the struct (checked above, and masked
+    // for the verifier); the helper copies from a kernel address and fails
+    // cleanly.
+    unsafe {
+        if bpf_probe_read_kernel(
+            core::ptr::addr_of_mut!(uaddr).cast(),
+            8,
+            base.add(uaddr_off & (HEAD - 1)).cast(),
+        ) < 0
+            || bpf_probe_read_kernel(
+                core::ptr::addr_of_mut!(addr_len).cast(),
+                4,
+                base.add(len_off & (HEAD - 1)).cast(),
+            ) < 0
+        {
+            return false;
+        }
     }
-    let mut p = [0u8; 8];
-    let mut l = [0u8; 4];
-    let mut i = 0;
-    while i < 8 {
-        p[i] = head[(uaddr_off + i) & (HEAD - 1)];
-        i += 1;
-    }
-    i = 0;
-    while i < 4 {
-        l[i] = head[(len_off + i) & (HEAD - 1)];
-        i += 1;
-    }
-    let uaddr = u64::from_ne_bytes(p);
-    let addr_len = u32::from_ne_bytes(l);
     if uaddr == 0 {
         return false;
     }
