@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Both fields must lie in the first `HEAD` bytes of `bpf_sock_addr_kern`
-/// (40 bytes on 6.7+; a power of two so offsets can be masked).
+/// (40 bytes on 6.7+): a bound on offsets the daemon read from BTF.
 const HEAD: usize = 64;
 
 // Section `cgroup/connect4` only so aya 0.14 parses the object; loaded with
@@ -67,19 +67,18 @@ fn read_path(ctx: &SockAddrContext, cfg: &Config, key: &mut UnixPath) -> bool {
     let base = ctx.sock_addr as *const u8;
     let mut uaddr: u64 = 0;
     let mut addr_len: u32 = 0;
-    // SAFETY: both offsets lie inside the struct (checked above, and masked
-    // for the verifier); the helper copies from a kernel address and fails
-    // cleanly.
+    // SAFETY: both offsets lie inside the struct (checked above); the
+    // helper copies from a kernel address and fails cleanly.
     unsafe {
         if bpf_probe_read_kernel(
             core::ptr::addr_of_mut!(uaddr).cast(),
             8,
-            base.add(uaddr_off & (HEAD - 1)).cast(),
+            base.add(uaddr_off).cast(),
         ) < 0
             || bpf_probe_read_kernel(
                 core::ptr::addr_of_mut!(addr_len).cast(),
                 4,
-                base.add(len_off & (HEAD - 1)).cast(),
+                base.add(len_off).cast(),
             ) < 0
         {
             return false;
